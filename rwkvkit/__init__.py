@@ -1,0 +1,18 @@
+"""rwkvkit: run RWKV language models from Python, with a ChatRWKV-compatible API."""
+
+from rwkvkit.compat import RWKV
+from rwkvkit.errors import CheckpointError, InputError, PluginError, RwkvkitError, StateError, StrategyError
+from rwkvkit.state import State
+
+__version__ = "0.1.0"
+__all__ = [
+    "RWKV",
+    "State",
+    "CheckpointError",
+    "InputError",
+    "PluginError",
+    "RwkvkitError",
+    "StateError",
+    "StrategyError",
+    "__version__",
+]

@@ -1,0 +1,75 @@
+"""The backend interface: the few ops the RWKV-7 math (``rwkvkit.models.rwkv7``) is written in.
+
+A backend instance serves one stage of layers at one Placement. It prepares checkpoint tensors
+(cast, move, transpose, quantize) once at load time and then supplies ``linear``, ``wkv`` and the
+norms on every forward pass. The math itself is written once, so a new backend only has to make
+these ops fast.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import Enum
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from rwkvkit.strategy import Placement
+
+
+class Role(Enum):
+    """What a checkpoint tensor is used for, so a backend can lay it out (or quantize it) to suit."""
+
+    MATRIX = "matrix"  # [out, in] projection, applied with ``Backend.linear``
+    LORA = "lora"  # small [in, rank] / [rank, in] factors, applied with ``@``
+    VECTOR = "vector"  # per-channel parameters, stored flat
+    EMBEDDING = "embedding"  # [vocab, C] rows gathered by token id
+
+
+class Backend(ABC):
+    """Ops for one Placement. Subclasses register through ``register_backends``."""
+
+    name: ClassVar[str]
+
+    def __init__(self, placement: Placement) -> None:
+        self.placement = placement
+
+    @classmethod
+    def unavailable_reason(cls, placement: Placement) -> str | None:
+        """None when this backend can run ``placement`` here, else a reason a user can act on."""
+        if placement.device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device found; try strategy 'cpu fp32'"
+        if placement.device.type == "mps" and not torch.backends.mps.is_available():
+            return "no MPS device found; try strategy 'cpu fp32'"
+        return None
+
+    def prepare(self, tensor: torch.Tensor, role: Role) -> Any:
+        """Move a checkpoint tensor to this placement (no copy when it already matches)."""
+        if role is Role.VECTOR:
+            tensor = tensor.flatten()
+        return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        """``x [..., in] -> [..., out]`` for a weight prepared with ``Role.MATRIX``."""
+
+    @abstractmethod
+    def wkv(
+        self, kv: torch.Tensor, r: torch.Tensor, decay: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The WKV-7 scan over T tokens. Inputs ``[B, T, H, N]`` (``decay`` float32), state
+        ``kv [B, H, N, N]`` float32 (value index first). Per token and head::
+
+            kv = kv * decay[None, :] - (kv @ kk) (kk * a)^T + v k^T ;  y = kv @ r
+
+        Returns ``(y [B, T, H*N] in the activation dtype, new kv)``; must not modify ``kv`` in place.
+        """
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    def group_norm(self, x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+        """Normalise ``x [..., C]`` in ``groups`` contiguous channel groups (one per head)."""
+        shape = x.shape
+        return F.group_norm(x.reshape(-1, shape[-1]), groups, weight, bias, eps).view(shape)

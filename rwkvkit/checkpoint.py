@@ -1,0 +1,208 @@
+"""Reading RWKV checkpoints: find the file, load tensors lazily, detect the architecture from the
+keys, derive the model's dimensions from shapes, and validate every key before any math runs.
+
+Every failure is a :class:`CheckpointError` naming the file and the key, because a KeyError deep in
+a forward pass tells a user nothing about which file is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from rwkvkit.errors import CheckpointError
+
+SUFFIXES = (".pth", ".safetensors")
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Dimensions of an RWKV-7 model, all derived from tensor shapes."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    head_size: int
+    vocab_size: int
+    dim_ffn: int
+    lora_w: int  # decay LoRA rank
+    lora_a: int  # in-context learning-rate LoRA rank
+    lora_v: int  # value-residual LoRA rank
+    lora_g: int  # gate LoRA rank
+    version: int = 7
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint: its spec and tensors (still memory-mapped where the format allows)."""
+
+    path: Path
+    spec: ModelSpec
+    tensors: dict[str, torch.Tensor]
+
+    def fingerprint(self) -> str:
+        """A content fingerprint that is cheap for any model size: sha256 over the spec and the
+        bytes of every small (≤ 1-D-sized) tensor. Two checkpoints with the same shapes but
+        different weights differ in their per-channel vectors, so states cannot be mixed up."""
+        h = hashlib.sha256(repr(astuple(self.spec)).encode())
+        for key in sorted(self.tensors):
+            t = self.tensors[key]
+            if t.numel() <= self.spec.n_embd * self.spec.head_size:
+                h.update(key.encode())
+                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:32]
+
+
+def resolve_path(name: str | Path) -> Path:
+    """Find the checkpoint file the way ChatRWKV users expect: the path as given, else with
+    ``.pth`` or ``.safetensors`` appended."""
+    path = Path(name).expanduser()
+    candidates = [path] + [path.with_name(path.name + s) for s in SUFFIXES if not path.name.endswith(s)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+        if candidate.is_dir():
+            raise CheckpointError(f"{candidate} is a directory; expected an RWKV checkpoint file (.pth or .safetensors)")
+    tried = ", ".join(str(c) for c in candidates)
+    raise CheckpointError(f"checkpoint not found: {name} (tried {tried})")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+        else:
+            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many unrelated types for bad files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch/safetensors checkpoint (truncated, corrupt, or a pickle "
+            f"that is not a plain tensor dict): {reason}"
+        ) from exc
+    if not isinstance(tensors, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
+        raise CheckpointError(f"{path}: expected a dict of name -> tensor, got {type(tensors).__name__}")
+    return dict(tensors)
+
+
+def detect_version(keys: set[str]) -> int:
+    """RWKV generation from the key names alone (each generation renamed its time-mix params)."""
+    if "emb.weight" not in keys or not any(_BLOCK_KEY.match(k) for k in keys):
+        raise CheckpointError("no 'emb.weight' / 'blocks.N.*' keys: this is not an RWKV checkpoint")
+    if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
+        return 7
+    if "blocks.0.att.time_maa_x" in keys:
+        return 6
+    if "blocks.0.att.time_faaaa" in keys or "blocks.0.att.ln_x.weight" in keys:
+        return 5
+    if "blocks.0.att.time_first" in keys:
+        return 4
+    raise CheckpointError("RWKV-like keys but an unrecognised architecture (no v4/v5/v6/v7 time-mix keys)")
+
+
+def _spec_from_shapes(t: Mapping[str, torch.Tensor]) -> ModelSpec:
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in t:
+            raise CheckpointError(f"missing key {key!r}")
+        return tuple(t[key].shape)
+
+    vocab, n_embd = shape("emb.weight")
+    r_k = shape("blocks.0.att.r_k")
+    if len(r_k) != 2 or r_k[0] * r_k[1] != n_embd:
+        raise CheckpointError(f"key 'blocks.0.att.r_k' has shape {r_k}; expected [n_head, head_size] with product {n_embd}")
+    n_layer = 1 + max(int(m.group(1)) for k in t if (m := _BLOCK_KEY.match(k)))
+    return ModelSpec(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=r_k[0],
+        head_size=r_k[1],
+        vocab_size=vocab,
+        dim_ffn=shape("blocks.0.ffn.key.weight")[0],
+        lora_w=shape("blocks.0.att.w1")[-1],
+        lora_a=shape("blocks.0.att.a1")[-1],
+        lora_v=shape("blocks.1.att.v1")[-1] if n_layer > 1 else shape("blocks.0.att.v1")[-1],
+        lora_g=shape("blocks.0.att.g1")[-1],
+    )
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-7 checkpoint with its shape, as real World model files store them."""
+    C, V, F, H, N = spec.n_embd, spec.vocab_size, spec.dim_ffn, spec.n_head, spec.head_size
+    vec = (1, 1, C)
+    shapes: dict[str, tuple[int, ...]] = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
+    for i in range(spec.n_layer):
+        p = f"blocks.{i}."
+        for name in ("ln1", "ln2", "att.ln_x"):
+            shapes[f"{p}{name}.weight"] = (C,)
+            shapes[f"{p}{name}.bias"] = (C,)
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            shapes[f"{p}att.{name}"] = vec
+        for name, rank in (("w", spec.lora_w), ("a", spec.lora_a), ("v", spec.lora_v), ("g", spec.lora_g)):
+            shapes[f"{p}att.{name}1"] = (C, rank)
+            shapes[f"{p}att.{name}2"] = (rank, C)
+        shapes[f"{p}att.r_k"] = (H, N)
+        for name in ("receptance", "key", "value", "output"):
+            shapes[f"{p}att.{name}.weight"] = (C, C)
+        shapes[f"{p}ffn.x_k"] = vec
+        shapes[f"{p}ffn.key.weight"] = (F, C)
+        shapes[f"{p}ffn.value.weight"] = (C, F)
+    return shapes
+
+
+# Layer 0 takes v_first from its own value projection, so real files carry unused v0/v1/v2 there
+# (some exporters drop them); the value-residual rank is then read from layer 1.
+_OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def validate(tensors: Mapping[str, torch.Tensor]) -> ModelSpec:
+    """Check every expected key, shape and dtype; return the derived spec."""
+    version = detect_version(set(tensors))
+    if version != 7:
+        raise CheckpointError(f"RWKV-{version} checkpoints are not supported yet (rwkvkit runs RWKV-7 'x070' models)")
+    spec = _spec_from_shapes(tensors)
+    expected = expected_shapes(spec)
+    for key, shape in expected.items():
+        if key not in tensors:
+            if key in _OPTIONAL:
+                continue
+            raise CheckpointError(f"missing key {key!r} (expected shape {list(shape)})")
+        t = tensors[key]
+        if tuple(t.shape) != shape and not (len(shape) == 3 and tuple(t.shape) == shape[-1:]):
+            raise CheckpointError(f"key {key!r} has shape {list(t.shape)}; expected {list(shape)}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"key {key!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
+        raise CheckpointError(
+            f"unexpected key(s) {shown}: an RWKV-7 variant rwkvkit does not run (e.g. DeepEmbed), or a damaged file"
+        )
+    return spec
+
+
+def load_checkpoint(name: str | Path) -> Checkpoint:
+    """Resolve, read and validate a checkpoint (``.pth`` is memory-mapped, ``weights_only``)."""
+    path = resolve_path(name)
+    tensors = _read_tensors(path)
+    try:
+        spec = validate(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return Checkpoint(path=path, spec=spec, tensors=tensors)

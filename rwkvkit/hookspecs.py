@@ -1,0 +1,50 @@
+"""The pluggy hooks through which every plugin, built-in or third-party, registers what it offers.
+
+Each hook receives a ``register`` callable; a plugin calls it once per thing it provides::
+
+    from rwkvkit.hookspecs import hookimpl
+
+    @hookimpl
+    def register_tokenizers(register):
+        register(MyTokenizer, name="mytok")
+
+Third-party packages expose such a module through the ``rwkvkit`` entry-point group.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "rwkvkit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Register = Callable[..., None]
+
+
+@hookspec
+def register_backends(register: Register) -> None:
+    """Register backend classes (subclasses of :class:`rwkvkit.backend.Backend`).
+
+    ``register(cls)`` uses ``cls.name``; ``register(cls, name="x")`` overrides it.
+    """
+
+
+@hookspec
+def register_tokenizers(register: Register) -> None:
+    """Register tokenizer factories: ``register(factory, name="rwkv_world")``.
+
+    ``factory(**options)`` returns an object implementing :class:`rwkvkit.interfaces.Tokenizer`.
+    """
+
+
+@hookspec
+def register_samplers(register: Register) -> None:
+    """Register sampler factories: ``register(factory, name="nucleus")``."""
+
+
+@hookspec
+def register_callbacks(register: Register) -> None:
+    """Register callback factories: ``register(factory, name="stdout")``."""

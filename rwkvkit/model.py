@@ -1,0 +1,147 @@
+"""A loaded RWKV-7 model: stages of layers, each prepared by its backend, and ``forward``."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from rwkvkit.backend import Backend, Role
+from rwkvkit.checkpoint import Checkpoint
+from rwkvkit.errors import InputError, StateError, StrategyError
+from rwkvkit.models import rwkv7
+from rwkvkit.registry import registry
+from rwkvkit.state import LayerState, State
+from rwkvkit.strategy import Placement, Plan
+
+AUTO_BACKENDS = ("cuda", "cpu", "int8", "torch")  # preference order for backend "auto"
+
+Tokens = int | Sequence[int] | torch.Tensor
+
+
+def select_backend(name: str, placement: Placement) -> type[Backend]:
+    """The backend class for a stage; ``auto`` takes the first preferred one that can run it."""
+    candidates = [n for n in AUTO_BACKENDS if n in registry.names("backends")] if name == "auto" else [name]
+    reasons = []
+    for candidate in candidates:
+        cls = registry.get("backends", candidate)
+        reason = cls.unavailable_reason(placement)
+        if reason is None:
+            return cls
+        reasons.append(f"{candidate}: {reason}")
+    where = f"{placement.device} {str(placement.dtype).removeprefix('torch.')}{placement.quant or ''}"
+    raise StrategyError(f"no backend can run '{where}' here ({'; '.join(reasons)})")
+
+
+@dataclass
+class _Stage:
+    ops: Backend
+    layers: range
+    blocks: list[rwkv7.BlockWeights]
+
+
+class Model:
+    """RWKV-7 model prepared for a Plan. ``forward`` is pure: states are returned, never mutated."""
+
+    def __init__(self, checkpoint: Checkpoint, plan: Plan) -> None:
+        self.spec = checkpoint.spec
+        self.checkpoint_path = checkpoint.path
+        self.fingerprint = checkpoint.fingerprint()
+        self.plan = plan
+        t = checkpoint.tensors
+        self.stages: list[_Stage] = []
+        for stage in plan.stages:
+            ops = select_backend(stage.backend, stage.placement)(stage.placement)
+
+            def fetch(key: str, role: Role, optional: bool, ops: Backend = ops) -> Any:
+                return ops.prepare(t[key], role) if key in t or not optional else None
+
+            blocks = [rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch) for i in stage.layers]
+            for i, b in zip(stage.layers, blocks):
+                if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
+                    b.att.v0 = b.att.v1 = b.att.v2 = None
+            self.stages.append(_Stage(ops, stage.layers, blocks))
+        first, last = self.stages[0].ops, self.stages[-1].ops
+        self.emb = first.prepare(rwkv7.embed(t["emb.weight"], t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]), Role.EMBEDDING)
+        self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", lambda key, role, _: last.prepare(t[key], role))
+
+    def _layer_placements(self) -> list[Placement]:
+        return [stage.ops.placement for stage in self.stages for _ in stage.layers]
+
+    def zero_state(self, batch_size: int = 1) -> State:
+        """The state before any token: zeros everywhere."""
+        H, N, C = self.spec.n_head, self.spec.head_size, self.spec.n_embd
+        layers = []
+        for p in self._layer_placements():
+            vec = torch.zeros(batch_size, C, device=p.device, dtype=p.dtype)
+            layers.append(LayerState(vec, torch.zeros(batch_size, H, N, N, device=p.device, dtype=torch.float32), vec.clone()))
+        return State(layers, self.fingerprint)
+
+    def adopt_state(self, state: State) -> State:
+        """Check a state belongs to this model and put each layer on its stage's device/dtype."""
+        if state.fingerprint != self.fingerprint:
+            raise StateError(f"state belongs to another model (fingerprint {state.fingerprint!r}, model has {self.fingerprint!r})")
+        if len(state.layers) != self.spec.n_layer:
+            raise StateError(f"state has {len(state.layers)} layers; model has {self.spec.n_layer}")
+        layers = [
+            LayerState(s.att_x_prev.to(p.device, p.dtype), s.att_kv.to(p.device, torch.float32), s.ffn_x_prev.to(p.device, p.dtype))
+            for s, p in zip(state.layers, self._layer_placements())
+        ]
+        return State(layers, self.fingerprint)
+
+    def _token_batch(self, tokens: Tokens) -> tuple[torch.Tensor, bool]:
+        """Normalise input to int64 ``[B, T]``; the bool says the caller passed an unbatched input."""
+        if isinstance(tokens, torch.Tensor):
+            if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+                raise InputError(f"tokens must be integer ids, got a tensor of dtype {tokens.dtype}")
+            if tokens.dim() > 2:
+                raise InputError(f"tokens must be an id, a [T] sequence or a [B, T] batch; got shape {list(tokens.shape)}")
+            single = tokens.dim() < 2
+            batch = tokens.long().reshape(1, -1) if single else tokens.long()
+        else:
+            if isinstance(tokens, (str, bytes, bool)) or tokens is None:
+                raise InputError(f"tokens must be an int or a sequence of ints, got {type(tokens).__name__}")
+            try:
+                ids = [operator.index(tokens)] if not isinstance(tokens, Sequence) else [operator.index(t) for t in tokens]
+            except TypeError:
+                raise InputError(f"tokens must be an int or a sequence of ints, got {tokens!r:.80}") from None
+            batch, single = torch.tensor([ids], dtype=torch.long).reshape(1, -1), True
+        if batch.numel() == 0:
+            raise InputError("tokens is empty: forward needs at least one token")
+        lo, hi = int(batch.min()), int(batch.max())
+        if lo < 0 or hi >= self.spec.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InputError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{self.spec.vocab_size - 1}")
+        return batch, single
+
+    @torch.no_grad()
+    def forward(self, tokens: Tokens, state: State | None, full_output: bool = False) -> tuple[torch.Tensor, State]:
+        """Run tokens through the model.
+
+        ``tokens``: an int, a sequence of ints or a 1-D tensor (one sequence), or a ``[B, T]``
+        tensor (a batch). ``state``: None for a fresh start, else a state from an earlier call
+        (not modified). Returns float32 logits — ``[V]`` for the last token of a sequence,
+        ``[T, V]`` with ``full_output``, with a leading ``B`` for batched input — and the new state.
+        """
+        batch, single = self._token_batch(tokens)
+        B = batch.shape[0]
+        state = self.zero_state(B) if state is None else self.adopt_state(state)
+        if state.batch_size != B:
+            raise InputError(f"state has batch size {state.batch_size} but tokens have batch size {B}")
+
+        x = self.emb[batch.to(self.emb.device)]  # [B, T, C]
+        v_first = None
+        new_layers: list[LayerState] = []
+        for stage in self.stages:
+            p = stage.ops.placement
+            x = x.to(p.device, p.dtype)
+            v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
+            for i, weights in zip(stage.layers, stage.blocks):
+                x, v_first, layer_state = rwkv7.block(stage.ops, weights, x, v_first, state.layers[i])
+                new_layers.append(layer_state)
+        if not full_output:
+            x = x[:, -1]
+        logits = rwkv7.head(self.stages[-1].ops, self.head, x).float()
+        return (logits[0] if single else logits), State(new_layers, self.fingerprint)

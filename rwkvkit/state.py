@@ -1,0 +1,112 @@
+"""The recurrent state of an RWKV-7 model: what a sequence has left behind, per layer.
+
+``Model.forward`` never modifies a state passed to it; it returns a new one. A caller may keep an
+old state (for example a prompt's state, reused for several continuations) without copying it;
+ChatRWKV-style ``copy.deepcopy(state)`` keeps working too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+
+from rwkvkit.errors import StateError
+
+if TYPE_CHECKING:
+    from rwkvkit.model import Model
+
+STATE_FORMAT = "rwkvkit-state/1"
+_FIELDS = ("att_x_prev", "att_kv", "ffn_x_prev")
+
+
+@dataclass
+class LayerState:
+    att_x_prev: torch.Tensor  # [B, C]       last input of time mixing (activation dtype)
+    att_kv: torch.Tensor  # [B, H, N, N]     WKV matrix state, always float32 (value x key)
+    ffn_x_prev: torch.Tensor  # [B, C]       last input of channel mixing (activation dtype)
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        return (getattr(self, f) for f in _FIELDS)
+
+
+@dataclass
+class State:
+    """Per-layer recurrent state with a leading batch dimension, tagged with the model's
+    fingerprint so that a state saved from one model is refused by another."""
+
+    layers: list[LayerState]
+    fingerprint: str = field(default="")
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].att_x_prev.shape[0]
+
+    def clone(self) -> State:
+        return self._map(torch.Tensor.clone)
+
+    def to(self, device: torch.device | str) -> State:
+        """All layers on one device (a split model moves each layer back to its own device)."""
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn) -> State:
+        return State([LayerState(*(fn(t) for t in layer.tensors())) for layer in self.layers], self.fingerprint)
+
+    @staticmethod
+    def cat(states: list[State]) -> State:
+        """Stack states of the same model along the batch dimension (for batched generation)."""
+        if len({s.fingerprint for s in states}) != 1:
+            raise StateError("cannot batch states of different models")
+        layers = [LayerState(*(torch.cat(ts) for ts in zip(*(s.layers[i].tensors() for s in states)))) for i in range(len(states[0].layers))]
+        return State(layers, states[0].fingerprint)
+
+    def __getitem__(self, index: int | slice) -> State:
+        """Select batch rows: ``state[0]`` keeps a batch of one, ``state[1:3]`` a batch of two."""
+        rows = slice(index, index + 1) if isinstance(index, int) else index
+        return self._map(lambda t: t[rows])
+
+    def save(self, path: str | Path) -> None:
+        """Write the state as safetensors (atomically: a failed write never leaves half a file)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        data = {f"layers.{i}.{name}": t.detach().cpu().contiguous() for i, layer in enumerate(self.layers) for name, t in zip(_FIELDS, layer.tensors())}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(data, tmp, metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @staticmethod
+    def load(path: str | Path, model: Model) -> State:
+        """Read a state saved by :meth:`save`, refusing one that belongs to another model."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise StateError(f"state file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise StateError(f"{path}: not a readable rwkvkit state file ({exc})") from exc
+        if meta.get("format") != STATE_FORMAT:
+            raise StateError(f"{path}: not an rwkvkit state file (format {meta.get('format')!r}, expected {STATE_FORMAT!r})")
+        if meta.get("fingerprint") != model.fingerprint:
+            raise StateError(
+                f"{path}: this state belongs to another model (fingerprint {meta.get('fingerprint')}, "
+                f"model {model.checkpoint_path} has {model.fingerprint})"
+            )
+        try:
+            layers = [LayerState(*(data[f"layers.{i}.{name}"] for name in _FIELDS)) for i in range(model.spec.n_layer)]
+        except KeyError as exc:
+            raise StateError(f"{path}: state file lacks tensor {exc.args[0]!r}") from None
+        return model.adopt_state(State(layers, meta["fingerprint"]))

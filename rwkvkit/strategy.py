@@ -1,0 +1,86 @@
+"""ChatRWKV strategy strings -> a Plan: which layers run where, in which dtype, through which backend.
+
+Grammar (ChatRWKV's)::
+
+    strategy := stage ( "->" stage )*
+    stage    := device dtype [ "*" N [ "+" ] ]
+    device   := cpu | cuda | cuda:K | mps
+    dtype    := fp32 | fp16 | bf16, optionally followed by i8 (int8 weights)
+
+``*N`` gives a stage N layers; a stage without ``*N`` takes the layers left over (at most one may),
+and if every stage has a count, the last stage also takes the remainder. ``*N+`` streams layers
+from CPU RAM to the device.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from rwkvkit.errors import StrategyError
+
+GRAMMAR = "stage ( -> stage )*, stage = 'device dtype [*N[+]]', device = cpu|cuda|cuda:K|mps, dtype = fp32|fp16|bf16[i8]"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_STAGE = re.compile(r"^(?P<device>cpu|cuda(?::\d+)?|mps)\s+(?P<dtype>fp32|fp16|bf16)(?P<i8>i8)?(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how a group of layers runs."""
+
+    device: torch.device
+    dtype: torch.dtype  # activation (and unquantized weight) dtype
+    quant: str | None = None  # "i8" for int8 weights
+    stream: bool = False  # weights kept in CPU RAM, copied to the device per use
+
+
+@dataclass(frozen=True)
+class Stage:
+    placement: Placement
+    layers: range
+    backend: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages in layer order; the embedding runs on the first stage, the head on the last."""
+
+    stages: tuple[Stage, ...]
+    spec: str
+
+
+def _parse_stage(text: str, strategy: str) -> tuple[Placement, int | None]:
+    m = _STAGE.match(text.strip())
+    if not m:
+        raise StrategyError(f"invalid strategy {strategy!r}: cannot parse stage {text.strip()!r}; grammar: {GRAMMAR}")
+    placement = Placement(
+        device=torch.device(m["device"]),
+        dtype=DTYPES[m["dtype"]],
+        quant="i8" if m["i8"] else None,
+        stream=bool(m["stream"]),
+    )
+    return placement, None if m["count"] is None else int(m["count"])
+
+
+def parse_strategy(strategy: str, n_layer: int, backend: str = "auto") -> Plan:
+    """Turn a strategy string into a Plan for a model of ``n_layer`` layers."""
+    if not isinstance(strategy, str) or not strategy.strip():
+        raise StrategyError(f"invalid strategy {strategy!r}: expected a string like 'cpu fp32'; grammar: {GRAMMAR}")
+    parsed = [_parse_stage(part, strategy) for part in strategy.split("->")]
+    open_stages = [i for i, (_, count) in enumerate(parsed) if count is None]
+    if len(open_stages) > 1:
+        raise StrategyError(f"invalid strategy {strategy!r}: only one stage may omit '*N' (it takes the remaining layers)")
+    fixed = sum(count for _, count in parsed if count is not None)
+    if fixed > n_layer:
+        raise StrategyError(f"invalid strategy {strategy!r}: stages ask for {fixed} layers but the model has {n_layer}")
+    rest_to = open_stages[0] if open_stages else len(parsed) - 1
+    stages, start = [], 0
+    for i, (placement, count) in enumerate(parsed):
+        size = (count or 0) + (n_layer - fixed if i == rest_to else 0)
+        if size == 0 and not (i == 0 and len(parsed) == 1):
+            continue  # ChatRWKV allows '*0' stages; they hold no layers
+        stages.append(Stage(placement, range(start, start + size), backend))
+        start += size
+    return Plan(stages=tuple(stages), spec=strategy)

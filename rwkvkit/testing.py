@@ -1,0 +1,112 @@
+"""Random RWKV-7 checkpoints with the exact key layout of real World models, for tests,
+benchmarks and users who want a model without downloading one.
+
+Initialisation follows RWKV-LM's RWKV-7 training code (decay/ICLR/value-residual curves per
+channel, orthogonal LoRA factors), plus noise on the parts that training would start at zero
+(LoRA down-projections, output and FFN value matrices, norms), so that every path contributes to
+the logits and activations look like a trained model's: no inf/NaN in fp16 over long runs.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rwkvkit.checkpoint import ModelSpec
+
+
+def lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
+    """RWKV-LM's suggested LoRA ranks (decay, a, value, gate) for a width; 0.1B: 64, 64, 32, 128."""
+
+    def rank(scale: float, power: float) -> int:
+        return max(32, int(round(scale * n_embd**power / 32) * 32))
+
+    return rank(1.8, 0.5), rank(1.8, 0.5), rank(1.3, 0.5), rank(0.6, 0.8)
+
+
+def make_spec(n_layer: int = 2, n_embd: int = 128, vocab_size: int = 512, head_size: int = 64, dim_ffn: int | None = None) -> ModelSpec:
+    if n_embd % head_size:
+        raise ValueError(f"n_embd {n_embd} is not a multiple of head_size {head_size}")
+    w, a, v, g = lora_ranks(n_embd)
+    return ModelSpec(n_layer, n_embd, n_embd // head_size, head_size, vocab_size, dim_ffn or 4 * n_embd, w, a, v, g)
+
+
+def random_checkpoint(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A state dict for ``spec`` with every key a real RWKV-7 World file has (``v0/v1/v2`` in layer 0 too)."""
+    gen = torch.Generator().manual_seed(seed)
+    C, H, N, V, L = spec.n_embd, spec.n_head, spec.head_size, spec.vocab_size, spec.n_layer
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    def uniform(*shape: int, bound: float) -> torch.Tensor:
+        return (torch.rand(*shape, generator=gen) * 2 - 1) * bound
+
+    def ortho(rows: int, cols: int, scale: float) -> torch.Tensor:
+        q, _ = torch.linalg.qr(torch.randn(max(rows, cols), min(rows, cols), generator=gen))
+        q = q if rows >= cols else q.T
+        return q * scale * (math.sqrt(rows / cols) if rows > cols else 1.0)
+
+    def vec(values: torch.Tensor, noise: float = 0.05) -> torch.Tensor:
+        return (values + normal(C, std=noise)).reshape(1, 1, C)
+
+    ch = torch.arange(C, dtype=torch.float32)
+    linear = ch / (C - 1) - 0.5
+    zigzag = ((ch % N) - (N - 1) / 2) / ((N - 1) / 2)
+    zigzag = zigzag * zigzag.abs()
+    ddd = ch / C
+
+    t: dict[str, torch.Tensor] = {
+        "emb.weight": uniform(V, C, bound=1.0),
+        "blocks.0.ln0.weight": 1 + normal(C, std=0.1),
+        "blocks.0.ln0.bias": normal(C, std=0.1),
+    }
+    for i in range(L):
+        p = f"blocks.{i}."
+        r01 = i / max(L - 1, 1)
+        r10 = 1.0 - i / L
+        for name in ("ln1", "ln2", "att.ln_x"):
+            t[f"{p}{name}.weight"] = 1 + normal(C, std=0.1)
+            t[f"{p}{name}.bias"] = normal(C, std=0.1)
+        for name, power in (("x_r", 0.2), ("x_w", 0.9), ("x_k", 0.7), ("x_v", 0.7), ("x_a", 0.9), ("x_g", 0.2)):
+            t[f"{p}att.{name}"] = vec(1.0 - ddd.pow(power * r10))
+        decay = -6 + 6 * (ch / (C - 1)) ** (1 + r01**0.3)
+        t[f"{p}att.w0"] = vec(decay + 0.5 + zigzag * 2.5, noise=0.3)
+        t[f"{p}att.a0"] = vec(-0.19 + zigzag * 0.3 + linear * 0.4)
+        t[f"{p}att.v0"] = vec(0.73 - linear * 0.4)
+        for name, rank in (("w", spec.lora_w), ("a", spec.lora_a), ("v", spec.lora_v), ("g", spec.lora_g)):
+            t[f"{p}att.{name}1"] = normal(C, rank, std=0.5 / math.sqrt(C))
+            t[f"{p}att.{name}2"] = ortho(rank, C, 0.1 if name != "g" else 1.0)
+        t[f"{p}att.k_k"] = vec(0.71 - linear * 0.1)
+        t[f"{p}att.k_a"] = vec(torch.full((C,), 1.02))
+        t[f"{p}att.r_k"] = -0.04 + normal(H, N, std=0.1)
+        t[f"{p}att.receptance.weight"] = uniform(C, C, bound=0.5 / math.sqrt(C))
+        t[f"{p}att.key.weight"] = uniform(C, C, bound=0.5 / math.sqrt(C))
+        t[f"{p}att.value.weight"] = uniform(C, C, bound=0.5 / math.sqrt(C))
+        t[f"{p}att.output.weight"] = normal(C, C, std=0.5 / math.sqrt(C))
+        t[f"{p}ffn.x_k"] = vec(1.0 - ddd.pow(r10**4))
+        t[f"{p}ffn.key.weight"] = uniform(spec.dim_ffn, C, bound=0.5 / math.sqrt(C))
+        t[f"{p}ffn.value.weight"] = normal(C, spec.dim_ffn, std=0.5 / math.sqrt(spec.dim_ffn))
+    t["ln_out.weight"] = 1 + normal(C, std=0.1)
+    t["ln_out.bias"] = normal(C, std=0.1)
+    t["head.weight"] = normal(V, C, std=0.5 / math.sqrt(C) * 4)  # wider logits than init, like a trained head
+    return {k: v.to(dtype).contiguous() for k, v in t.items()}
+
+
+def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """Write a state dict as ``.pth`` or ``.safetensors`` (chosen by the suffix)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path))
+    else:
+        torch.save(tensors, path)
+    return path
+
+
+def make_checkpoint(path: str | Path, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+    """Create a random RWKV-7 checkpoint file in one call."""
+    return save_checkpoint(random_checkpoint(make_spec(n_layer, n_embd, vocab_size), seed, dtype), path)

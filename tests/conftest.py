@@ -1,0 +1,37 @@
+"""Shared fixtures: small random RWKV-7 checkpoints and the reference oracle run in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkvkit.testing import make_checkpoint
+
+ORACLE_RUNNER = Path(__file__).with_name("oracle_runner.py")
+API_DEMO = [187, 510, 1563, 310, 247]
+
+# name -> (n_layer, n_embd, vocab_size, seed)
+MODEL_SHAPES = {
+    "tiny": (2, 128, 2048, 1),
+    "world": (3, 256, 65536, 2),  # the real World vocabulary size
+}
+
+
+@pytest.fixture(scope="session")
+def model_paths(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {name: make_checkpoint(root / f"{name}.pth", L, C, V, seed=seed) for name, (L, C, V, seed) in MODEL_SHAPES.items()}
+
+
+def run_oracle(model_path: Path, strategy: str, runs: dict[str, dict], workdir: Path) -> dict[str, dict]:
+    """Run the `rwkv` pip package on ``runs`` (see oracle_runner.py) and return its outputs."""
+    job, out = workdir / f"job-{model_path.stem}-{strategy.replace(' ', '_')}.pt", workdir / "out.pt"
+    torch.save({"model": str(model_path.with_suffix("")), "strategy": strategy, "runs": runs}, job)
+    proc = subprocess.run([sys.executable, str(ORACLE_RUNNER), str(job), str(out)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"oracle failed:\n{proc.stderr[-3000:]}")
+    return torch.load(out)

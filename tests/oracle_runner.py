@@ -1,0 +1,35 @@
+"""Runs the reference `rwkv` pip package (RWKV-7 mode) in its own process.
+
+Its import sets process-wide torch flags and module globals (dtype, device), so the tests never
+import it themselves. Usage: ``python oracle_runner.py JOB OUT`` where JOB is a torch-saved dict
+``{"model": path without .pth, "strategy": str, "runs": {name: {"chunks": [[id, ...], ...], "full_output": bool}}}``;
+OUT receives, per run, the logits after each chunk and the final state.
+"""
+
+import os
+import sys
+
+os.environ["RWKV_V7_ON"] = "1"
+os.environ.setdefault("RWKV_JIT_ON", "1")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+from rwkv.model import RWKV  # noqa: E402
+
+
+def main(job_path: str, out_path: str) -> None:
+    job = torch.load(job_path)
+    model = RWKV(model=job["model"], strategy=job["strategy"])
+    results = {}
+    for name, run in job["runs"].items():
+        state, logits = None, []
+        for chunk in run["chunks"]:
+            out, state = model.forward(chunk, state, full_output=run["full_output"]) if len(chunk) > 1 else model.forward(chunk, state)
+            logits.append(out.float().clone())
+        results[name] = {"logits": logits, "state": [s.float().clone() for s in state]}
+    torch.save(results, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
