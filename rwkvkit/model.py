@@ -6,6 +6,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from rwkvkit.backend import Backend, Role
@@ -93,6 +94,8 @@ class Model:
 
     def _token_batch(self, tokens: Tokens) -> tuple[torch.Tensor, bool]:
         """Normalise input to int64 ``[B, T]``; the bool says the caller passed an unbatched input."""
+        if isinstance(tokens, np.ndarray):
+            tokens = torch.from_numpy(tokens)
         if isinstance(tokens, torch.Tensor):
             if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
                 raise InputError(f"tokens must be integer ids, got a tensor of dtype {tokens.dtype}")
