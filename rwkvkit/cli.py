@@ -1,8 +1,10 @@
-"""The ``rwkvkit`` command. ``rwkvkit info CHECKPOINT`` describes a checkpoint without running it."""
+"""The ``rwkvkit`` command: ``run`` generates text from Hydra configs (everything after ``run`` is
+Hydra's command line), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import asdict
 
@@ -20,13 +22,61 @@ def _info(args: argparse.Namespace) -> None:
         print(f"  {key:<10} {value}")
 
 
+def _plugins(args: argparse.Namespace) -> None:
+    from rwkvkit.registry import registry
+
+    infos = registry.plugins()
+    if args.json:
+        print(json.dumps([asdict(info) for info in infos], indent=2))
+        return
+    for info in infos:
+        print(f"{info.name} ({info.distribution} {info.version})")
+        for kind, names in info.registers.items():
+            print(f"  {kind}: {', '.join(names)}")
+
+
+HYDRA_HINT = "rwkvkit: the configuration above is invalid; `rwkvkit run --help` lists every group and option"
+
+
+def _run(hydra_args: list[str]) -> int:
+    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work)."""
+    import hydra
+
+    from rwkvkit.config import register_configs
+    from rwkvkit.registry import registry
+    from rwkvkit.run import EXIT_INTERRUPTED, run_job
+
+    register_configs()
+    registry.plugins()  # plugins may add config options (ConfigStore) on import: load them first
+    entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name="run", version_base=None)(run_job)
+    saved, sys.argv = sys.argv, ["rwkvkit run", *hydra_args]
+    try:
+        entry()
+    except SystemExit as exc:
+        if exc.code == 1:  # Hydra's own exit after a composition error it has printed
+            print(HYDRA_HINT, file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 1
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    finally:
+        sys.argv = saved
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return _run(argv[1:])
     parser = argparse.ArgumentParser(prog="rwkvkit", description="Run RWKV language models.")
     parser.add_argument("--version", action="version", version=f"rwkvkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="generate text: rwkvkit run [hydra overrides], see `rwkvkit run --help`")
     info = commands.add_parser("info", help="describe a checkpoint: architecture, dimensions, fingerprint")
     info.add_argument("checkpoint", help="path to a .pth or .safetensors file (suffix optional)")
     info.set_defaults(func=_info)
+    plugins = commands.add_parser("plugins", help="list plugins, their versions and what they register")
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
+    plugins.set_defaults(func=_plugins)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -27,3 +27,7 @@ class StateError(RwkvkitError):
 
 class PluginError(RwkvkitError):
     """A plugin name is unknown, registered twice, or a plugin failed to load."""
+
+
+class TokenizerError(RwkvkitError):
+    """A tokenizer or vocabulary file is missing, unreadable or malformed."""

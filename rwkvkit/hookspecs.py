@@ -28,23 +28,35 @@ Register = Callable[..., None]
 def register_backends(register: Register) -> None:
     """Register backend classes (subclasses of :class:`rwkvkit.backend.Backend`).
 
-    ``register(cls)`` uses ``cls.name``; ``register(cls, name="x")`` overrides it.
+    ``register(cls)`` uses ``cls.name``; ``register(cls, name="x")`` overrides it. Selected by
+    ``RWKV(..., backend="x")``; ``cls.unavailable_reason(placement)`` says why it cannot run.
+    Example: ``register(MyCpuBackend)``.
     """
 
 
 @hookspec
 def register_tokenizers(register: Register) -> None:
-    """Register tokenizer factories: ``register(factory, name="rwkv_world")``.
+    """Register tokenizer factories: ``register(factory, name="mytok")``.
 
-    ``factory(**options)`` returns an object implementing :class:`rwkvkit.interfaces.Tokenizer`.
+    ``factory(**options)`` returns a :class:`rwkvkit.interfaces.Tokenizer`; selected by
+    ``PIPELINE(model, "mytok")``. Example: ``register(MyTokenizer, name="mytok")``.
     """
 
 
 @hookspec
 def register_samplers(register: Register) -> None:
-    """Register sampler factories: ``register(factory, name="nucleus")``."""
+    """Register sampler factories: ``register(factory, name="top_a")``.
+
+    ``factory(**options)`` returns a :class:`rwkvkit.interfaces.Sampler`; it receives the
+    options a user gives (``sampler_options={"a": 0.3}``) and should reject bad values with a
+    clear error. Example: ``register(TopASampler)`` (``TopASampler.name == "top_a"``).
+    """
 
 
 @hookspec
 def register_callbacks(register: Register) -> None:
-    """Register callback factories: ``register(factory, name="stdout")``."""
+    """Register callback factories: ``register(factory, name="stdout")``.
+
+    ``factory(**options)`` returns a :class:`rwkvkit.interfaces.Callback`; selected by name in
+    ``generate(..., callback="stdout")``. Example: ``register(MyLogger, name="mylog")``.
+    """

@@ -27,11 +27,11 @@ def model_paths(tmp_path_factory) -> dict[str, Path]:
     return {name: make_checkpoint(root / f"{name}.pth", L, C, V, seed=seed) for name, (L, C, V, seed) in MODEL_SHAPES.items()}
 
 
-def run_oracle(model_path: Path, strategy: str, runs: dict[str, dict], workdir: Path) -> dict[str, dict]:
-    """Run the `rwkv` pip package on ``runs`` (see oracle_runner.py) and return its outputs."""
-    job, out = workdir / f"job-{model_path.stem}-{strategy.replace(' ', '_')}.pt", workdir / "out.pt"
-    torch.save({"model": str(model_path.with_suffix("")), "strategy": strategy, "runs": runs}, job)
-    proc = subprocess.run([sys.executable, str(ORACLE_RUNNER), str(job), str(out)], capture_output=True, text=True, timeout=900)
+def run_oracle(model_path: Path, strategy: str, workdir: Path, **job: dict) -> dict[str, dict]:
+    """Run the `rwkv` pip package on a job (``runs=``/``generations=``, see oracle_runner.py)."""
+    path, out = workdir / f"job-{model_path.stem}-{strategy.replace(' ', '_')}.pt", workdir / "out.pt"
+    torch.save({"model": str(model_path.with_suffix("")), "strategy": strategy, **job}, path)
+    proc = subprocess.run([sys.executable, str(ORACLE_RUNNER), str(path), str(out)], capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"oracle failed:\n{proc.stderr[-3000:]}")
     return torch.load(out)

@@ -3,7 +3,10 @@
 Its import sets process-wide torch flags and module globals (dtype, device), so the tests never
 import it themselves. Usage: ``python oracle_runner.py JOB OUT`` where JOB is a torch-saved dict
 ``{"model": path without .pth, "strategy": str, "runs": {name: {"chunks": [[id, ...], ...], "full_output": bool}}}``;
-OUT receives, per run, the logits after each chunk and the final state.
+OUT receives, per run, the logits after each chunk and the final state. An optional
+``"generations": {name: {"prompt": str, "token_count": int, "args": {PIPELINE_ARGS kwargs}}}``
+runs ``rwkv.utils.PIPELINE.generate`` with the World tokenizer and records its text and every
+token its sampler returned.
 """
 
 import os
@@ -16,18 +19,26 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 from rwkv.model import RWKV  # noqa: E402
+from rwkv.utils import PIPELINE, PIPELINE_ARGS  # noqa: E402
 
 
 def main(job_path: str, out_path: str) -> None:
     job = torch.load(job_path)
     model = RWKV(model=job["model"], strategy=job["strategy"])
     results = {}
-    for name, run in job["runs"].items():
+    for name, run in job.get("runs", {}).items():
         state, logits = None, []
         for chunk in run["chunks"]:
             out, state = model.forward(chunk, state, full_output=run["full_output"]) if len(chunk) > 1 else model.forward(chunk, state)
             logits.append(out.float().clone())
         results[name] = {"logits": logits, "state": [s.float().clone() for s in state]}
+    pipeline = PIPELINE(model, "rwkv_vocab_v20230424")
+    sample_logits = pipeline.sample_logits
+    for name, gen in job.get("generations", {}).items():
+        sampled = []
+        pipeline.sample_logits = lambda *a, **k: sampled.append(sample_logits(*a, **k)) or sampled[-1]
+        text = pipeline.generate(gen["prompt"], token_count=gen["token_count"], args=PIPELINE_ARGS(**gen["args"]))
+        results[name] = {"text": text, "sampled": sampled}
     torch.save(results, out_path)
 
 

@@ -41,7 +41,7 @@ def oracle(model_paths, tmp_path_factory):
     def get(model: str, strategy: str) -> dict:
         if (model, strategy) not in cache:
             runs = parity_runs(MODEL_SHAPES[model][2])
-            cache[(model, strategy)] = run_oracle(model_paths[model], strategy, runs, tmp_path_factory.mktemp("oracle"))
+            cache[(model, strategy)] = run_oracle(model_paths[model], strategy, tmp_path_factory.mktemp("oracle"), runs=runs)
         return cache[(model, strategy)]
 
     return get

@@ -23,6 +23,12 @@ for package, name in (line.split(":") for line in sys.argv[2:]):
 out, state = RWKV(sys.argv[1], "cpu fp32").forward([1, 2, 3], None)
 print("ok", tuple(out.shape))
 """
+RUN_CHECK = r"""
+import subprocess, sys
+proc = subprocess.run([sys.executable, "-m", "rwkvkit.cli", "run", f"model.path={sys.argv[1]}", "model.tokenizer=rwkv_vocab_v20230424",
+                       "token_count=4", "hydra.run.dir=" + sys.argv[2]], capture_output=True, text=True)
+assert proc.returncode == 0, proc.stderr
+"""
 
 
 def _shipped_files() -> list[str]:
@@ -30,20 +36,56 @@ def _shipped_files() -> list[str]:
     return [f"{PACKAGE_DIRS[Path(f).parts[0]]}:{Path(*Path(f).parts[1:])}" for f in tracked if "/" in f]
 
 
-@pytest.mark.slow
-def test_wheel_installs_into_a_fresh_venv(tmp_path, model_paths):
+def fresh_venv(tmp_path: Path, *projects: Path) -> Path:
+    """A new venv holding non-editable wheels of ``projects``; dependencies (torch etc.) come from
+    the test environment through a path entry placed after the venv's own site-packages."""
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(REPO)], check=True, capture_output=True)
+    for project in projects:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(wheels), str(project)], check=True, capture_output=True)
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip())
-    # dependencies (torch etc.) come from the test environment, appended after the venv's own site-packages
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    wheel = next(wheels.glob("rwkvkit-*.whl"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    return py
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv(tmp_path, model_paths):
+    py = fresh_venv(tmp_path, REPO)
     files = _shipped_files()
     assert any(f.startswith("rwkvkit.plugins:") for f in files)
     proc = subprocess.run([str(py), "-c", CHECK, str(model_paths["tiny"]), *files], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (2048,)" in proc.stdout
+    run = subprocess.run([str(py), "-c", RUN_CHECK, str(model_paths["world"]), str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (tmp_path / "run" / "output.txt").read_text()
+
+
+EXAMPLE_CHECK = r"""
+import json, subprocess, sys
+from rwkvkit import PIPELINE, RWKV
+pipeline = PIPELINE(RWKV(sys.argv[1], "cpu fp32"), "rwkv_vocab_v20230424")
+text = pipeline.generate("Hello", 8, sampler="top_a", sampler_options={"a": 0.3}, seed=1)
+assert text == pipeline.generate("Hello", 8, sampler="top_a", sampler_options={"a": 0.3}, seed=1)
+listing = json.loads(subprocess.run([sys.executable, "-m", "rwkvkit.cli", "plugins", "--json"], capture_output=True, text=True, check=True).stdout)
+top_a = [p for p in listing if p["name"] == "top_a"][0]
+print(top_a["distribution"], top_a["version"], top_a["registers"])
+run = [sys.executable, "-m", "rwkvkit.cli", "run", f"model.path={sys.argv[1]}", "model.tokenizer=rwkv_vocab_v20230424"]
+help_text = subprocess.run(run + ["--help"], capture_output=True, text=True, check=True).stdout
+assert "top_a" in help_text, help_text
+proc = subprocess.run(run + ["sampling=top_a", "sampling.options.a=0.3", "token_count=5", "hydra.run.dir=" + sys.argv[2]], capture_output=True, text=True)
+assert proc.returncode == 0, proc.stderr
+print("cli ok")
+"""
+
+
+@pytest.mark.slow
+def test_example_third_party_sampler_is_found_by_name(tmp_path, model_paths):
+    py = fresh_venv(tmp_path, REPO, REPO / "examples" / "rwkvkit-top-a")
+    proc = subprocess.run([str(py), "-c", EXAMPLE_CHECK, str(model_paths["world"]), str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rwkvkit-top-a 0.1.0 {'samplers': ['top_a']}" in proc.stdout and "cli ok" in proc.stdout
+    assert "name: top_a" in (tmp_path / "run" / "config.yaml").read_text()

@@ -1,0 +1,49 @@
+"""ChatRWKV's logit processing before sampling: banned tokens, then presence and frequency
+penalties over occurrence counts that decay with every generated token."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from rwkvkit.errors import InputError
+
+# ChatRWKV counts a token whose text is a substring of this with weight 0 (spaces, tabs, digits,
+# and the empty string): they still get the presence penalty, but no frequency build-up.
+_FREE_TEXT = " \t0123456789"
+
+
+@dataclass
+class Penalties:
+    presence: float = 0.0  # subtracted once a token has occurred
+    frequency: float = 0.0  # subtracted per (decayed) occurrence
+    decay: float = 1.0  # every count is multiplied by this after each generated token
+    ban: Sequence[int] = ()
+    counts: dict[int, float] = field(default_factory=dict)
+
+    def check(self, vocab_size: int) -> None:
+        bad = [t for t in self.ban if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        if bad:
+            raise InputError(f"token_ban has id(s) {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
+        if not 0.0 <= self.decay <= 1.0:
+            raise InputError(f"alpha_decay={self.decay!r}: expected a number in [0, 1]")
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """A penalised copy of ``logits``."""
+        out = logits.clone()
+        if self.ban:
+            out[list(self.ban)] = -float("inf")
+        if self.counts:
+            ids = torch.tensor(list(self.counts), device=out.device)
+            # computed in double, rounded once to the logits' dtype, as ChatRWKV's Python floats are
+            amounts = [self.presence + c * self.frequency for c in self.counts.values()]
+            out[ids] -= torch.tensor(amounts, dtype=torch.float64).to(out.dtype)
+        return out
+
+    def update(self, token: int, text: str) -> None:
+        """Record a generated token whose decoded text is ``text``."""
+        for t in self.counts:
+            self.counts[t] *= self.decay
+        self.counts[token] = self.counts.get(token, 0.0) + (0.0 if text in _FREE_TEXT else 1.0)

@@ -1,0 +1,63 @@
+"""Turning what users write (plugin names, options, plain functions) into plugin objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from rwkvkit.errors import InputError
+from rwkvkit.interfaces import Callback, Sampler, Tokenizer
+from rwkvkit.registry import registry
+
+CallbackLike = Callback | Callable[[str], Any] | str
+
+
+class _FunctionCallback(Callback):
+    """ChatRWKV's ``callback=print``-style functions receive each text piece."""
+
+    def __init__(self, fn: Callable[[str], Any]) -> None:
+        self.fn = fn
+
+    def on_text(self, piece: str) -> None:
+        self.fn(piece)
+
+
+def as_callbacks(items: CallbackLike | Iterable[CallbackLike] | None) -> list[Callback]:
+    """Accept callback objects, plain functions, registered names, or a list of these."""
+    if items is None:
+        return []
+    if isinstance(items, (Callback, str)) or callable(items):
+        items = [items]
+    out = []
+    for item in items:
+        if isinstance(item, Callback):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(registry.get("callbacks", item)())
+        elif callable(item):
+            out.append(_FunctionCallback(item))
+        else:
+            raise InputError(f"callback {item!r}: expected a Callback, a function taking text, or a registered name")
+    return out
+
+
+def resolve_sampler(sampler: Sampler | str, options: dict[str, Any] | None = None) -> Sampler:
+    """A sampler instance from an instance or a registered name plus its options."""
+    if isinstance(sampler, Sampler):
+        return sampler
+    factory = registry.get("samplers", sampler)
+    try:
+        return factory(**(options or {}))
+    except TypeError as exc:
+        raise InputError(f"sampler {sampler!r} does not accept options {sorted(options or {})}: {exc}") from None
+
+
+def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:
+    """A registered tokenizer name (``rwkv_vocab_v20230424``), or a path to an HF ``tokenizer.json``
+    (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``)."""
+    if isinstance(name, Tokenizer):
+        return name
+    key = str(name)
+    if key not in registry.names("tokenizers") and (key.endswith(".json") or Path(key).exists()):
+        return registry.get("tokenizers", "hf")(path=key)
+    return registry.get("tokenizers", key)()

@@ -1,0 +1,56 @@
+"""The end of a ``rwkvkit run -m`` sweep: one table of every run's overrides and metrics, printed
+and written as ``summary.csv`` / ``summary.json`` in the sweep directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+COLUMNS = ("status", "generated_tokens", "time_to_first_token_s", "prefill_tok_per_s", "decode_tok_per_s", "peak_memory_mb")
+
+
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One row per job directory (numbered subdirectories), showing the overrides that vary."""
+    rows, per_job = [], []
+    for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
+        run_file, metrics_file = job_dir / "run.json", job_dir / "metrics.json"
+        overrides_file = job_dir / ".hydra" / "overrides.yaml"
+        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        per_job.append(list(overrides))
+        row: dict[str, Any] = {"job": int(job_dir.name)}
+        row["status"] = json.loads(run_file.read_text())["status"] if run_file.is_file() else "failed"
+        if metrics_file.is_file():
+            row.update({k: v for k, v in json.loads(metrics_file.read_text()).items() if k in COLUMNS})
+        rows.append(row)
+    shared = set.intersection(*(set(o) for o in per_job)) if per_job else set()
+    for row, overrides in zip(rows, per_job):
+        row["overrides"] = " ".join(o for o in overrides if o not in shared)
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    headers = ["job", "overrides", *COLUMNS]
+    cells = [[f"{r.get(h, ''):.1f}" if isinstance(r.get(h), float) else str(r.get(h, "")) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        rows = collect(sweep_dir)
+        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
+        with (sweep_dir / "summary.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["job", "overrides", *COLUMNS])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nsweep summary ({sweep_dir}):\n{format_table(rows)}")
