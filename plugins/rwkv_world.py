@@ -51,7 +51,7 @@ class RwkvWorldTokenizer(Tokenizer):
     text) and 65530..65535 (never trained).
 
     A token may hold part of a UTF-8 character, so ``decode`` of ids that end mid-character raises
-    UnicodeDecodeError (``errors="replace"`` substitutes U+FFFD instead); streaming callers join
+    TokenizerError (``errors="replace"`` substitutes U+FFFD instead); streaming callers join
     ``decode_bytes`` pieces and decode only whole characters.
     """
 

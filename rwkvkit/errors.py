@@ -29,5 +29,5 @@ class PluginError(RwkvkitError):
     """A plugin name is unknown, registered twice, or a plugin failed to load."""
 
 
-class TokenizerError(RwkvkitError):
+class TokenizerError(RwkvkitError, ValueError):
     """A tokenizer or vocabulary file is missing, unreadable or malformed."""

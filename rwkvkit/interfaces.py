@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 import torch
 
+from rwkvkit.errors import TokenizerError
+
 
 class Tokenizer(ABC):
     """Text <-> token ids. ``decode_bytes`` exists because a token may hold part of a UTF-8
@@ -27,9 +29,16 @@ class Tokenizer(ABC):
     def decode_bytes(self, ids: Sequence[int]) -> bytes: ...
 
     def decode(self, ids: Sequence[int], errors: str = "strict") -> str:
-        """``errors`` is passed to ``bytes.decode``: ``"strict"`` raises on invalid UTF-8,
-        ``"replace"`` substitutes U+FFFD."""
-        return self.decode_bytes(ids).decode("utf-8", errors=errors)
+        """``errors="strict"`` raises TokenizerError on invalid UTF-8 (e.g. ids that end inside a
+        character); ``"replace"`` substitutes U+FFFD."""
+        data = self.decode_bytes(ids)
+        try:
+            return data.decode("utf-8", errors=errors)
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(
+                f"token ids decode to invalid UTF-8 at byte {exc.start} of {len(data)} (a token holds part of a "
+                "character); use decode(ids, errors='replace'), or decode_bytes when streaming"
+            ) from None
 
 
 @dataclass

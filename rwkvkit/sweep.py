@@ -35,7 +35,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     headers = ["job", "overrides", *COLUMNS]
-    cells = [[f"{r.get(h, ''):.1f}" if isinstance(r.get(h), float) else str(r.get(h, "")) for h in headers] for r in rows]
+    cells = [[f"{r.get(h, ''):.4g}" if isinstance(r.get(h), float) else str(r.get(h, "")) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]

@@ -168,3 +168,12 @@ def test_ctrl_c_keeps_partial_output(tmp_path, world_args):
     assert partial and partial in stdout
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert "partial output kept" in stderr
+
+
+def test_joblib_launcher_sweep(tmp_path, world_args):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher (the rwkvkit[sweep] extra) is not installed")
+    sweep = tmp_path / "sweep"
+    proc = rwkvkit_run("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *world_args, "callbacks=quiet", "token_count=4", "seed=1,2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((sweep / "summary.json").read_text())
+    assert [r["status"] for r in rows] == ["completed", "completed"] and [r["overrides"] for r in rows] == ["seed=1", "seed=2"]
