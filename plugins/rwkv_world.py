@@ -16,17 +16,10 @@ from __future__ import annotations
 import ast
 import ctypes
 import functools
-import hashlib
 import operator
 import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
 import warnings
 import weakref
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,6 +28,7 @@ import numpy as np
 from rwkvkit.errors import InputError, TokenizerError
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.interfaces import Tokenizer
+from rwkvkit.native import load_library
 
 VOCAB_FILE = Path(__file__).with_name("rwkv_vocab_v20230424.txt")
 WORLD_VOCAB_SIZE = 65536  # rows of the World models' embedding and head; the file's ids end at 65529
@@ -202,17 +196,10 @@ class _PythonEncoder:
 
 @functools.cache
 def _native_library() -> ctypes.CDLL | None:
-    """The C++ encoder, compiled into the user cache on first use (not at import: a compiler may be
-    slow or missing) and reused by later processes; None, after a warning saying why, if it
+    """The C++ encoder (see :mod:`rwkvkit.native`); None, after a warning saying why, if it
     cannot be built or loaded."""
-    source = resources.files("rwkvkit.kernels").joinpath(KERNEL).read_bytes()
-    digest = hashlib.sha256(source + f"{sys.platform}-{platform.machine()}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rwkvkit"
-    path = cache / f"{Path(KERNEL).stem}-{digest}.so"
     try:
-        if not path.exists():
-            _compile(source, path)
-        lib = ctypes.CDLL(str(path))
+        lib = load_library(KERNEL)
     except OSError as exc:
         warnings.warn(
             f"rwkv_world tokenizer: cannot build its C++ encoder ({exc}); using the pure-Python encoder,"
@@ -228,19 +215,6 @@ def _native_library() -> ctypes.CDLL | None:
     lib.rwkv_trie_encode.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_void_p]
     lib.rwkv_trie_encode.restype = ctypes.c_int64
     return lib
-
-
-def _compile(source: bytes, target: Path) -> None:
-    compiler = shlex.split(os.environ.get("CXX") or shutil.which("c++") or "")
-    if not compiler:
-        raise OSError("no C++ compiler found: install g++ or clang++, or set CXX")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    command = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++", "-", "-o", str(partial)]
-    result = subprocess.run(command, input=source, capture_output=True)
-    if result.returncode:
-        raise OSError(f"{shlex.join(command)} failed: {result.stderr.decode(errors='replace').strip()[-1000:]}")
-    os.replace(partial, target)  # atomic, so a concurrent first use never loads a half-written file
 
 
 @hookimpl

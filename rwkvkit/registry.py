@@ -27,6 +27,7 @@ from rwkvkit.errors import PluginError
 
 BUILTIN_MODULES = (
     "rwkvkit.plugins.torch_backend",
+    "rwkvkit.plugins.cpu_backend",
     "rwkvkit.plugins.samplers",
     "rwkvkit.plugins.callbacks",
     "rwkvkit.plugins.rwkv_world",

@@ -23,15 +23,11 @@ import rwkvkit
 from rwkvkit.config import make_penalties, make_sampler, resolve_file
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.interfaces import Callback
+from rwkvkit.native import cache_dir
 from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback
 from rwkvkit.registry import registry
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("RWKVKIT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rwkvkit"
-    return Path(root)
 
 
 def file_sha256(path: Path) -> str:

@@ -16,6 +16,7 @@ from conftest import API_DEMO, MODEL_SHAPES, run_oracle
 from rwkvkit import RWKV
 
 FP32_RTOL = 2e-5
+BACKENDS = ["torch", "cpu"]  # every CPU backend must pass the same parity tests
 
 
 def parity_runs(vocab_size: int) -> dict[str, dict]:
@@ -60,10 +61,11 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
 @pytest.mark.parametrize("run", sorted(parity_runs(64)))
-def test_fp32_logits_and_state_match_oracle(model_paths, oracle, model, run):
-    m = RWKV(model_paths[model], "cpu fp32")
+def test_fp32_logits_and_state_match_oracle(model_paths, oracle, model, run, backend):
+    m = RWKV(model_paths[model], "cpu fp32", backend=backend)
     ref = oracle(model, "cpu fp32")[run]
     got = ours(m, parity_runs(m.spec.vocab_size)[run])
     assert len(got["logits"]) == len(ref["logits"])
@@ -74,10 +76,11 @@ def test_fp32_logits_and_state_match_oracle(model_paths, oracle, model, run):
         assert rel_err(a, b) < FP32_RTOL, f"state tensor {i} (layer {i // 3}) differs by {rel_err(a, b):.2e}"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
-def test_chunked_equals_whole_and_api_demo(model_paths, model):
+def test_chunked_equals_whole_and_api_demo(model_paths, model, backend):
     """The seed's API demo: one call on five tokens == the same tokens in three calls."""
-    m = RWKV(model_paths[model], "cpu fp32")
+    m = RWKV(model_paths[model], "cpu fp32", backend=backend)
     out, state = m.forward(API_DEMO, None)
     out2, s = m.forward(API_DEMO[:2], None)
     out2, s = m.forward(API_DEMO[2:3], s)
@@ -89,13 +92,14 @@ def test_chunked_equals_whole_and_api_demo(model_paths, model):
             assert rel_err(x, y) < FP32_RTOL
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model", sorted(MODEL_SHAPES))
-def test_bf16_no_worse_than_oracle_bf16(model_paths, oracle, model):
+def test_bf16_no_worse_than_oracle_bf16(model_paths, oracle, model, backend):
     """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 2e-3 per op), so neither implementation matches
     fp32 to better than ~1e-2 of the logit scale. The justified bound is relative to the oracle's
     own bf16: our error against the fp32 reference must not exceed the oracle's by more than
     1.5x, and stays under 5% of the logit scale (a wrong op in bf16 gives errors of order 1)."""
-    m = RWKV(model_paths[model], "cpu bf16")
+    m = RWKV(model_paths[model], "cpu bf16", backend=backend)
     ref32, ref16 = oracle(model, "cpu fp32"), oracle(model, "cpu bf16")
     for run in ("api_demo", "long_chunked", "decode"):
         got = ours(m, parity_runs(m.spec.vocab_size)[run])

@@ -1,0 +1,96 @@
+// CPU kernels of the `cpu` backend (plugins/cpu_backend.py), called through ctypes (plain C ABI).
+//
+// wkv7_f32: the WKV-7 recurrence over T tokens, one (batch, head) per OpenMP task, the head's
+//   N x N state held in a local array (16 KB for N = 64: it stays in L1). Per token, row i:
+//     sa_i = sum_j S[i][j] kk_j;  S[i][j] = S[i][j] w_j - sa_i (kk_j a_j) + v_i k_j;  y_i = sum_j S[i][j] r_j
+// gemv_bf16: y = W x for bf16 weights W [rows, cols] and bf16 x (fp32 y), with AVX512-BF16 dot products
+//   (vdpbf16ps) where the CPU has them and a portable bf16->fp32 path elsewhere. Decode is bound by
+//   reading W, so halving its bytes is the point; rows are split across threads.
+#include <cstdint>
+#include <cstring>
+#include <immintrin.h>
+
+extern "C" {
+
+void wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w,
+              const float* k, const float* v, const float* kk, const float* a, float* y, int threads) {
+#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t h = 0; h < H; ++h) {
+            float S[64 * 64];
+            float* global = state + (b * H + h) * N * N;
+            std::memcpy(S, global, sizeof(float) * N * N);
+            float ka[64];
+            for (int64_t t = 0; t < T; ++t) {
+                const int64_t off = ((b * T + t) * H + h) * N;
+                const float *rt = r + off, *wt = w + off, *kt = k + off, *vt = v + off, *kkt = kk + off, *at = a + off;
+                for (int64_t j = 0; j < N; ++j) ka[j] = kkt[j] * at[j];
+                for (int64_t i = 0; i < N; ++i) {
+                    float* row = S + i * N;
+                    float sa = 0.f;
+#pragma omp simd reduction(+ : sa)
+                    for (int64_t j = 0; j < N; ++j) sa += row[j] * kkt[j];
+                    const float vi = vt[i];
+                    float yi = 0.f;
+#pragma omp simd reduction(+ : yi)
+                    for (int64_t j = 0; j < N; ++j) {
+                        row[j] = row[j] * wt[j] - sa * ka[j] + vi * kt[j];
+                        yi += row[j] * rt[j];
+                    }
+                    y[off + i] = yi;
+                }
+            }
+            std::memcpy(global, S, sizeof(float) * N * N);
+        }
+    }
+}
+
+int has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f"); }
+
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void gemv_bf16_avx512(
+    int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
+    const int64_t vec = cols / 32 * 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < rows; ++o) {
+        const uint16_t* wr = W + o * cols;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 64 <= vec; c += 64) {
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
+            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
+        }
+        for (; c < vec; c += 32)
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for (; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
+        y[o] = sum;
+    }
+}
+
+static void gemv_bf16_portable(int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < rows; ++o) {
+        const uint16_t* wr = W + o * cols;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
+        y[o] = sum;
+    }
+}
+
+void gemv_bf16(int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
+    static const bool native = has_avx512_bf16();
+    if (native)
+        gemv_bf16_avx512(rows, cols, W, x, y, threads);
+    else
+        gemv_bf16_portable(rows, cols, W, x, y, threads);
+}
+
+}  // extern "C"

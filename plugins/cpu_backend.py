@@ -1,0 +1,79 @@
+"""The ``cpu`` backend: the torch backend's math with CPU kernels where the torch ops are slow.
+
+- ``wkv``: a C++ scan (``kernels/cpu_rwkv7.cpp``) over all T tokens, one (batch, head) per
+  thread, instead of a Python loop over tokens: prefill no longer pays per-token overhead.
+- ``linear`` in bf16 for one token (decode): an AVX512-BF16 matrix-vector product. Decode reads
+  every weight once per token, so it is bound by memory bandwidth, and torch's bf16 GEMV is
+  compute-bound here (see shared/PERF_NOTES.md).
+Threads follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it). Where the
+kernels cannot be built (no compiler) the backend warns once and runs the torch backend's ops.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from rwkvkit.hookspecs import hookimpl
+from rwkvkit.native import load_library
+from rwkvkit.plugins.torch_backend import TorchBackend
+from rwkvkit.strategy import Placement
+
+KERNEL, FLAGS = "cpu_rwkv7.cpp", ("-O3", "-march=native", "-fopenmp")
+MAX_HEAD_SIZE = 64  # the scan keeps one head's N x N state in a fixed local array
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = load_library(KERNEL, FLAGS)
+    except OSError as exc:
+        warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
+        return None
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.wkv7_f32.argtypes = [i64, i64, i64, i64, *[ptr] * 8, c_int]
+    lib.wkv7_f32.restype = None
+    lib.gemv_bf16.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
+    lib.gemv_bf16.restype = None
+    return lib
+
+
+class CpuBackend(TorchBackend):
+    name = "cpu"
+
+    @classmethod
+    def unavailable_reason(cls, placement: Placement) -> str | None:
+        if placement.device.type != "cpu":
+            return "runs on the CPU only"
+        if placement.dtype not in (torch.float32, torch.bfloat16):
+            return "runs fp32 and bf16 only (use bf16 rather than fp16 on a CPU)"
+        return super().unavailable_reason(placement)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        lib = _library()
+        if lib is None or x.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
+            return F.linear(x, weight)
+        xc = x.contiguous()
+        y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+        lib.gemv_bf16(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y.to(torch.bfloat16)
+
+    def wkv(self, kv, r, decay, k, v, kk, a):
+        lib = _library()
+        B, T, H, N = r.shape
+        if lib is None or N > MAX_HEAD_SIZE:
+            return super().wkv(kv, r, decay, k, v, kk, a)
+        state = kv.to(torch.float32, copy=True).contiguous()
+        r, decay, k, v, kk, a = (t.to(torch.float32).contiguous() for t in (r, decay, k, v, kk, a))
+        y = torch.empty(B, T, H * N, dtype=torch.float32)
+        lib.wkv7_f32(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), torch.get_num_threads())
+        return y.to(self.placement.dtype), state
+
+
+@hookimpl
+def register_backends(register) -> None:
+    register(CpuBackend)
