@@ -28,7 +28,7 @@ MAX_HEAD_SIZE = 64  # the scan keeps one head's N x N state in a fixed local arr
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
     try:
         lib = load_library(KERNEL, FLAGS)
     except OSError as exc:
@@ -39,6 +39,8 @@ def _library() -> ctypes.CDLL | None:
     lib.wkv7_f32.restype = None
     lib.gemv_bf16.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
     lib.gemv_bf16.restype = None
+    lib.gemv_i8.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int]
+    lib.gemv_i8.restype = None
     return lib
 
 
@@ -54,7 +56,7 @@ class CpuBackend(TorchBackend):
         return super().unavailable_reason(placement)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        lib = _library()
+        lib = library()
         if lib is None or x.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
             return F.linear(x, weight)
         xc = x.contiguous()
@@ -63,7 +65,7 @@ class CpuBackend(TorchBackend):
         return y.to(torch.bfloat16)
 
     def wkv(self, kv, r, decay, k, v, kk, a):
-        lib = _library()
+        lib = library()
         B, T, H, N = r.shape
         if lib is None or N > MAX_HEAD_SIZE:
             return super().wkv(kv, r, decay, k, v, kk, a)

@@ -50,6 +50,10 @@ class Backend(ABC):
             tensor = tensor.flatten()
         return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
 
+    def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of a table prepared with ``Role.EMBEDDING``: ``ids [B, T] -> [B, T, C]``."""
+        return table[ids.to(self.placement.device)]
+
     @abstractmethod
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
         """``x [..., in] -> [..., out]`` for a weight prepared with ``Role.MATRIX``."""

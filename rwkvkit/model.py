@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -67,6 +67,18 @@ class Model:
         first, last = self.stages[0].ops, self.stages[-1].ops
         self.emb = first.prepare(rwkv7.embed(t["emb.weight"], t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]), Role.EMBEDDING)
         self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", lambda key, role, _: last.prepare(t[key], role))
+
+    def weight_bytes(self) -> int:
+        """Bytes of prepared weights held by the model (what quantization shrinks)."""
+
+        def size(obj: Any) -> int:
+            if obj is None:
+                return 0
+            if is_dataclass(obj) and not hasattr(obj, "nbytes"):
+                return sum(size(getattr(obj, f.name)) for f in fields(obj))
+            return obj.nbytes
+
+        return size(self.emb) + size(self.head) + sum(size(b) for stage in self.stages for b in stage.blocks)
 
     def _layer_placements(self) -> list[Placement]:
         return [stage.ops.placement for stage in self.stages for _ in stage.layers]
@@ -134,7 +146,7 @@ class Model:
         if state.batch_size != B:
             raise InputError(f"state has batch size {state.batch_size} but tokens have batch size {B}")
 
-        x = self.emb[batch.to(self.emb.device)]  # [B, T, C]
+        x = self.stages[0].ops.embed(self.emb, batch)  # [B, T, C]
         v_first = None
         new_layers: list[LayerState] = []
         for stage in self.stages:

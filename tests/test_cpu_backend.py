@@ -63,6 +63,6 @@ def test_bf16_gemv_matches_fp32_product_of_bf16_values(rows, cols):
 
 def test_without_a_compiler_it_falls_back_to_torch_ops(model_paths, monkeypatch):
     ref, _ = RWKV(model_paths["tiny"], "cpu fp32", backend="torch").forward([1, 2, 3], None)
-    monkeypatch.setattr(cpu_backend, "_library", lambda: None)
+    monkeypatch.setattr(cpu_backend, "library", lambda: None)
     out, _ = RWKV(model_paths["tiny"], "cpu fp32", backend="cpu").forward([1, 2, 3], None)
     assert torch.equal(out, ref)
