@@ -131,7 +131,7 @@ class Model:
             raise InputError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{self.spec.vocab_size - 1}")
         return batch, single
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, tokens: Tokens, state: State | None, full_output: bool = False) -> tuple[torch.Tensor, State]:
         """Run tokens through the model.
 

@@ -113,7 +113,7 @@ def time_mix(
     B, T, C = x.shape
     H, N = kv.shape[1], kv.shape[2]
     dx = _token_shift(x, x_prev) - x
-    xr, xw, xk, xv, xa, xg = (x + dx * m for m in (w.x_r, w.x_w, w.x_k, w.x_v, w.x_a, w.x_g))
+    xr, xw, xk, xv, xa, xg = (torch.addcmul(x, dx, m) for m in (w.x_r, w.x_w, w.x_k, w.x_v, w.x_a, w.x_g))
 
     r = ops.linear(xr, w.receptance)
     k = ops.linear(xk, w.key)
@@ -127,7 +127,7 @@ def time_mix(
     if v_first is None:  # layer 0 hands its values to every later layer
         v_first = v
     else:
-        v = v + (v_first - v) * torch.sigmoid(w.v0 + (xv @ w.v1) @ w.v2)
+        v = torch.lerp(v, v_first, torch.sigmoid(w.v0 + (xv @ w.v1) @ w.v2))
 
     heads = (B, T, H, N)
     y, kv = ops.wkv(kv, r.view(heads), decay.view(heads), k.view(heads), v.view(heads), kk, a.view(heads))
@@ -139,7 +139,7 @@ def time_mix(
 
 def channel_mix(ops: Backend, w: ChannelMixWeights, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Feed-forward with token shift and squared ReLU. Returns ``(out [B,T,C], new x_prev)``."""
-    xk = x + (_token_shift(x, x_prev) - x) * w.x_k
+    xk = torch.addcmul(x, _token_shift(x, x_prev) - x, w.x_k)
     hidden = torch.relu(ops.linear(xk, w.key)) ** 2
     return ops.linear(hidden, w.value), x[:, -1]
 
