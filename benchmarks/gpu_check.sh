@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Everything GPU-side of rwkvkit in one command, for a lent GPU machine (no network there):
+#
+#   bash benchmarks/gpu_check.sh        # about 5 minutes on an H100
+#
+# 1. makes rwkvkit importable without network or dependencies: `pip install --no-deps -e .`, else a
+#    copy of pyproject's package layout on PYTHONPATH; wheels carried in .whl/ (e.g. `rwkv`, the
+#    reference engine) are unpacked first;
+# 2. builds the CUDA kernels (`rwkvkit build-kernels`);
+# 3. runs every GPU test (`pytest -m gpu`: kernels vs the torch backend in fp32/fp16/bf16, int8,
+#    CUDA-graph decoding, the torch backend on CUDA);
+# 4. runs benchmarks/bench_gpu.py, which prints one table.
+# Logs and the table as JSON go to $OUT (the device tool's folder) or /tmp/rwkvkit-gpu-check. Exit status
+# is non-zero when the build or a test failed; the benchmark runs regardless.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PYP="$PY -P"  # -P: the repo root is not put first on sys.path, so `rwkvkit` resolves to the installed layout
+LOG=${OUT:-/tmp/rwkvkit-gpu-check}
+mkdir -p "$LOG"
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+status=0
+step() { echo "=== [$((SECONDS - start)) s] $*"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "on", torch.cuda.get_device_name())' || exit 1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step "unpack carried wheels (.whl/)"
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/rwkvkit-wheels .whl/*.whl \
+    && export PYTHONPATH=/tmp/rwkvkit-wheels${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step "make rwkvkit importable"
+if ! $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . > "$LOG/install.log" 2>&1; then
+  echo "editable install failed (see install.log); using a copy of the package layout instead"
+  src=/tmp/rwkvkit-src
+  rm -rf $src && mkdir -p $src && cp -r rwkvkit $src/ && cp -r plugins kernels conf $src/rwkvkit/
+  export PYTHONPATH=$src${PYTHONPATH:+:$PYTHONPATH}
+fi
+$PYP -c 'import rwkvkit.plugins.cuda_backend, rwkvkit.kernels' || exit 1
+
+step "build CUDA kernels"
+$PYP -m rwkvkit.cli build-kernels 2>&1 | tee "$LOG/build.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "GPU tests"
+timeout 180 $PYP -m pytest -q -rs -m gpu -p no:cacheprovider --junitxml="$LOG/tests.xml" \
+  tests/test_cuda_backend.py tests/test_gpu.py 2>&1 | tee "$LOG/tests.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "GPU benchmarks"
+budget=$((330 - (SECONDS - start)))  # rows that would start later are skipped: the whole check stays < 6 min
+$PYP benchmarks/bench_gpu.py --budget-s $((budget > 30 ? budget : 30)) --json "$LOG/bench.json" 2>&1 | tee "$LOG/bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "done (exit status $status)"
+exit $status
