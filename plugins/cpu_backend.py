@@ -2,9 +2,11 @@
 
 - ``wkv``: a C++ scan (``kernels/cpu_rwkv7.cpp``) over all T tokens, one (batch, head) per
   thread, instead of a Python loop over tokens: prefill no longer pays per-token overhead.
-- ``linear`` in bf16 for one token (decode): an AVX512-BF16 matrix-vector product. Decode reads
-  every weight once per token, so it is bound by memory bandwidth, and torch's bf16 GEMV is
-  compute-bound here (see shared/PERF_NOTES.md).
+- ``block`` for one token (decode, batch 1): one native call per layer (:mod:`.cpu_fused`)
+  instead of ~60 torch ops, with matrix-vector kernels that stream the weights (fp32 AVX512,
+  AVX512-BF16 ``vdpbf16ps``, int8): decode reads every weight once per token, so it is bound by
+  memory bandwidth, and torch's bf16 GEMV is compute-bound here (see shared/PERF_NOTES.md).
+- ``linear`` in bf16 for one row: the same bf16 kernel (used when decode is not fused).
 Threads follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it). Where the
 kernels cannot be built (no compiler) the backend warns once and runs the torch backend's ops.
 """
@@ -20,17 +22,18 @@ import torch.nn.functional as F
 
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import load_library
+from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.strategy import Placement
 
-KERNEL, FLAGS = "cpu_rwkv7.cpp", ("-O3", "-march=native", "-fopenmp")
+KERNELS, FLAGS = ("cpu_rwkv7.cpp", "cpu_decode.cpp"), ("-O3", "-march=native", "-fopenmp")
 MAX_HEAD_SIZE = 64  # the scan keeps one head's N x N state in a fixed local array
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     try:
-        lib = load_library(KERNEL, FLAGS)
+        lib = load_library(KERNELS, FLAGS)
     except OSError as exc:
         warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
         return None
@@ -41,6 +44,7 @@ def library() -> ctypes.CDLL | None:
     lib.gemv_bf16.restype = None
     lib.gemv_i8.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.gemv_i8.restype = None
+    cpu_fused.declare(lib)
     return lib
 
 
@@ -54,6 +58,19 @@ class CpuBackend(TorchBackend):
         if placement.dtype not in (torch.float32, torch.bfloat16):
             return "runs fp32 and bf16 only (use bf16 rather than fp16 on a CPU)"
         return super().unavailable_reason(placement)
+
+    def __init__(self, placement: Placement) -> None:
+        super().__init__(placement)
+        self._fused: dict[int, cpu_fused.FusedLayer] = {}  # by id() of the block's weights
+
+    def block(self, weights, x, v_first, state):
+        lib = library()
+        if lib is None or x.shape[:2] != (1, 1):
+            return super().block(weights, x, v_first, state)
+        layer = self._fused.get(id(weights))
+        if layer is None:
+            layer = self._fused[id(weights)] = cpu_fused.FusedLayer(weights, state.att_kv.shape[1])
+        return cpu_fused.decode_block(lib, layer, x, v_first, state, self.placement.dtype)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lib = library()

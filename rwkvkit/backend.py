@@ -50,6 +50,13 @@ class Backend(ABC):
             tensor = tensor.flatten()
         return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
 
+    def block(self, weights: Any, x: torch.Tensor, v_first: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One residual block (see :func:`rwkvkit.models.rwkv7.block`); a backend may replace it
+        with a fused implementation for the shapes it handles best."""
+        from rwkvkit.models import rwkv7  # the math module imports this one
+
+        return rwkv7.block(self, weights, x, v_first, state)
+
     def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a table prepared with ``Role.EMBEDDING``: ``ids [B, T] -> [B, T, C]``."""
         return table[ids.to(self.placement.device)]

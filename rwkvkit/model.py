@@ -154,7 +154,7 @@ class Model:
             x = x.to(p.device, p.dtype)
             v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
             for i, weights in zip(stage.layers, stage.blocks):
-                x, v_first, layer_state = rwkv7.block(stage.ops, weights, x, v_first, state.layers[i])
+                x, v_first, layer_state = stage.ops.block(weights, x, v_first, state.layers[i])
                 new_layers.append(layer_state)
         if not full_output:
             x = x[:, -1]

@@ -27,11 +27,13 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def load_library(kernel: str, flags: tuple[str, ...] = ()) -> ctypes.CDLL:
-    """Build (once) and load ``kernels/<kernel>``; OSError says why when that is impossible."""
-    source = resources.files("rwkvkit.kernels").joinpath(kernel).read_bytes()
+def load_library(kernels: str | tuple[str, ...], flags: tuple[str, ...] = ()) -> ctypes.CDLL:
+    """Build (once) and load ``kernels/<name>`` (several sources form one library, compiled as one
+    translation unit); OSError says why when that is impossible."""
+    names = (kernels,) if isinstance(kernels, str) else kernels
+    source = b"\n".join(resources.files("rwkvkit.kernels").joinpath(name).read_bytes() for name in names)
     digest = hashlib.sha256(source + repr(flags).encode() + _host_signature().encode()).hexdigest()[:16]
-    path = cache_dir() / f"{Path(kernel).stem}-{digest}.so"
+    path = cache_dir() / f"{Path(names[0]).stem}-{digest}.so"
     if not path.exists():
         _compile(source, path, flags)
     return ctypes.CDLL(str(path))

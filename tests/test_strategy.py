@@ -62,7 +62,7 @@ def test_cuda_without_a_device(model_paths):
 
 def test_int8_needs_a_quantizing_backend(model_paths):
     with pytest.raises(StrategyError, match="i8 weights need a quantizing backend"):
-        RWKV(model_paths["tiny"], "cpu fp32i8")
+        RWKV(model_paths["tiny"], "cpu fp32i8", backend="torch")
 
 
 def test_unknown_backend_lists_available(model_paths):
