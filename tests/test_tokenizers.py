@@ -17,6 +17,7 @@ from tokenizer_corpus import machine_text
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rwkvkit.errors import InputError, TokenizerError
+from rwkvkit import native
 from rwkvkit.plugins import rwkv_world
 from rwkvkit.plugins.hf_tokenizer import HfTokenizer, _byte_level_alphabet
 from rwkvkit.plugins.rwkv_world import VOCAB_FILE, RwkvWorldTokenizer
@@ -242,9 +243,12 @@ def test_native_encoder_builds_where_a_compiler_exists():
 
 @pytest.fixture
 def fresh_native_library():
-    rwkv_world._native_library.cache_clear()
+    caches = (rwkv_world._native_library, native.load_library)
+    for cache in caches:
+        cache.cache_clear()
     yield
-    rwkv_world._native_library.cache_clear()
+    for cache in caches:
+        cache.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -259,6 +263,7 @@ def test_without_a_working_compiler_encoding_falls_back_to_python(
     tmp_path, monkeypatch, fresh_native_library, cxx, path, message
 ):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # nothing compiled there yet
+    monkeypatch.delenv("RWKVKIT_CACHE", raising=False)
     monkeypatch.setenv("CXX", cxx)
     if path is not None:
         monkeypatch.setenv("PATH", path)
