@@ -1,5 +1,6 @@
 """The ``rwkvkit`` command: ``run`` generates text from Hydra configs (everything after ``run`` is
-Hydra's command line), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins."""
+Hydra's command line), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins,
+``build-kernels`` prebuilds the CUDA kernels."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _plugins(args: argparse.Namespace) -> None:
         print(f"{info.name} ({info.distribution} {info.version})")
         for kind, names in info.registers.items():
             print(f"  {kind}: {', '.join(names)}")
+
+
+def _build_kernels(args: argparse.Namespace) -> None:
+    from rwkvkit.kernels_build import build
+
+    print(f"rwkvkit: CUDA kernels ready in {build(verbose=args.verbose)}")
 
 
 HYDRA_HINT = "rwkvkit: the configuration above is invalid; `rwkvkit run --help` lists every group and option"
@@ -77,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     plugins = commands.add_parser("plugins", help="list plugins, their versions and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
     plugins.set_defaults(func=_plugins)
+    kernels = commands.add_parser("build-kernels", help="build the CUDA kernels of the 'cuda' backend now instead of on first use")
+    kernels.add_argument("--verbose", action="store_true", help="show the compiler commands")
+    kernels.set_defaults(func=_build_kernels)
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -131,6 +131,24 @@ class Model:
             raise InputError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{self.spec.vocab_size - 1}")
         return batch, single
 
+    def run(self, batch: torch.Tensor, state: State, full_output: bool = False) -> tuple[torch.Tensor, list[LayerState]]:
+        """The layer loop without input checks (they read ids back to the host, which a CUDA-graph
+        capture forbids): ``batch [B, T]`` ids on the first stage's device, a state already adopted.
+        Returns float32 logits (``[B, V]``, or ``[B, T, V]`` with ``full_output``) and new layer states."""
+        x = self.stages[0].ops.embed(self.emb, batch)  # [B, T, C]
+        v_first = None
+        layers: list[LayerState] = []
+        for stage in self.stages:
+            p = stage.ops.placement
+            x = x.to(p.device, p.dtype)
+            v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
+            for i, weights in zip(stage.layers, stage.blocks):
+                x, v_first, layer_state = stage.ops.block(weights, x, v_first, state.layers[i])
+                layers.append(layer_state)
+        if not full_output:
+            x = x[:, -1]
+        return rwkv7.head(self.stages[-1].ops, self.head, x).float(), layers
+
     @torch.inference_mode()
     def forward(self, tokens: Tokens, state: State | None, full_output: bool = False) -> tuple[torch.Tensor, State]:
         """Run tokens through the model.
@@ -146,17 +164,5 @@ class Model:
         if state.batch_size != B:
             raise InputError(f"state has batch size {state.batch_size} but tokens have batch size {B}")
 
-        x = self.stages[0].ops.embed(self.emb, batch)  # [B, T, C]
-        v_first = None
-        new_layers: list[LayerState] = []
-        for stage in self.stages:
-            p = stage.ops.placement
-            x = x.to(p.device, p.dtype)
-            v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
-            for i, weights in zip(stage.layers, stage.blocks):
-                x, v_first, layer_state = stage.ops.block(weights, x, v_first, state.layers[i])
-                new_layers.append(layer_state)
-        if not full_output:
-            x = x[:, -1]
-        logits = rwkv7.head(self.stages[-1].ops, self.head, x).float()
+        logits, new_layers = self.run(batch, state, full_output)
         return (logits[0] if single else logits), State(new_layers, self.fingerprint)

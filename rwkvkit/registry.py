@@ -27,7 +27,9 @@ from rwkvkit.errors import PluginError
 
 BUILTIN_MODULES = (
     "rwkvkit.plugins.torch_backend",
+    "rwkvkit.plugins.cuda_backend",
     "rwkvkit.plugins.cpu_backend",
+    "rwkvkit.plugins.int8_backend",
     "rwkvkit.plugins.samplers",
     "rwkvkit.plugins.callbacks",
     "rwkvkit.plugins.rwkv_world",

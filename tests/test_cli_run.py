@@ -63,6 +63,7 @@ def test_end_to_end_run_writes_the_run_directory(tmp_path, world_args, model_pat
     config = (out / "config.yaml").read_text()
     assert "temperature: 1.2" in config and "seed: 7" in config  # resolved, with the overrides
     again = rwkvkit_run(*world_args, "sampling=creative", "token_count=12", "seed=7", "prompt=Once upon a time", f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
     assert (tmp_path / "run2" / "output.txt").read_text() == text  # same config + seed -> same text
 
 
