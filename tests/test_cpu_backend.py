@@ -68,10 +68,12 @@ def test_without_a_compiler_it_falls_back_to_torch_ops(model_paths, monkeypatch)
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 2e-5), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
+@pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 1e-4), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
 def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, backend, tol):
-    """The native one-token block against rwkv7.block on the same prepared weights. fp32 and
-    int8: same math in fp32, only summation order differs (2e-5 as for the oracle). bf16: the
+    """The native one-token block against rwkv7.block on the same prepared weights. fp32: same
+    math, only summation order differs (2e-5 as for the oracle). int8: both paths share the int8
+    kernel, which rounds x to int16 steps of max|x|/32767; fp32-level differences in x can move an
+    element across a step, so 1e-4 (measured 3e-5). bf16: the
     fused kernel computes activations in fp32 where the Python path rounds each op to bf16 (2^-9),
     so they differ by bf16 noise (measured ~8e-3 of the logit scale over 20 steps)."""
     seq = torch.randint(0, 65536, (30,), generator=torch.Generator().manual_seed(0)).tolist()

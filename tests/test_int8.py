@@ -29,12 +29,14 @@ def test_quantization_error_is_at_most_half_a_step_per_row():
 
 @pytest.mark.parametrize("rows, cols", [(768, 768), (3072, 768), (768, 3072), (65, 130), (5, 7)])
 def test_gemv_kernel_equals_dequantized_product(rows, cols):
-    """Same int8 codes and scales both ways; only fp32 summation order differs (~1e-6)."""
+    """Same int8 codes and scales both ways. The VNNI kernel also rounds x to int16 steps of
+    max|x|/32767: per output an error of at most sum|q*scale| * max|x|/65534, measured ~2e-5 of
+    the output scale for these shapes; a wrong code, scale or row gives errors of order 1."""
     g = torch.Generator().manual_seed(1)
     w, x = quantize_per_channel(torch.randn(rows, cols, generator=g)), torch.randn(1, 1, cols, generator=g)
     y = Int8Backend(Placement(torch.device("cpu"), torch.float32, quant="i8")).linear(x, w)
     ref = torch.nn.functional.linear(x, w.dequantize())
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
+    torch.testing.assert_close(y, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("spec", ["cpu fp32i8", "cpu bf16i8"])
