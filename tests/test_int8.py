@@ -105,3 +105,12 @@ def test_damaged_cache_entry_is_rebuilt(model_paths, tmp_path):
 def test_cpu_fp16i8_is_refused_with_the_alternatives(model_paths):
     with pytest.raises(StrategyError, match="int8: the CPU has no fast fp16 arithmetic: use 'cpu fp32i8' or 'cpu bf16i8'"):
         RWKV(model_paths["tiny"], "cpu fp16i8")
+
+
+@pytest.mark.parametrize("spec", ["cpu fp32i8", "cpu bf16i8"])
+def test_demo_model_perplexity_within_1_5_percent_of_fp32(spec):
+    """Acceptance on the trained demo model (random weights cannot show quality loss): held-out
+    perplexity of the int8 strategies within 1.5% of fp32's."""
+    from rwkvkit.quality import demo_perplexity
+
+    assert demo_perplexity(spec) / demo_perplexity("cpu fp32") < 1.015

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"plugins": "rwkvkit.plugins", "conf": "rwkvkit.conf", "kernels": "rwkvkit.kernels"}
+PACKAGE_DIRS = {"plugins": "rwkvkit.plugins", "conf": "rwkvkit.conf", "kernels": "rwkvkit.kernels", "rwkvkit/demo": "rwkvkit.demo"}
 CHECK = r"""
 import sys, importlib.resources as res
 import rwkvkit, rwkvkit.plugins
@@ -32,8 +32,12 @@ assert proc.returncode == 0, proc.stderr
 
 
 def _shipped_files() -> list[str]:
-    tracked = subprocess.run(["git", "ls-files", *PACKAGE_DIRS], cwd=REPO, capture_output=True, text=True).stdout.split()
-    return [f"{PACKAGE_DIRS[Path(f).parts[0]]}:{Path(*Path(f).parts[1:])}" for f in tracked if "/" in f]
+    """Every tracked file of the folders that install as packages, as ``package:relative/path``."""
+    files = []
+    for folder, package in PACKAGE_DIRS.items():
+        tracked = subprocess.run(["git", "ls-files", folder], cwd=REPO, capture_output=True, text=True).stdout.split()
+        files += [f"{package}:{Path(f).relative_to(folder)}" for f in tracked]
+    return files
 
 
 def fresh_venv(tmp_path: Path, *projects: Path) -> Path:
