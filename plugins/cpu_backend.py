@@ -6,7 +6,8 @@
   instead of ~60 torch ops, with matrix-vector kernels that stream the weights (fp32 AVX512,
   AVX512-BF16 ``vdpbf16ps``, int8): decode reads every weight once per token, so it is bound by
   memory bandwidth, and torch's bf16 GEMV is compute-bound here (see shared/PERF_NOTES.md).
-- ``linear`` in bf16 for one row: the same bf16 kernel (used when decode is not fused).
+- ``linear`` for one row (the head, and decode when not fused): the same fp32 and bf16 kernels;
+  torch's fp32 GEMV reads the 0.1B head at ~13 GB/s here, the kernel near the bandwidth limit.
 Threads follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it). Where the
 kernels cannot be built (no compiler) the backend warns once and runs the torch backend's ops.
 """
@@ -42,6 +43,8 @@ def library() -> ctypes.CDLL | None:
     lib.wkv7_f32.restype = None
     lib.gemv_bf16.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
     lib.gemv_bf16.restype = None
+    lib.gemv_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
+    lib.gemv_f32.restype = None
     lib.gemv_i8.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.gemv_i8.restype = None
     cpu_fused.declare(lib)
@@ -74,12 +77,13 @@ class CpuBackend(TorchBackend):
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lib = library()
-        if lib is None or x.dtype != torch.bfloat16 or x.numel() != x.shape[-1]:
+        kernel = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}.get(x.dtype) if lib is not None else None
+        if kernel is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
             return F.linear(x, weight)
         xc = x.contiguous()
         y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-        lib.gemv_bf16(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y.to(torch.bfloat16)
+        kernel(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())
+        return y.to(x.dtype)
 
     def wkv(self, kv, r, decay, k, v, kk, a):
         lib = library()
