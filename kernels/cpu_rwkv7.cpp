@@ -163,6 +163,29 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_i8_vnni(
     }
 }
 
+// W = Q * scale for prefill GEMMs, in fp32 or (bf16 != 0) bf16 rounded to nearest even: torch's
+// int8 * float broadcast ran ~5 ms per 3072 x 768 matrix here
+void dequant_i8(int64_t rows, int64_t cols, const int8_t* Q, const float* scale, void* W, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < rows; ++o) {
+        const float s = scale[o];
+        if (bf16) {
+            uint16_t* out = static_cast<uint16_t*>(W) + o * cols;
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) {
+                const float f = float(Q[o * cols + c]) * s;
+                uint32_t bits;
+                std::memcpy(&bits, &f, 4);
+                out[c] = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+            }
+        } else {
+            float* out = static_cast<float*>(W) + o * cols;
+#pragma omp simd
+            for (int64_t c = 0; c < cols; ++c) out[c] = float(Q[o * cols + c]) * s;
+        }
+    }
+}
+
 void gemv_i8(int64_t rows, int64_t cols, const int8_t* Q, const float* scale, const float* x, float* y, int threads) {
     static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
     static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");

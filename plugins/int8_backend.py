@@ -8,8 +8,8 @@ resident memory at ~0.45x fp32's instead of ~0.25x. LoRA factors and per-channel
 the activation dtype: small, and sensitive. Activations are never quantized.
 
 Decode (one row) uses a weight-only int8 GEMV kernel (int8 codes widened to fp32 in registers):
-a quarter of fp32's bytes per token. Prefill dequantizes each matrix once per call and runs a GEMM,
-amortised over the chunk's tokens.
+a quarter of fp32's bytes per token. Prefill dequantizes each matrix once per call (a native
+kernel, 2 threads) and runs a GEMM, amortised over the chunk's tokens.
 
 Quantizing takes a few passes over the weights, so results are cached on disk
 (``<cache>/int8/<digest>.safetensors``, see :func:`rwkvkit.native.cache_dir`) keyed by the
@@ -92,8 +92,13 @@ class Int8Backend(CpuBackend):
         if not isinstance(weight, Int8Weight):
             return super().linear(x, weight)
         lib = library()
-        if lib is None or x.numel() != x.shape[-1]:
+        if lib is None:
             return F.linear(x, weight.dequantize(x.dtype))
+        if x.numel() != x.shape[-1]:  # prefill: dequantize (fp32 or bf16, as x) once per call, one GEMM
+            dense = torch.empty(weight.q.shape, dtype=x.dtype)
+            bf16 = int(x.dtype == torch.bfloat16)
+            lib.dequant_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), dense.data_ptr(), bf16, torch.get_num_threads())
+            return F.linear(x, dense)
         xf = x.to(torch.float32).contiguous()
         y = torch.empty(*x.shape[:-1], weight.q.shape[0], dtype=torch.float32)
         lib.gemv_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), xf.data_ptr(), y.data_ptr(), torch.get_num_threads())

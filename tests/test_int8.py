@@ -114,3 +114,18 @@ def test_demo_model_perplexity_within_1_5_percent_of_fp32(spec):
     from rwkvkit.quality import demo_perplexity
 
     assert demo_perplexity(spec) / demo_perplexity("cpu fp32") < 1.015
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantization_equals_the_reference(dtype):
+    """The native dequantize-then-GEMM path (T > 1) against torch's own dequantization: the same
+    weight values (bf16: both round to nearest even), so only GEMM summation order differs — plus,
+    in bf16, the output's rounding to 2^-8 of its magnitude (hence 8e-3 of the output scale)."""
+    g = torch.Generator().manual_seed(2)
+    w, x = quantize_per_channel(torch.randn(96, 200, generator=g)), torch.randn(1, 7, 200, generator=g).to(dtype)
+    y = Int8Backend(Placement(torch.device("cpu"), dtype, quant="i8")).linear(x, w)
+    ref = torch.nn.functional.linear(x, w.dequantize(dtype))
+    assert y.dtype == dtype
+    scale = float(ref.float().abs().max())
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * scale)
