@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -21,12 +19,9 @@ from rwkvkit.interfaces import Sampler
 from rwkvkit.penalties import Penalties
 from rwkvkit.resolve import resolve_sampler
 
-PACKAGE_SCHEME = "pkg://"
-
-
 @dataclass
 class ModelConfig:
-    path: str = MISSING  # a file path, or pkg://package/file for files shipped in a package
+    path: str = MISSING  # a file path, or pkg://package/file for a file shipped in a package (see rwkvkit.resolve)
     tokenizer: str = "rwkv_vocab_v20230424"  # a registered tokenizer name or a tokenizer.json path
 
 
@@ -77,14 +72,6 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("sampling", SamplingConfig), ("callbacks", CallbacksConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)
-
-
-def resolve_file(path: str) -> Path:
-    """A config path: ``pkg://package/name`` is a file shipped inside an installed package."""
-    if path.startswith(PACKAGE_SCHEME):
-        package, _, name = path[len(PACKAGE_SCHEME) :].partition("/")
-        return Path(str(resources.files(package).joinpath(name)))
-    return Path(path).expanduser()
 
 
 def make_sampler(cfg: SamplingConfig) -> Sampler:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -10,6 +11,16 @@ from rwkvkit.interfaces import Callback, Sampler, Tokenizer
 from rwkvkit.registry import registry
 
 CallbackLike = Callback | Callable[[str], Any] | str
+PACKAGE_SCHEME = "pkg://"
+
+
+def resolve_file(path: str | Path) -> Path:
+    """A user-given path; ``pkg://package/name`` is a file shipped inside an installed package."""
+    text = str(path)
+    if text.startswith(PACKAGE_SCHEME):
+        package, _, name = text[len(PACKAGE_SCHEME) :].partition("/")
+        return Path(str(resources.files(package).joinpath(name)))
+    return Path(text).expanduser()
 
 
 class _FunctionCallback(Callback):
@@ -53,11 +64,11 @@ def resolve_sampler(sampler: Sampler | str, options: dict[str, Any] | None = Non
 
 
 def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:
-    """A registered tokenizer name (``rwkv_vocab_v20230424``), or a path to an HF ``tokenizer.json``
-    (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``)."""
+    """A registered tokenizer name (``rwkv_vocab_v20230424``), or a path (``pkg://`` allowed) to an
+    HF ``tokenizer.json`` (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``)."""
     if isinstance(name, Tokenizer):
         return name
     key = str(name)
-    if key not in registry.names("tokenizers") and (key.endswith(".json") or Path(key).exists()):
-        return registry.get("tokenizers", "hf")(path=key)
+    if key not in registry.names("tokenizers") and (key.endswith(".json") or resolve_file(key).exists()):
+        return registry.get("tokenizers", "hf")(path=resolve_file(key))
     return registry.get("tokenizers", key)()

@@ -20,12 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import rwkvkit
-from rwkvkit.config import make_penalties, make_sampler, resolve_file
+from rwkvkit.checkpoint import SUFFIXES
+from rwkvkit.config import make_penalties, make_sampler
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir
 from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback
 from rwkvkit.registry import registry
+from rwkvkit.resolve import resolve_file, resolve_tokenizer
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -93,7 +95,7 @@ def _prepare(cfg: DictConfig) -> dict[str, Any]:
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     prompt = _read_prompt(cfg)
     model_path = resolve_file(cfg.model.path)
-    if not model_path.is_file() and not any(model_path.with_name(model_path.name + s).is_file() for s in (".pth", ".safetensors")):
+    if not model_path.is_file() and not any(model_path.with_name(model_path.name + s).is_file() for s in SUFFIXES):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
     return {"sampler": sampler, "prompt": prompt, "model_path": model_path}
@@ -113,7 +115,6 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     """The Hydra task. Returns the metrics (a sweep's summary collects them from the run dirs)."""
     from rwkvkit.compat import RWKV
     from rwkvkit.generation import generate
-    from rwkvkit.resolve import resolve_tokenizer
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
@@ -122,8 +123,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
         if cfg.strategy.threads:
             torch.set_num_threads(cfg.strategy.threads)
         model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
-        tokenizer_name = cfg.model.tokenizer
-        tokenizer = resolve_tokenizer(resolve_file(tokenizer_name) if tokenizer_name.startswith("pkg://") else tokenizer_name)
+        tokenizer = resolve_tokenizer(cfg.model.tokenizer)
         penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
         info = {
             "seed": cfg.seed,

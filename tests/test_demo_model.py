@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from conftest import run_oracle
 from rwkvkit import RWKV
 from rwkvkit.checkpoint import expected_shapes, load_checkpoint
-from rwkvkit.config import resolve_file
+from rwkvkit.resolve import resolve_file
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.quality import demo_perplexity, perplexity
 from rwkvkit.resolve import resolve_tokenizer
