@@ -38,12 +38,16 @@ CACHE_VERSION = "int8-per-row-v1"
 
 
 def _cache_path(w: torch.Tensor) -> Path:
-    """Identifies a matrix by shape, dtype, exact float64 sums and a strided sample of values:
-    two passes over the weight, far cheaper than quantizing it."""
+    """Identifies a matrix by shape, dtype, float64-accumulated sum and L1 norm, and a strided
+    sample of values: two reductions over the weight (no float64 copy of it), far cheaper than
+    quantizing it."""
     flat = w.reshape(-1)
     sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
-    wide = flat.double()
-    key = f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}|{wide.sum().item()!r}|{wide.abs().sum().item()!r}"
+    total = l1 = 0.0
+    for chunk in flat.split(1 << 22):  # chunked: no full-size temporary for a large head
+        total += chunk.sum(dtype=torch.float64).item()
+        l1 += chunk.abs().sum(dtype=torch.float64).item()
+    key = f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}|{total!r}|{l1!r}"
     digest = hashlib.sha256(key.encode() + sample.numpy().tobytes()).hexdigest()[:32]
     return cache_dir() / "int8" / f"{digest}.safetensors"
 
