@@ -8,7 +8,7 @@
 #    reference engine) are unpacked first;
 # 2. builds the CUDA kernels (`rwkvkit build-kernels`);
 # 3. runs every GPU test (`pytest -m gpu`: kernels vs the torch backend in fp32/fp16/bf16, int8,
-#    CUDA-graph decoding, the torch backend on CUDA);
+#    the fused decode kernels, CUDA-graph decoding, streamed layers, the torch backend on CUDA);
 # 4. runs benchmarks/bench_gpu.py, which prints one table.
 # Logs and the table as JSON go to $OUT (the device tool's folder) or /tmp/rwkvkit-gpu-check. Exit status
 # is non-zero when the build or a test failed; the benchmark runs regardless.
@@ -48,7 +48,7 @@ $PYP -m rwkvkit.cli build-kernels 2>&1 | tee "$LOG/build.log"
 
 step "GPU tests"
 timeout 180 $PYP -m pytest -q -rs -m gpu -p no:cacheprovider --junitxml="$LOG/tests.xml" \
-  tests/test_cuda_backend.py tests/test_gpu.py 2>&1 | tee "$LOG/tests.log"
+  tests/test_cuda_backend.py tests/test_gpu.py tests/test_streaming.py 2>&1 | tee "$LOG/tests.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "GPU benchmarks"

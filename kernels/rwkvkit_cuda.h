@@ -1,4 +1,4 @@
-// Host-side entry points of rwkvkit's CUDA kernels (wkv7.cu, int8_matvec.cu), called by the
+// Host-side entry points of rwkvkit's CUDA kernels (wkv7.cu, int8_matvec.cu, decode.cu), called by the
 // PyTorch bindings in rwkvkit_ops.cpp. Kept free of torch headers so nvcc compiles the kernels
 // quickly and on machines whose PyTorch has no CUDA.
 #pragma once
@@ -13,6 +13,7 @@ enum class Dtype : int { f32, f16, bf16 };  // activation dtype of a kernel's in
 
 constexpr int kHeadSize = 64;       // WKV-7 head size N the scan kernel is built for
 constexpr int kMaxMatvecRows = 8;   // int8_matvec handles up to this many activation rows
+constexpr int kMaxMixes = 6;        // ln_mix: token-shift mix vectors per call (time mix has six)
 
 // WKV-7 scan over T tokens. r, k, v, kk, a and y are [B, T, H, N] in `dtype`, w (the decay) is
 // float [B, T, H, N], kv_in / kv_out are float [B, H, N, N] (value index first). kv_in is only read.
@@ -23,5 +24,35 @@ cudaError_t wkv7_forward(Dtype dtype, int B, int T, int H, const void* r, const 
 // y [rows, n_out] in `dtype`; q is int8 [n_out, n_in]; n_in % 16 == 0; x and q 16-byte aligned.
 cudaError_t int8_matvec(Dtype dtype, int rows, int n_in, int n_out, const void* x, const int8_t* q, const float* scale,
                         void* y, cudaStream_t stream);
+
+// ---- decode.cu: one token per sequence through a block (rwkvkit/plugins/cuda_backend.py)
+
+struct MixVectors {
+  const void* vector[kMaxMixes];  // [C] each, activation dtype
+  int count;
+};
+
+// x_ln = LayerNorm(x) (weight, bias, eps); mixed[i] = x_ln + (x_prev - x_ln) * mixes.vector[i].
+// x, x_prev and x_ln are [B, C], mixed [mixes.count, B, C], all in `dtype`.
+cudaError_t ln_mix(Dtype dtype, int B, int C, const void* x, const void* ln_w, const void* ln_b, const void* x_prev,
+                   MixVectors mixes, float eps, void* x_ln, void* mixed, cudaStream_t stream);
+
+// Everything of a time mix between its projections, for T = 1 and head size kHeadSize: see decode.cu.
+struct DecodeInputs {
+  const void *r, *k, *v;  // [B, C]: the receptance, key and value projections
+  const void* lora;       // [4, B, C]: decay, in-context rate, value-residual and gate LoRA outputs (activated)
+  const void *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;  // [C]; v0 null in layer 0 (no value residual)
+  const void* v_first;    // [B, C], layer 0's values (read only when v0 is set)
+  const float* kv_in;     // [B, H, N, N] float, 16-byte aligned; only read
+  float* kv_out;          // [B, H, N, N] float, 16-byte aligned
+  void* out;              // [B, C]: (GroupNorm(y) + bonus) * gate
+  float eps;              // GroupNorm epsilon
+};
+cudaError_t wkv7_decode(Dtype dtype, int B, int H, const DecodeInputs& in, cudaStream_t stream);
+
+// In place over n elements: relu(x)^2, or for the LoRA tensor [4, B, R] (slot = B * R elements)
+// tanh on slot 0 (decay) and sigmoid on slot 3 (gate).
+enum class Activation : int { lora = 0, relu_square = 1 };
+cudaError_t activate(Dtype dtype, Activation kind, int64_t n, int64_t slot, void* x, cudaStream_t stream);
 
 }  // namespace rwkvkit

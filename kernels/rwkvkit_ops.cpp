@@ -1,4 +1,5 @@
-// PyTorch bindings of the CUDA kernels: torch.ops.rwkvkit.wkv7 and torch.ops.rwkvkit.int8_matvec.
+// PyTorch bindings of the CUDA kernels: torch.ops.rwkvkit.wkv7, int8_matvec and the decode ops
+// (ln_mix, wkv7_decode, lora_activate_, relu_square_).
 // Registered with TORCH_LIBRARY (no Python module), so the ops go through the dispatcher, run on
 // the current stream and can be captured in CUDA graphs. Every input is checked here, so a wrong
 // call raises a Python error instead of reading out of bounds.
@@ -11,7 +12,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "rwkvkit_cuda.h"
 
@@ -76,15 +79,95 @@ at::Tensor int8_matvec_op(const at::Tensor& x, const at::Tensor& q, const at::Te
   return y;
 }
 
+std::tuple<at::Tensor, at::Tensor> ln_mix_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                              const at::Tensor& x_prev, at::TensorList mixes, double eps) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "ln_mix: x must be a CUDA tensor [B, C], got ", x.sizes(), " on ", x.device());
+  TORCH_CHECK(!mixes.empty() && mixes.size() <= static_cast<size_t>(kMaxMixes), "ln_mix: 1 to ", kMaxMixes, " mix vectors, got ",
+              mixes.size());
+  const int64_t B = x.size(0), C = x.size(1);
+  check(x, "x", x, x.scalar_type(), x.sizes());
+  check(x_prev, "x_prev", x, x.scalar_type(), x.sizes());
+  check(weight, "weight", x, x.scalar_type(), {C});
+  check(bias, "bias", x, x.scalar_type(), {C});
+  MixVectors vectors{};
+  vectors.count = static_cast<int>(mixes.size());
+  for (size_t i = 0; i < mixes.size(); ++i) {
+    check(mixes[i], "mix vector", x, x.scalar_type(), {C});
+    vectors.vector[i] = mixes[i].data_ptr();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor x_ln = at::empty_like(x);
+  at::Tensor mixed = at::empty({static_cast<int64_t>(mixes.size()), B, C}, x.options());
+  if (B > 0) {
+    C10_CUDA_CHECK(ln_mix(dtype_of(x), B, C, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), x_prev.data_ptr(), vectors,
+                          static_cast<float>(eps), x_ln.data_ptr(), mixed.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+  }
+  return {x_ln, mixed};
+}
+
+std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at::Tensor& r, const at::Tensor& k,
+                                                  const at::Tensor& v, const at::Tensor& lora, const at::Tensor& w0,
+                                                  const at::Tensor& a0, const std::optional<at::Tensor>& v0, const at::Tensor& k_k,
+                                                  const at::Tensor& k_a, const at::Tensor& r_k, const at::Tensor& ln_w,
+                                                  const at::Tensor& ln_b, const at::Tensor& v_first, double eps) {
+  TORCH_CHECK(r.is_cuda() && r.dim() == 2 && r.size(1) % kHeadSize == 0, "wkv7_decode: r must be a CUDA tensor [B, H * ",
+              kHeadSize, "], got ", r.sizes(), " on ", r.device());
+  const int64_t B = r.size(0), C = r.size(1), H = C / kHeadSize;
+  check(r, "r", r, r.scalar_type(), r.sizes());
+  check(k, "k", r, r.scalar_type(), r.sizes());
+  check(v, "v", r, r.scalar_type(), r.sizes());
+  check(v_first, "v_first", r, r.scalar_type(), r.sizes());
+  check(lora, "lora", r, r.scalar_type(), {4, B, C});
+  const std::pair<const at::Tensor*, const char*> vectors[] = {{&w0, "w0"},   {&a0, "a0"},     {&k_k, "k_k"},  {&k_a, "k_a"},
+                                                               {&r_k, "r_k"}, {&ln_w, "ln_w"}, {&ln_b, "ln_b"}};
+  for (const auto& [t, name] : vectors) check(*t, name, r, r.scalar_type(), {C});
+  if (v0) check(*v0, "v0", r, r.scalar_type(), {C});
+  check(kv, "kv (state)", r, at::kFloat, {B, H, kHeadSize, kHeadSize}, true);
+  const c10::cuda::CUDAGuard guard(r.device());
+  at::Tensor out = at::empty_like(r);
+  at::Tensor kv_out = at::empty_like(kv);
+  if (B > 0) {
+    const DecodeInputs in{r.data_ptr(),   k.data_ptr(),   v.data_ptr(),    lora.data_ptr(), w0.data_ptr(),
+                          a0.data_ptr(),  v0 ? v0->data_ptr() : nullptr,   k_k.data_ptr(),  k_a.data_ptr(),
+                          r_k.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), v_first.data_ptr(), kv.data_ptr<float>(),
+                          kv_out.data_ptr<float>(), out.data_ptr(), static_cast<float>(eps)};
+    C10_CUDA_CHECK(wkv7_decode(dtype_of(r), B, H, in, c10::cuda::getCurrentCUDAStream()));
+  }
+  return {out, kv_out};
+}
+
+void activate_op(const at::Tensor& x, Activation kind, int64_t slot) {
+  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "activation: x must be a contiguous CUDA tensor");
+  const c10::cuda::CUDAGuard guard(x.device());
+  C10_CUDA_CHECK(activate(dtype_of(x), kind, x.numel(), slot, x.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+}
+
+void lora_activate_op(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 3 && x.size(0) == 4, "lora_activate_: x must be [4, B, R], got ", x.sizes());
+  activate_op(x, Activation::lora, x.size(1) * x.size(2));
+}
+
+void relu_square_op(const at::Tensor& x) { activate_op(x, Activation::relu_square, 1); }
+
 }  // namespace
 }  // namespace rwkvkit
 
 TORCH_LIBRARY(rwkvkit, m) {
   m.def("wkv7(Tensor kv, Tensor r, Tensor w, Tensor k, Tensor v, Tensor kk, Tensor a) -> (Tensor, Tensor)");
   m.def("int8_matvec(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("ln_mix(Tensor x, Tensor weight, Tensor bias, Tensor x_prev, Tensor[] mixes, float eps) -> (Tensor, Tensor)");
+  m.def(
+      "wkv7_decode(Tensor kv, Tensor r, Tensor k, Tensor v, Tensor lora, Tensor w0, Tensor a0, Tensor? v0, Tensor k_k, "
+      "Tensor k_a, Tensor r_k, Tensor ln_w, Tensor ln_b, Tensor v_first, float eps) -> (Tensor, Tensor)");
+  m.def("lora_activate_(Tensor(a!) x) -> ()");
+  m.def("relu_square_(Tensor(a!) x) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(rwkvkit, CUDA, m) {
   m.impl("wkv7", &rwkvkit::wkv7_op);
   m.impl("int8_matvec", &rwkvkit::int8_matvec_op);
+  m.impl("ln_mix", &rwkvkit::ln_mix_op);
+  m.impl("wkv7_decode", &rwkvkit::wkv7_decode_op);
+  m.impl("lora_activate_", &rwkvkit::lora_activate_op);
+  m.impl("relu_square_", &rwkvkit::relu_square_op);
 }

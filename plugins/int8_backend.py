@@ -80,8 +80,6 @@ class Int8Backend(CpuBackend):
             return "runs int8 strategies only (e.g. 'cpu fp32i8')"
         if placement.device.type == "cpu" and placement.dtype == torch.float16:
             return "the CPU has no fast fp16 arithmetic: use 'cpu fp32i8' or 'cpu bf16i8'"
-        if placement.stream:
-            return "streaming layers ('*N+') is not supported yet"
         return CpuBackend.unavailable_reason(Placement(placement.device, placement.dtype))
 
     def prepare(self, tensor: torch.Tensor, role: Role) -> Any:

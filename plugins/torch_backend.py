@@ -21,8 +21,6 @@ class TorchBackend(Backend):
     def unavailable_reason(cls, placement: Placement) -> str | None:
         if placement.quant:
             return f"{placement.quant} weights need a quantizing backend; the torch backend runs fp32/fp16/bf16 weights"
-        if placement.stream:
-            return "streaming layers ('*N+') is not supported yet"
         return super().unavailable_reason(placement)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.native import cache_dir
 
 NAME = "rwkvkit_cuda"
-SOURCES = ("rwkvkit_ops.cpp", "wkv7.cu", "int8_matvec.cu")
+SOURCES = ("rwkvkit_ops.cpp", "wkv7.cu", "int8_matvec.cu", "decode.cu")
 FALLBACK = "backend 'torch' runs the same strategies without custom kernels (RWKV(..., backend='torch'))"
 
 

@@ -16,6 +16,7 @@ from rwkvkit.models import rwkv7
 from rwkvkit.registry import registry
 from rwkvkit.state import LayerState, State
 from rwkvkit.strategy import Placement, Plan
+from rwkvkit.streaming import Streamer, to_host
 
 AUTO_BACKENDS = ("cuda", "cpu", "int8", "torch")  # preference order for backend "auto"
 
@@ -40,7 +41,8 @@ def select_backend(name: str, placement: Placement) -> type[Backend]:
 class _Stage:
     ops: Backend
     layers: range
-    blocks: list[rwkv7.BlockWeights]
+    blocks: list[rwkv7.BlockWeights]  # matrices in CPU RAM when streamed
+    streamer: Streamer | None = None
 
 
 class Model:
@@ -59,11 +61,14 @@ class Model:
             def fetch(key: str, role: Role, optional: bool, ops: Backend = ops) -> Any:
                 return ops.prepare(t[key], role) if key in t or not optional else None
 
-            blocks = [rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch) for i in stage.layers]
-            for i, b in zip(stage.layers, blocks):
+            streamed = stage.placement.stream
+            blocks = []
+            for i in stage.layers:  # a streamed block goes to the host before the next one is prepared
+                b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch)
                 if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
                     b.att.v0 = b.att.v1 = b.att.v2 = None
-            self.stages.append(_Stage(ops, stage.layers, blocks))
+                blocks.append(to_host(b) if streamed else b)
+            self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
         first, last = self.stages[0].ops, self.stages[-1].ops
         self.emb = first.prepare(rwkv7.embed(t["emb.weight"], t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]), Role.EMBEDDING)
         self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", lambda key, role, _: last.prepare(t[key], role))
@@ -142,7 +147,8 @@ class Model:
             p = stage.ops.placement
             x = x.to(p.device, p.dtype)
             v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
-            for i, weights in zip(stage.layers, stage.blocks):
+            blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
+            for i, weights in zip(stage.layers, blocks):
                 x, v_first, layer_state = stage.ops.block(weights, x, v_first, state.layers[i])
                 layers.append(layer_state)
         if not full_output:

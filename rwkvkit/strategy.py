@@ -8,14 +8,16 @@ Grammar (ChatRWKV's)::
     dtype    := fp32 | fp16 | bf16, optionally followed by i8 (int8 weights)
 
 ``*N`` gives a stage N layers; a stage without ``*N`` takes the layers left over (at most one may),
-and if every stage has a count, the last stage also takes the remainder. ``*N+`` streams layers
-from CPU RAM to the device.
+and if every stage has a count, the last stage also takes the remainder. ``*N+`` (as in ChatRWKV)
+keeps N layers resident on the device and takes the remaining layers as well, streaming them:
+their matrices stay in CPU RAM and are copied to the device for each use (``rwkvkit.streaming``),
+so a model larger than GPU memory still runs there.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,7 +35,7 @@ class Placement:
     device: torch.device
     dtype: torch.dtype  # activation (and unquantized weight) dtype
     quant: str | None = None  # "i8" for int8 weights
-    stream: bool = False  # weights kept in CPU RAM, copied to the device per use
+    stream: bool = False  # matrices kept in CPU RAM, copied to the device per use
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ def _parse_stage(text: str, strategy: str) -> tuple[Placement, int | None]:
         quant="i8" if m["i8"] else None,
         stream=bool(m["stream"]),
     )
+    if placement.stream and placement.device.type == "cpu":
+        raise StrategyError(f"invalid strategy {strategy!r}: stage {text.strip()!r} streams layers from CPU RAM to a GPU ('*N+'), but it runs on the CPU; drop the '+'")
     return placement, None if m["count"] is None else int(m["count"])
 
 
@@ -69,18 +73,23 @@ def parse_strategy(strategy: str, n_layer: int, backend: str = "auto") -> Plan:
     if not isinstance(strategy, str) or not strategy.strip():
         raise StrategyError(f"invalid strategy {strategy!r}: expected a string like 'cpu fp32'; grammar: {GRAMMAR}")
     parsed = [_parse_stage(part, strategy) for part in strategy.split("->")]
-    open_stages = [i for i, (_, count) in enumerate(parsed) if count is None]
+    open_stages = [i for i, (placement, count) in enumerate(parsed) if count is None or placement.stream]
     if len(open_stages) > 1:
-        raise StrategyError(f"invalid strategy {strategy!r}: only one stage may omit '*N' (it takes the remaining layers)")
+        raise StrategyError(f"invalid strategy {strategy!r}: only one stage may omit '*N' or stream with '*N+' (it takes the remaining layers)")
     fixed = sum(count for _, count in parsed if count is not None)
     if fixed > n_layer:
         raise StrategyError(f"invalid strategy {strategy!r}: stages ask for {fixed} layers but the model has {n_layer}")
     rest_to = open_stages[0] if open_stages else len(parsed) - 1
     stages, start = [], 0
     for i, (placement, count) in enumerate(parsed):
-        size = (count or 0) + (n_layer - fixed if i == rest_to else 0)
-        if size == 0 and not (i == 0 and len(parsed) == 1):
-            continue  # ChatRWKV allows '*0' stages; they hold no layers
-        stages.append(Stage(placement, range(start, start + size), backend))
-        start += size
+        rest = n_layer - fixed if i == rest_to else 0
+        if placement.stream:  # N resident layers, then the rest streamed
+            parts = [(replace(placement, stream=False), count or 0), (placement, rest)]
+        else:
+            parts = [(placement, (count or 0) + rest)]
+        for part, size in parts:
+            if size == 0 and not (len(parsed) == len(parts) == 1):
+                continue  # ChatRWKV allows '*0' stages; they hold no layers
+            stages.append(Stage(part, range(start, start + size), backend))
+            start += size
     return Plan(stages=tuple(stages), spec=strategy)

@@ -7,6 +7,7 @@ kernels against the ``torch`` backend on a CUDA device and is skipped with a rea
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ from importlib import resources
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from rwkvkit import RWKV, StrategyError, kernels_build
 from rwkvkit.backend import Role
@@ -152,6 +154,47 @@ class ReferenceOps:
         assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_MATVEC_ROWS and x.is_contiguous() and x.shape[1] == q.shape[1]
         assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == q.shape[:1]
         return ((x.float() @ q.float().T) * scale).to(x.dtype)
+
+    @staticmethod
+    def ln_mix(x, weight, bias, x_prev, mixes, eps):
+        assert x.dim() == 2 and x.is_contiguous() and x_prev.shape == x.shape and x_prev.is_contiguous() and 1 <= len(mixes) <= 6
+        assert all(t.shape == (x.shape[1],) and t.dtype == x.dtype for t in (weight, bias, *mixes))
+        x_ln = F.layer_norm(x.float(), x.shape[1:], weight.float(), bias.float(), eps).to(x.dtype)
+        base = x_ln.float()
+        return x_ln, torch.stack([base + (x_prev.float() - base) * m.float() for m in mixes]).to(x.dtype)
+
+    @staticmethod
+    def wkv7_decode(kv, r, k, v, lora, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, eps):
+        """The time mix between its projections (rwkv7.time_mix) for one token, in float32."""
+        B, C = r.shape
+        H, N = C // HEAD_SIZE, HEAD_SIZE
+        assert lora.shape == (4, B, C) and kv.shape == (B, H, N, N) and kv.dtype == torch.float32
+        assert all(t.shape == (B, C) and t.dtype == r.dtype and t.is_contiguous() for t in (r, k, v, v_first))
+        f = lambda t: t.float()  # noqa: E731
+        r, k, v, lora = f(r), f(k), f(v), f(lora)
+        decay = torch.exp(-math.exp(-0.5) * torch.sigmoid(f(w0) + lora[0]))
+        a = torch.sigmoid(f(a0) + lora[1])
+        kk = F.normalize((k * f(k_k)).view(B, H, N), dim=-1)
+        k = k * (1 + (a - 1) * f(k_a))
+        if v0 is not None:
+            v = torch.lerp(v, f(v_first), torch.sigmoid(f(v0) + lora[2]))
+        heads = (B, 1, H, N)
+        y, kv = TorchBackend(Placement(r.device, torch.float32)).wkv(
+            kv, r.view(heads), decay.view(heads), k.view(heads), v.view(heads), kk.view(heads), a.view(heads)
+        )
+        y = F.group_norm(y.view(B, C), H, f(ln_w), f(ln_b), eps)
+        bonus = (r * k * f(r_k)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
+        return ((y + bonus.view(B, C)) * lora[3]).to(r_k.dtype), kv
+
+    @staticmethod
+    def lora_activate_(x):
+        assert x.dim() == 3 and x.shape[0] == 4 and x.is_contiguous()
+        x[0] = torch.tanh(x[0])
+        x[3] = torch.sigmoid(x[3])
+
+    @staticmethod
+    def relu_square_(x):
+        x.copy_(torch.relu(x) ** 2)
 
 
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
@@ -293,3 +336,60 @@ def test_graphed_decode_matches_eager_forward(model_paths, strategy, backend, ba
     fresh, _ = model.forward(tokens[0].view(batch, 1), None)
     assert _close(decoder.step(tokens[0].cuda()), fresh.view(batch, -1), tol)
 
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("B, layer0", [(1, True), (3, False)])
+def test_decode_kernels_match_reference_ops(dtype, B, layer0):
+    """Kernel and reference read the same rounded inputs and compute in float32 (the kernel with
+    fast exp/sigmoid, ~2 float32 ulp): outputs agree to an ulp or two of the output dtype."""
+    ops, dt, g = kernels_build.ops(), DTYPES[dtype], torch.Generator().manual_seed(8)
+    H, C = 4, 4 * HEAD_SIZE
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to("cuda", dt)
+
+    def close(got, want, ulps=4):
+        tol = ulps * ULP[dtype]
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
+
+    mixes = [torch.rand(C, generator=g).to("cuda", dt) for _ in range(6)]
+    x, weight, bias, x_prev = rnd(B, C), rnd(C), rnd(C), rnd(B, C)
+    for got, want in zip(ops.ln_mix(x, weight, bias, x_prev, mixes, 1e-5), ReferenceOps.ln_mix(x, weight, bias, x_prev, mixes, 1e-5)):
+        close(got, want)
+
+    kv = torch.randn(B, H, HEAD_SIZE, HEAD_SIZE, generator=g).cuda() * 0.1
+    vectors = [rnd(C) for _ in range(8)]  # w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b
+    vectors[2] = None if layer0 else vectors[2]
+    args = (kv, rnd(B, C), rnd(B, C), rnd(B, C), rnd(4, B, C), *vectors, rnd(B, C), 64e-5)
+    (y, kv_out), (y_ref, kv_ref) = ops.wkv7_decode(*args), ReferenceOps.wkv7_decode(*args)
+    close(y, y_ref, ulps=8)  # GroupNorm divides by the head's spread: a few more ulps
+    torch.testing.assert_close(kv_out, kv_ref, rtol=1e-5, atol=1e-5 * kv_ref.abs().max().item())
+    assert torch.equal(kv, args[0]) and y.dtype == dt  # the state passed in is only read
+
+    for name in ("lora_activate_", "relu_square_"):
+        got = rnd(4, B, 48, scale=3.0)
+        want = got.clone()
+        getattr(ops, name)(got)
+        getattr(ReferenceOps, name)(want)
+        close(got, want, ulps=2)
+
+
+@gpu_test
+@pytest.mark.parametrize("strategy", ["cuda fp32", "cuda fp16", "cuda bf16", "cuda fp16i8"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_decode_matches_reference_backend(model_paths, dequantized_torch_backend, strategy, batch):
+    """30 decode steps through the fused block vs the unfused torch math on the same (int8-rounded
+    for fp16i8) weights, each side carrying its own state from the same prefill."""
+    reference_backend = dequantized_torch_backend if strategy.endswith("i8") else "torch"
+    fused = RWKV(model_paths["world"], strategy, backend="cuda")
+    reference = RWKV(model_paths["world"], strategy.removesuffix("i8"), backend=reference_backend)
+    prompt = torch.randint(0, 65536, (batch, 16), generator=torch.Generator().manual_seed(9))
+    (_, state), (_, ref_state) = fused.forward(prompt, None), reference.forward(prompt, None)
+    tol = MODEL_TOLERANCE[strategy.split()[1].removesuffix("i8")]
+    for ids in torch.randint(0, 65536, (30, batch, 1), generator=torch.Generator().manual_seed(10)):
+        (out, state), (ref, ref_state) = fused.forward(ids, state), reference.forward(ids, ref_state)
+        assert _close(out, ref, tol)
+    for layer, ref_layer in zip(state.layers, ref_state.layers):
+        assert all(_close(t, r, tol * 5) for t, r in zip(layer.tensors(), ref_layer.tensors()))

@@ -24,7 +24,14 @@ KERNELS = resources.files("rwkvkit.kernels")
 CU_SOURCES = sorted(p.name for p in KERNELS.iterdir() if p.name.endswith(".cu"))
 # threads per block of each kernel family (its __launch_bounds__), and how many instantiations
 # each source must produce per arch: 3 activation dtypes (x 8 batch-row counts for the matvec)
-KERNEL_FAMILIES = {"wkv7_kernel": (128, 3), "int8_matvec_kernel": (128, 24)}
+# kernel -> (threads per block, instantiations: one per activation dtype and template variant)
+KERNEL_FAMILIES = {
+    "wkv7_kernel": (128, 3),
+    "int8_matvec_kernel": (128, 24),
+    "ln_mix_kernel": (256, 3),
+    "wkv7_decode_kernel": (256, 3),
+    "activate_kernel": (256, 3),
+}
 REGISTERS_PER_SM, STATIC_SMEM_LIMIT = 65536, 48 * 1024
 
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) not found; the CUDA sources are compile-checked where it is installed")

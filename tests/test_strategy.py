@@ -31,9 +31,24 @@ def test_parse(spec, expected):
     assert layers(parse_strategy(spec, 4)) == expected
 
 
-def test_int8_and_streaming_are_parsed():
-    stage = parse_strategy("cuda fp16i8 *2+ -> cpu fp32", 4).stages[0]
-    assert stage.placement.quant == "i8" and stage.placement.stream and list(stage.layers) == [0, 1]
+def stream_layout(plan) -> list[tuple[str, bool, list[int]]]:
+    return [(str(s.placement.device), s.placement.stream, list(s.layers)) for s in plan.stages]
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [  # ChatRWKV: '*N+' keeps N layers resident and streams the rest of the model through that stage
+        ("cuda fp16i8 *2+", [("cuda", False, [0, 1]), ("cuda", True, [2, 3])]),
+        ("cuda fp16 *0+", [("cuda", True, [0, 1, 2, 3])]),
+        ("cuda fp16 *4+", [("cuda", False, [0, 1, 2, 3])]),
+        ("cuda fp16 *1+ -> cpu fp32 *1", [("cuda", False, [0]), ("cuda", True, [1, 2]), ("cpu", False, [3])]),
+        ("cpu fp32 *1 -> cuda bf16 *1+", [("cpu", False, [0]), ("cuda", False, [1]), ("cuda", True, [2, 3])]),
+    ],
+)
+def test_streaming_stage_keeps_n_layers_and_streams_the_rest(spec, expected):
+    plan = parse_strategy(spec, 4)
+    assert stream_layout(plan) == expected
+    assert all(s.placement.quant == ("i8" if "i8" in spec and s.placement.device.type == "cuda" else None) for s in plan.stages)
 
 
 @pytest.mark.parametrize(
@@ -45,13 +60,15 @@ def test_int8_and_streaming_are_parsed():
         ("cpu fp32 *x", "cannot parse stage 'cpu fp32 \\*x'"),
         ("cpu fp32 -> cpu bf16", "only one stage may omit"),
         ("cpu fp32 *3 -> cpu bf16 *3", "ask for 6 layers but the model has 4"),
+        ("cpu fp32 *1+", "streams layers from CPU RAM to a GPU"),
+        ("cuda fp16 *1+ -> cpu fp32", "only one stage may omit '\\*N' or stream"),
         ("", "expected a string like 'cpu fp32'"),
     ],
 )
 def test_bad_strategies_show_grammar_and_offending_part(spec, message):
     with pytest.raises(StrategyError, match=message) as info:
         parse_strategy(spec, 4)
-    assert "grammar" in str(info.value) or "layers" in str(info.value) or "omit" in str(info.value)
+    assert any(word in str(info.value) for word in ("grammar", "layers", "omit"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown on a machine without CUDA")

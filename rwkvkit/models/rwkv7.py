@@ -7,7 +7,7 @@ any T >= 1: T = 1 is decoding, T > 1 prefill; the only per-token work is inside 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -93,6 +93,19 @@ def load_weights(cls: type, prefix: str, fetch: Fetch) -> Any:
         else:  # a nested weights group
             values[f.name] = load_weights(meta["group"], prefix + meta["key"], fetch)
     return cls(**values)
+
+
+def map_role(weights: Any, role: Role, fn: Callable[[Any], Any]) -> Any:
+    """A shallow copy of a weights dataclass with ``fn`` applied to every tensor of ``role``
+    (nested groups included); e.g. moving only the big matrices of a streamed layer."""
+    values = {}
+    for f in fields(weights):
+        value = getattr(weights, f.name)
+        if "group" in f.metadata:
+            values[f.name] = map_role(value, role, fn)
+        elif f.metadata["role"] is role and value is not None:
+            values[f.name] = fn(value)
+    return replace(weights, **values)
 
 
 def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor) -> torch.Tensor:
