@@ -74,7 +74,12 @@ class State:
         from safetensors.torch import save_file
 
         path = Path(path)
-        data = {f"layers.{i}.{name}": t.detach().cpu().contiguous() for i, layer in enumerate(self.layers) for name, t in zip(_FIELDS, layer.tensors())}
+        # own copies: tensors that share memory (views of one buffer) are refused by safetensors
+        data = {
+            f"layers.{i}.{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
+            for i, layer in enumerate(self.layers)
+            for name, t in zip(_FIELDS, layer.tensors())
+        }
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         os.close(fd)
         try:

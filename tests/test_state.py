@@ -9,6 +9,7 @@ import torch
 
 from conftest import API_DEMO
 from rwkvkit import RWKV, State, StateError
+from rwkvkit.state import LayerState
 from rwkvkit.testing import make_checkpoint
 
 
@@ -57,6 +58,16 @@ def test_save_load_roundtrip_continues_identically(model, tmp_path):
     a, _ = model.forward([7], s)
     b, _ = model.forward([7], loaded)
     assert torch.equal(a, b)
+
+
+def test_state_whose_tensors_share_memory_saves(model, tmp_path):
+    """A backend (or a user) may hand back views of one buffer; the file gets independent copies."""
+    _, s = model.forward(API_DEMO, None)
+    layer = s.layers[0]
+    both = torch.stack([layer.att_x_prev, layer.ffn_x_prev])
+    s.layers[0] = LayerState(both[0], layer.att_kv, both[1])
+    s.save(tmp_path / "s.safetensors")
+    assert_same(State.load(tmp_path / "s.safetensors", model), s)
 
 
 def test_bf16_state_roundtrip(model_paths, tmp_path):
