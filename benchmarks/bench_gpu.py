@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefill", type=int, nargs="*", default=[512, 4096])
     parser.add_argument("--budget-s", type=float, default=200, help="skip the rows that would start after this many seconds")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--quick", action="store_true", help="only the resident `cuda` backend rows: no torch backend, streaming or reference")
     parser.add_argument("--reference", help=argparse.SUPPRESS)  # internal: run the `rwkv` package on this model
     parser.add_argument("--reference-strategy", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     start, device = time.perf_counter(), torch.device(args.device)
     shapes = {"tiny": (2, 128, 1024)} if args.tiny else {k: v for k, v in GPU_SHAPES.items() if not args.models or k in args.models}
     engines = [("torch", "cpu fp32"), *GPU_ENGINES[:1]] if device.type == "cpu" else GPU_ENGINES
+    if args.quick:
+        engines = [(backend, strategy) for backend, strategy in engines if backend == "cuda" and "+" not in strategy]
     if args.tiny:
         args.decode_tokens, args.prefill = min(args.decode_tokens, 8), [16, 64]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - start
 
     rows, checkpoints = rwkvkit_rows(shapes, engines, device, args, elapsed)
-    rows += reference_rows(checkpoints, device, args, elapsed)
+    if not args.quick:
+        rows += reference_rows(checkpoints, device, args, elapsed)
     print(f"\n{TARGETS}")
     print_table(rows, args.prefill)
     print(f"total {elapsed():.0f} s")

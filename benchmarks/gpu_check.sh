@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-side of rwkvkit in one command, for a lent GPU machine (no network there):
 #
-#   bash benchmarks/gpu_check.sh        # about 5 minutes on an H100
+#   bash benchmarks/gpu_check.sh          # about 5 minutes on an H100
+#   bash benchmarks/gpu_check.sh --quick  # about 2 minutes: only the `cuda` backend's benchmark rows
 #
 # 1. makes rwkvkit importable without network or dependencies: `pip install --no-deps -e .`, else a
 #    copy of pyproject's package layout on PYTHONPATH; wheels carried in .whl/ (e.g. `rwkv`, the
@@ -53,7 +54,7 @@ timeout 180 $PYP -m pytest -q -rs -m gpu -p no:cacheprovider --junitxml="$LOG/te
 
 step "GPU benchmarks"
 budget=$((330 - (SECONDS - start)))  # rows that would start later are skipped: the whole check stays < 6 min
-$PYP benchmarks/bench_gpu.py --budget-s $((budget > 30 ? budget : 30)) --json "$LOG/bench.json" 2>&1 | tee "$LOG/bench.log"
+$PYP benchmarks/bench_gpu.py --budget-s $((budget > 30 ? budget : 30)) --json "$LOG/bench.json" "$@" 2>&1 | tee "$LOG/bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "done (exit status $status)"

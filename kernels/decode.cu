@@ -1,15 +1,13 @@
 // Fused kernels for decoding one token per sequence through an RWKV-7 block (rwkvkit/models/rwkv7.py
 // is the math they implement). A decode step of a small model is bound by kernel launches, not
-// by arithmetic or bandwidth: the unfused block is ~60 kernels, this path ~15 (the GEMVs, the
-// batched LoRA products, and the three kernels below), all of which a CUDA graph can capture.
+// by arithmetic or bandwidth: the unfused block is ~60 kernels, this path 8 (two of these, and the
+// grouped matrix-vector products of matvec.cu), all of which a CUDA graph can capture.
 //
 //   ln_mix       layer norm of x, then the token-shift mixes x + (x_prev - x) * m for n vectors m
 //   wkv7_decode  per (sequence, head): decay, in-context rate a, removal key kk, modified k, value
 //                residual, the WKV-7 state update, GroupNorm (ln_x), the bonus term and the gate
-//   activate     in place: tanh / sigmoid on the LoRA slots, or relu(x)^2 for the FFN
 //
 // Everything is computed in float32 from the stored activations; outputs are rounded once.
-#include <algorithm>
 #include <cstdint>
 
 #include "cuda_dtypes.h"
@@ -74,7 +72,7 @@ __global__ void __launch_bounds__(kThreads) ln_mix_kernel(int B, int C, const T*
 
 template <typename T>
 struct DecodeArgs {
-  const T *r, *k, *v, *lora;  // [B, C] each; lora [4, B, C]: decay, in-context rate, value residual, gate
+  const T *r, *k, *v, *w_lora, *a_lora, *v_lora, *g;  // [B, C] each; v_lora null in layer 0
   const T *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;  // [C]; v0 null in layer 0
   const T* v_first;  // [B, C]; read only when v0 is set
   const float* kv_in;
@@ -89,7 +87,7 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
   __shared__ float s_v[N], s_y[N], scratch[kThreads / 32];
   const int bh = blockIdx.x, b = bh / H, h = bh % H, C = H * N, tid = threadIdx.x;
   const bool lane_owns_channel = tid < N;
-  const size_t idx = size_t(b) * C + h * N + tid, plane = size_t(B) * C;  // this thread's channel (tid < N)
+  const size_t idx = size_t(b) * C + h * N + tid;  // this thread's channel (tid < N)
   const int c = h * N + tid;
 
   // 1. per-channel inputs of the scan (threads tid < N; the others add zeros to the head sums)
@@ -97,13 +95,13 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
   if (lane_owns_channel) {
     r = to_float(p.r[idx]);
     const float k_raw = to_float(p.k[idx]), v_raw = to_float(p.v[idx]);
-    decay = __expf(-kDecayScale * sigmoid(to_float(p.w0[c]) + to_float(p.lora[idx])));
-    a = sigmoid(to_float(p.a0[c]) + to_float(p.lora[plane + idx]));
+    decay = __expf(-kDecayScale * sigmoid(to_float(p.w0[c]) + to_float(p.w_lora[idx])));
+    a = sigmoid(to_float(p.a0[c]) + to_float(p.a_lora[idx]));
     kk = k_raw * to_float(p.k_k[c]);
     k = k_raw * fmaf(a - 1.f, to_float(p.k_a[c]), 1.f);
     v = v_raw;
     if (p.v0 != nullptr) {  // value residual: lerp towards layer 0's values
-      const float mix = sigmoid(to_float(p.v0[c]) + to_float(p.lora[2 * plane + idx]));
+      const float mix = sigmoid(to_float(p.v0[c]) + to_float(p.v_lora[idx]));
       v = fmaf(to_float(p.v_first[idx]) - v_raw, mix, v_raw);
     }
   }
@@ -151,28 +149,7 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
   const float rstd = rsqrtf(block_sum(d * d, scratch) / N + p.eps);
   if (lane_owns_channel) {
     const float normed = fmaf(d * rstd, to_float(p.ln_w[c]), to_float(p.ln_b[c]));
-    p.out[idx] = from_float<T>(fmaf(bonus, v, normed) * to_float(p.lora[3 * plane + idx]));
-  }
-}
-
-// ---------------------------------------------------------------- activate: elementwise, in place
-
-template <typename T>
-__global__ void activate_kernel(Activation kind, int64_t n, int64_t slot, T* __restrict__ x) {
-  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < n; e += int64_t(gridDim.x) * blockDim.x) {
-    const float value = to_float(x[e]);
-    float result = value;
-    if (kind == Activation::relu_square) {
-      const float positive = fmaxf(value, 0.f);
-      result = positive * positive;
-    } else if (e / slot == 0) {
-      result = tanhf(value);  // decay LoRA
-    } else if (e / slot == 3) {
-      result = sigmoid(value);  // gate LoRA
-    } else {
-      continue;  // in-context rate and value residual: linear
-    }
-    x[e] = from_float<T>(result);
+    p.out[idx] = from_float<T>(fmaf(bonus, v, normed) * to_float(p.g[idx]));
   }
 }
 
@@ -187,17 +164,11 @@ cudaError_t launch_ln_mix(int B, int C, const void* x, const void* ln_w, const v
 template <typename T>
 cudaError_t launch_decode(int B, int H, const DecodeInputs& in, cudaStream_t stream) {
   auto cast = [](const void* ptr) { return static_cast<const T*>(ptr); };
-  const DecodeArgs<T> args{cast(in.r), cast(in.k), cast(in.v), cast(in.lora), cast(in.w0), cast(in.a0), cast(in.v0), cast(in.k_k),
-                           cast(in.k_a), cast(in.r_k), cast(in.ln_w), cast(in.ln_b), cast(in.v_first), in.kv_in, in.kv_out,
+  const DecodeArgs<T> args{cast(in.r),      cast(in.k),    cast(in.v),    cast(in.w_lora), cast(in.a_lora),  cast(in.v_lora),
+                           cast(in.g),      cast(in.w0),   cast(in.a0),   cast(in.v0),     cast(in.k_k),     cast(in.k_a),
+                           cast(in.r_k),    cast(in.ln_w), cast(in.ln_b), cast(in.v_first), in.kv_in,        in.kv_out,
                            static_cast<T*>(in.out), in.eps};
   wkv7_decode_kernel<T><<<B * H, kThreads, 0, stream>>>(B, H, args);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_activate(Activation kind, int64_t n, int64_t slot, void* x, cudaStream_t stream) {
-  const int blocks = static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1024));
-  activate_kernel<T><<<blocks, kThreads, 0, stream>>>(kind, n, slot, static_cast<T*>(x));
   return cudaGetLastError();
 }
 
@@ -218,16 +189,6 @@ cudaError_t wkv7_decode(Dtype dtype, int B, int H, const DecodeInputs& in, cudaS
     case Dtype::f32: return launch_decode<float>(B, H, in, stream);
     case Dtype::f16: return launch_decode<__half>(B, H, in, stream);
     case Dtype::bf16: return launch_decode<__nv_bfloat16>(B, H, in, stream);
-  }
-  return cudaErrorInvalidValue;
-}
-
-cudaError_t activate(Dtype dtype, Activation kind, int64_t n, int64_t slot, void* x, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  switch (dtype) {
-    case Dtype::f32: return launch_activate<float>(kind, n, slot, x, stream);
-    case Dtype::f16: return launch_activate<__half>(kind, n, slot, x, stream);
-    case Dtype::bf16: return launch_activate<__nv_bfloat16>(kind, n, slot, x, stream);
   }
   return cudaErrorInvalidValue;
 }

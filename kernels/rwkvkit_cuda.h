@@ -1,4 +1,4 @@
-// Host-side entry points of rwkvkit's CUDA kernels (wkv7.cu, int8_matvec.cu, decode.cu), called by the
+// Host-side entry points of rwkvkit's CUDA kernels (wkv7.cu, matvec.cu, decode.cu), called by the
 // PyTorch bindings in rwkvkit_ops.cpp. Kept free of torch headers so nvcc compiles the kernels
 // quickly and on machines whose PyTorch has no CUDA.
 #pragma once
@@ -12,7 +12,7 @@ namespace rwkvkit {
 enum class Dtype : int { f32, f16, bf16 };  // activation dtype of a kernel's inputs and outputs
 
 constexpr int kHeadSize = 64;       // WKV-7 head size N the scan kernel is built for
-constexpr int kMaxMatvecRows = 8;   // int8_matvec handles up to this many activation rows
+constexpr int kMaxMatvecRows = 8;   // matvec handles up to this many activation rows
 constexpr int kMaxMixes = 6;        // ln_mix: token-shift mix vectors per call (time mix has six)
 
 // WKV-7 scan over T tokens. r, k, v, kk, a and y are [B, T, H, N] in `dtype`, w (the decay) is
@@ -20,10 +20,27 @@ constexpr int kMaxMixes = 6;        // ln_mix: token-shift mix vectors per call 
 cudaError_t wkv7_forward(Dtype dtype, int B, int T, int H, const void* r, const float* w, const void* k, const void* v,
                          const void* kk, const void* a, const float* kv_in, float* kv_out, void* y, cudaStream_t stream);
 
-// y[m, o] = scale[o] * sum_i q[o, i] * x[m, i] for m < rows <= kMaxMatvecRows. x is [rows, n_in] and
-// y [rows, n_out] in `dtype`; q is int8 [n_out, n_in]; n_in % 16 == 0; x and q 16-byte aligned.
-cudaError_t int8_matvec(Dtype dtype, int rows, int n_in, int n_out, const void* x, const int8_t* q, const float* scale,
-                        void* y, cudaStream_t stream);
+// ---- matvec.cu: y_g = epilogue_g(W_g x_g) for a group of products in one launch (decoding)
+
+constexpr int kMaxMatvecGroup = 8;  // products per launch
+
+enum class Epilogue : int { none = 0, tanh = 1, sigmoid = 2, relu_square = 3 };
+
+struct MatvecOperand {
+  const void* w;       // [n_out, n_in]: int8 when scale is set, else the activation dtype; 16-byte aligned
+  const float* scale;  // [n_out] per-row scales of int8 weights, or null
+  const void* x;       // [rows, n_in], activation dtype, 16-byte aligned; n_in % (16 / sizeof(weight)) == 0
+  void* y;             // [rows, n_out], activation dtype
+  int n_in, n_out, epilogue;  // epilogue: an Epilogue
+};
+
+struct MatvecGroup {
+  MatvecOperand op[kMaxMatvecGroup];
+  const void* residual;  // [rows, n_out] added after the epilogue; only with count == 1, else null
+  int count;
+};
+
+cudaError_t matvec(Dtype dtype, int rows, const MatvecGroup& group, cudaStream_t stream);
 
 // ---- decode.cu: one token per sequence through a block (rwkvkit/plugins/cuda_backend.py)
 
@@ -40,7 +57,7 @@ cudaError_t ln_mix(Dtype dtype, int B, int C, const void* x, const void* ln_w, c
 // Everything of a time mix between its projections, for T = 1 and head size kHeadSize: see decode.cu.
 struct DecodeInputs {
   const void *r, *k, *v;  // [B, C]: the receptance, key and value projections
-  const void* lora;       // [4, B, C]: decay, in-context rate, value-residual and gate LoRA outputs (activated)
+  const void *w_lora, *a_lora, *v_lora, *g;  // [B, C]: LoRA outputs (decay, in-context rate, value residual, gate); v_lora null in layer 0
   const void *w0, *a0, *v0, *k_k, *k_a, *r_k, *ln_w, *ln_b;  // [C]; v0 null in layer 0 (no value residual)
   const void* v_first;    // [B, C], layer 0's values (read only when v0 is set)
   const float* kv_in;     // [B, H, N, N] float, 16-byte aligned; only read
@@ -49,10 +66,5 @@ struct DecodeInputs {
   float eps;              // GroupNorm epsilon
 };
 cudaError_t wkv7_decode(Dtype dtype, int B, int H, const DecodeInputs& in, cudaStream_t stream);
-
-// In place over n elements: relu(x)^2, or for the LoRA tensor [4, B, R] (slot = B * R elements)
-// tanh on slot 0 (decay) and sigmoid on slot 3 (gate).
-enum class Activation : int { lora = 0, relu_square = 1 };
-cudaError_t activate(Dtype dtype, Activation kind, int64_t n, int64_t slot, void* x, cudaStream_t stream);
 
 }  // namespace rwkvkit

@@ -1,5 +1,4 @@
-// PyTorch bindings of the CUDA kernels: torch.ops.rwkvkit.wkv7, int8_matvec and the decode ops
-// (ln_mix, wkv7_decode, lora_activate_, relu_square_).
+// PyTorch bindings of the CUDA kernels: torch.ops.rwkvkit.wkv7, matvec, ln_mix and wkv7_decode.
 // Registered with TORCH_LIBRARY (no Python module), so the ops go through the dispatcher, run on
 // the current stream and can be captured in CUDA graphs. Every input is checked here, so a wrong
 // call raises a Python error instead of reading out of bounds.
@@ -15,6 +14,7 @@
 #include <optional>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "rwkvkit_cuda.h"
 
@@ -63,19 +63,42 @@ std::tuple<at::Tensor, at::Tensor> wkv7_op(const at::Tensor& kv, const at::Tenso
   return {y, kv_out};
 }
 
-at::Tensor int8_matvec_op(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= kMaxMatvecRows,
-              "int8_matvec: x must be a CUDA tensor [rows, in] with 1 <= rows <= ", kMaxMatvecRows, ", got ", x.sizes());
-  TORCH_CHECK(q.dim() == 2 && x.size(1) == q.size(1) && q.size(1) % 16 == 0,
-              "int8_matvec: q must be [out, in] with in == x.size(1) and in % 16 == 0, got ", q.sizes());
-  const int64_t rows = x.size(0), n_in = x.size(1), n_out = q.size(0);
-  check(x, "x", x, x.scalar_type(), x.sizes(), true);
-  check(q, "q", x, at::kChar, {n_out, n_in}, true);
-  check(scale, "scale", x, at::kFloat, {n_out});
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = at::empty({rows, n_out}, x.options());
-  C10_CUDA_CHECK(int8_matvec(dtype_of(x), rows, n_in, n_out, x.data_ptr(), q.data_ptr<int8_t>(), scale.data_ptr<float>(),
-                             y.data_ptr(), c10::cuda::getCurrentCUDAStream()));
+// One launch for a group of products; scale[g] is an empty tensor for a weight in the activation
+// dtype, else the int8 weight's per-row scales. Returns y_g [rows, n_out_g] for each g.
+std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::TensorList scale, at::IntArrayRef epilogue,
+                                  const std::optional<at::Tensor>& residual) {
+  const size_t count = x.size();
+  TORCH_CHECK(count >= 1 && count <= static_cast<size_t>(kMaxMatvecGroup) && w.size() == count && scale.size() == count &&
+                  epilogue.size() == count,
+              "matvec: 1 to ", kMaxMatvecGroup, " products, with as many weights, scales and epilogues; got ", count, " inputs, ",
+              w.size(), " weights, ", scale.size(), " scales, ", epilogue.size(), " epilogues");
+  const at::Tensor& first = x[0];
+  TORCH_CHECK(first.is_cuda() && first.dim() == 2 && first.size(0) >= 1 && first.size(0) <= kMaxMatvecRows,
+              "matvec: inputs must be CUDA tensors [rows, in] with 1 <= rows <= ", kMaxMatvecRows, ", got ", first.sizes());
+  const int64_t rows = first.size(0);
+  MatvecGroup group{};
+  group.count = static_cast<int>(count);
+  std::vector<at::Tensor> y;
+  const c10::cuda::CUDAGuard guard(first.device());
+  for (size_t g = 0; g < count; ++g) {
+    const bool int8 = scale[g].numel() > 0;
+    TORCH_CHECK(w[g].dim() == 2, "matvec: weight ", g, " must be [out, in], got ", w[g].sizes());
+    const int64_t n_out = w[g].size(0), n_in = w[g].size(1), per_load = int8 ? 16 : 16 / first.element_size();
+    TORCH_CHECK(n_in % per_load == 0, "matvec: weight ", g, " has ", n_in, " inputs, not a multiple of ", per_load);
+    check(x[g], "x", first, first.scalar_type(), {rows, n_in}, true);
+    check(w[g], "weight", first, int8 ? at::kChar : first.scalar_type(), {n_out, n_in}, true);
+    if (int8) check(scale[g], "scale", first, at::kFloat, {n_out});
+    TORCH_CHECK(epilogue[g] >= 0 && epilogue[g] <= static_cast<int64_t>(Epilogue::relu_square), "matvec: unknown epilogue ", epilogue[g]);
+    y.push_back(at::empty({rows, n_out}, first.options()));
+    group.op[g] = MatvecOperand{w[g].data_ptr(), int8 ? scale[g].data_ptr<float>() : nullptr, x[g].data_ptr(), y.back().data_ptr(),
+                                static_cast<int>(n_in), static_cast<int>(n_out), static_cast<int>(epilogue[g])};
+  }
+  if (residual) {
+    TORCH_CHECK(count == 1, "matvec: a residual is added to a single product, not a group of ", count);
+    check(*residual, "residual", first, first.scalar_type(), y[0].sizes());
+    group.residual = residual->data_ptr();
+  }
+  C10_CUDA_CHECK(matvec(dtype_of(first), static_cast<int>(rows), group, c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -106,7 +129,8 @@ std::tuple<at::Tensor, at::Tensor> ln_mix_op(const at::Tensor& x, const at::Tens
 }
 
 std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at::Tensor& r, const at::Tensor& k,
-                                                  const at::Tensor& v, const at::Tensor& lora, const at::Tensor& w0,
+                                                  const at::Tensor& v, const at::Tensor& w_lora, const at::Tensor& a_lora,
+                                                  const std::optional<at::Tensor>& v_lora, const at::Tensor& g, const at::Tensor& w0,
                                                   const at::Tensor& a0, const std::optional<at::Tensor>& v0, const at::Tensor& k_k,
                                                   const at::Tensor& k_a, const at::Tensor& r_k, const at::Tensor& ln_w,
                                                   const at::Tensor& ln_b, const at::Tensor& v_first, double eps) {
@@ -117,7 +141,11 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
   check(k, "k", r, r.scalar_type(), r.sizes());
   check(v, "v", r, r.scalar_type(), r.sizes());
   check(v_first, "v_first", r, r.scalar_type(), r.sizes());
-  check(lora, "lora", r, r.scalar_type(), {4, B, C});
+  check(w_lora, "w_lora", r, r.scalar_type(), r.sizes());
+  check(a_lora, "a_lora", r, r.scalar_type(), r.sizes());
+  check(g, "g", r, r.scalar_type(), r.sizes());
+  TORCH_CHECK(v_lora.has_value() == v0.has_value(), "wkv7_decode: v_lora and v0 come together (every layer but the first)");
+  if (v_lora) check(*v_lora, "v_lora", r, r.scalar_type(), r.sizes());
   const std::pair<const at::Tensor*, const char*> vectors[] = {{&w0, "w0"},   {&a0, "a0"},     {&k_k, "k_k"},  {&k_a, "k_a"},
                                                                {&r_k, "r_k"}, {&ln_w, "ln_w"}, {&ln_b, "ln_b"}};
   for (const auto& [t, name] : vectors) check(*t, name, r, r.scalar_type(), {C});
@@ -127,47 +155,31 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
   at::Tensor out = at::empty_like(r);
   at::Tensor kv_out = at::empty_like(kv);
   if (B > 0) {
-    const DecodeInputs in{r.data_ptr(),   k.data_ptr(),   v.data_ptr(),    lora.data_ptr(), w0.data_ptr(),
-                          a0.data_ptr(),  v0 ? v0->data_ptr() : nullptr,   k_k.data_ptr(),  k_a.data_ptr(),
-                          r_k.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(), v_first.data_ptr(), kv.data_ptr<float>(),
-                          kv_out.data_ptr<float>(), out.data_ptr(), static_cast<float>(eps)};
+    const DecodeInputs in{r.data_ptr(),      k.data_ptr(),      v.data_ptr(),    w_lora.data_ptr(),
+                          a_lora.data_ptr(), v_lora ? v_lora->data_ptr() : nullptr, g.data_ptr(),
+                          w0.data_ptr(),     a0.data_ptr(),     v0 ? v0->data_ptr() : nullptr,   k_k.data_ptr(),
+                          k_a.data_ptr(),    r_k.data_ptr(),    ln_w.data_ptr(), ln_b.data_ptr(), v_first.data_ptr(),
+                          kv.data_ptr<float>(), kv_out.data_ptr<float>(), out.data_ptr(), static_cast<float>(eps)};
     C10_CUDA_CHECK(wkv7_decode(dtype_of(r), B, H, in, c10::cuda::getCurrentCUDAStream()));
   }
   return {out, kv_out};
 }
-
-void activate_op(const at::Tensor& x, Activation kind, int64_t slot) {
-  TORCH_CHECK(x.is_cuda() && x.is_contiguous(), "activation: x must be a contiguous CUDA tensor");
-  const c10::cuda::CUDAGuard guard(x.device());
-  C10_CUDA_CHECK(activate(dtype_of(x), kind, x.numel(), slot, x.data_ptr(), c10::cuda::getCurrentCUDAStream()));
-}
-
-void lora_activate_op(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 3 && x.size(0) == 4, "lora_activate_: x must be [4, B, R], got ", x.sizes());
-  activate_op(x, Activation::lora, x.size(1) * x.size(2));
-}
-
-void relu_square_op(const at::Tensor& x) { activate_op(x, Activation::relu_square, 1); }
 
 }  // namespace
 }  // namespace rwkvkit
 
 TORCH_LIBRARY(rwkvkit, m) {
   m.def("wkv7(Tensor kv, Tensor r, Tensor w, Tensor k, Tensor v, Tensor kk, Tensor a) -> (Tensor, Tensor)");
-  m.def("int8_matvec(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  m.def("matvec(Tensor[] x, Tensor[] w, Tensor[] scale, int[] epilogue, Tensor? residual) -> Tensor[]");
   m.def("ln_mix(Tensor x, Tensor weight, Tensor bias, Tensor x_prev, Tensor[] mixes, float eps) -> (Tensor, Tensor)");
   m.def(
-      "wkv7_decode(Tensor kv, Tensor r, Tensor k, Tensor v, Tensor lora, Tensor w0, Tensor a0, Tensor? v0, Tensor k_k, "
-      "Tensor k_a, Tensor r_k, Tensor ln_w, Tensor ln_b, Tensor v_first, float eps) -> (Tensor, Tensor)");
-  m.def("lora_activate_(Tensor(a!) x) -> ()");
-  m.def("relu_square_(Tensor(a!) x) -> ()");
+      "wkv7_decode(Tensor kv, Tensor r, Tensor k, Tensor v, Tensor w_lora, Tensor a_lora, Tensor? v_lora, Tensor g, Tensor w0, "
+      "Tensor a0, Tensor? v0, Tensor k_k, Tensor k_a, Tensor r_k, Tensor ln_w, Tensor ln_b, Tensor v_first, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rwkvkit, CUDA, m) {
   m.impl("wkv7", &rwkvkit::wkv7_op);
-  m.impl("int8_matvec", &rwkvkit::int8_matvec_op);
+  m.impl("matvec", &rwkvkit::matvec_op);
   m.impl("ln_mix", &rwkvkit::ln_mix_op);
   m.impl("wkv7_decode", &rwkvkit::wkv7_decode_op);
-  m.impl("lora_activate_", &rwkvkit::lora_activate_op);
-  m.impl("relu_square_", &rwkvkit::relu_square_op);
 }

@@ -1,4 +1,4 @@
-"""Lazy JIT build of the CUDA kernels in ``kernels/`` (``torch.ops.rwkvkit.wkv7``, ``.int8_matvec``).
+"""Lazy JIT build of the CUDA kernels in ``kernels/`` (``torch.ops.rwkvkit.wkv7``, ``.matvec``, ...).
 
 Built with ``torch.utils.cpp_extension.load`` on first use (when the ``cuda`` backend is first
 considered for a CUDA placement, or by ``rwkvkit build-kernels``), never at import time, into the
@@ -25,7 +25,7 @@ from rwkvkit.errors import RwkvkitError
 from rwkvkit.native import cache_dir
 
 NAME = "rwkvkit_cuda"
-SOURCES = ("rwkvkit_ops.cpp", "wkv7.cu", "int8_matvec.cu", "decode.cu")
+SOURCES = ("rwkvkit_ops.cpp", "wkv7.cu", "matvec.cu", "decode.cu")
 FALLBACK = "backend 'torch' runs the same strategies without custom kernels (RWKV(..., backend='torch'))"
 
 

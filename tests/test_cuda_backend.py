@@ -150,10 +150,19 @@ class ReferenceOps:
         return TorchBackend(Placement(r.device, r.dtype)).wkv(kv, r, w, k, v, kk, a)
 
     @staticmethod
-    def int8_matvec(x, q, scale):
-        assert x.dim() == 2 and 1 <= x.shape[0] <= MAX_MATVEC_ROWS and x.is_contiguous() and x.shape[1] == q.shape[1]
-        assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == q.shape[:1]
-        return ((x.float() @ q.float().T) * scale).to(x.dtype)
+    def matvec(xs, ws, scales, epilogues, residual):
+        assert 1 <= len(xs) == len(ws) == len(scales) == len(epilogues) <= 8 and (residual is None or len(xs) == 1)
+        rows = xs[0].shape[0]
+        ys = []
+        for x, w, scale, epilogue in zip(xs, ws, scales, epilogues):
+            assert x.dim() == 2 and x.shape == (rows, w.shape[1]) and 1 <= rows <= MAX_MATVEC_ROWS and x.is_contiguous()
+            int8 = scale.numel() > 0
+            assert w.dtype == (torch.int8 if int8 else x.dtype) and (not int8 or (scale.dtype == torch.float32 and scale.shape == w.shape[:1]))
+            assert w.shape[1] % (16 if int8 else 16 // x.element_size()) == 0
+            y = x.float() @ w.float().T * (scale if int8 else 1)
+            y = [y, torch.tanh(y), torch.sigmoid(y), torch.relu(y) ** 2][epilogue]
+            ys.append((y + residual.float() if residual is not None else y).to(x.dtype))
+        return ys
 
     @staticmethod
     def ln_mix(x, weight, bias, x_prev, mixes, eps):
@@ -164,38 +173,27 @@ class ReferenceOps:
         return x_ln, torch.stack([base + (x_prev.float() - base) * m.float() for m in mixes]).to(x.dtype)
 
     @staticmethod
-    def wkv7_decode(kv, r, k, v, lora, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, eps):
+    def wkv7_decode(kv, r, k, v, w_lora, a_lora, v_lora, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, eps):
         """The time mix between its projections (rwkv7.time_mix) for one token, in float32."""
         B, C = r.shape
         H, N = C // HEAD_SIZE, HEAD_SIZE
-        assert lora.shape == (4, B, C) and kv.shape == (B, H, N, N) and kv.dtype == torch.float32
-        assert all(t.shape == (B, C) and t.dtype == r.dtype and t.is_contiguous() for t in (r, k, v, v_first))
+        assert kv.shape == (B, H, N, N) and kv.dtype == torch.float32 and (v_lora is None) == (v0 is None)
+        assert all(t.shape == (B, C) and t.dtype == r.dtype and t.is_contiguous() for t in (r, k, v, w_lora, a_lora, g, v_first))
         f = lambda t: t.float()  # noqa: E731
-        r, k, v, lora = f(r), f(k), f(v), f(lora)
-        decay = torch.exp(-math.exp(-0.5) * torch.sigmoid(f(w0) + lora[0]))
-        a = torch.sigmoid(f(a0) + lora[1])
+        r, k, v = f(r), f(k), f(v)
+        decay = torch.exp(-math.exp(-0.5) * torch.sigmoid(f(w0) + f(w_lora)))
+        a = torch.sigmoid(f(a0) + f(a_lora))
         kk = F.normalize((k * f(k_k)).view(B, H, N), dim=-1)
         k = k * (1 + (a - 1) * f(k_a))
         if v0 is not None:
-            v = torch.lerp(v, f(v_first), torch.sigmoid(f(v0) + lora[2]))
+            v = torch.lerp(v, f(v_first), torch.sigmoid(f(v0) + f(v_lora)))
         heads = (B, 1, H, N)
         y, kv = TorchBackend(Placement(r.device, torch.float32)).wkv(
             kv, r.view(heads), decay.view(heads), k.view(heads), v.view(heads), kk.view(heads), a.view(heads)
         )
         y = F.group_norm(y.view(B, C), H, f(ln_w), f(ln_b), eps)
         bonus = (r * k * f(r_k)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
-        return ((y + bonus.view(B, C)) * lora[3]).to(r_k.dtype), kv
-
-    @staticmethod
-    def lora_activate_(x):
-        assert x.dim() == 3 and x.shape[0] == 4 and x.is_contiguous()
-        x[0] = torch.tanh(x[0])
-        x[3] = torch.sigmoid(x[3])
-
-    @staticmethod
-    def relu_square_(x):
-        x.copy_(torch.relu(x) ** 2)
-
+        return ((y + bonus.view(B, C)) * f(g)).to(r_k.dtype), kv
 
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
 def test_backend_glue_with_reference_ops(model_paths, monkeypatch, dequantized_torch_backend, strategy):
@@ -362,19 +360,38 @@ def test_decode_kernels_match_reference_ops(dtype, B, layer0):
     kv = torch.randn(B, H, HEAD_SIZE, HEAD_SIZE, generator=g).cuda() * 0.1
     vectors = [rnd(C) for _ in range(8)]  # w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b
     vectors[2] = None if layer0 else vectors[2]
-    args = (kv, rnd(B, C), rnd(B, C), rnd(B, C), rnd(4, B, C), *vectors, rnd(B, C), 64e-5)
+    loras = [rnd(B, C), rnd(B, C), None if layer0 else rnd(B, C), rnd(B, C)]  # w, a, v, g
+    args = (kv, rnd(B, C), rnd(B, C), rnd(B, C), *loras, *vectors, rnd(B, C), 64e-5)
     (y, kv_out), (y_ref, kv_ref) = ops.wkv7_decode(*args), ReferenceOps.wkv7_decode(*args)
     close(y, y_ref, ulps=8)  # GroupNorm divides by the head's spread: a few more ulps
     torch.testing.assert_close(kv_out, kv_ref, rtol=1e-5, atol=1e-5 * kv_ref.abs().max().item())
     assert torch.equal(kv, args[0]) and y.dtype == dt  # the state passed in is only read
 
-    for name in ("lora_activate_", "relu_square_"):
-        got = rnd(4, B, 48, scale=3.0)
-        want = got.clone()
-        getattr(ops, name)(got)
-        getattr(ReferenceOps, name)(want)
-        close(got, want, ulps=2)
 
+@gpu_test
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("rows", [1, 3, MAX_MATVEC_ROWS])
+def test_grouped_matvec_matches_reference_ops(dtype, rows):
+    """One launch over mixed weight formats (int8 with scales, and the activation dtype), every
+    epilogue, uneven output sizes; and a single product with a residual. Both sides accumulate in
+    float32 from the same inputs and round once."""
+    ops, dt, g = kernels_build.ops(), DTYPES[dtype], torch.Generator().manual_seed(11)
+    no_scale = torch.empty(0, device="cuda")
+    xs, ws, scales = [], [], []
+    for i, (n_out, n_in) in enumerate([(70, 256), (5, 128), (33, 64), (256, 32), (1, 512)]):
+        xs.append(torch.randn(rows, n_in, generator=g).to("cuda", dt))
+        if i % 2 == 0:
+            q = quantize_per_channel(torch.randn(n_out, n_in, generator=g))
+            ws.append(q.q.cuda()), scales.append(q.scale.cuda())
+        else:
+            ws.append((torch.randn(n_out, n_in, generator=g) / n_in**0.5).to("cuda", dt)), scales.append(no_scale)
+    epilogues = [0, 1, 2, 3, 0]
+    for got, want in zip(ops.matvec(xs, ws, scales, epilogues, None), ReferenceOps.matvec(xs, ws, scales, epilogues, None)):
+        tol = 4 * ULP[dtype]
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
+    residual = torch.randn(rows, 70, generator=g).to("cuda", dt)
+    got, want = ops.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0], ReferenceOps.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0]
+    torch.testing.assert_close(got.float(), want.float(), rtol=4 * ULP[dtype], atol=4 * ULP[dtype] * want.float().abs().max().item())
 
 @gpu_test
 @pytest.mark.parametrize("strategy", ["cuda fp32", "cuda fp16", "cuda bf16", "cuda fp16i8"])

@@ -27,10 +27,9 @@ CU_SOURCES = sorted(p.name for p in KERNELS.iterdir() if p.name.endswith(".cu"))
 # kernel -> (threads per block, instantiations: one per activation dtype and template variant)
 KERNEL_FAMILIES = {
     "wkv7_kernel": (128, 3),
-    "int8_matvec_kernel": (128, 24),
+    "matvec_kernel": (128, 24),
     "ln_mix_kernel": (256, 3),
     "wkv7_decode_kernel": (256, 3),
-    "activate_kernel": (256, 3),
 }
 REGISTERS_PER_SM, STATIC_SMEM_LIMIT = 65536, 48 * 1024
 
