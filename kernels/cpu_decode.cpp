@@ -7,13 +7,10 @@
 //   channel mixing: token shift, relu(K x)^2, V.
 // Activations are fp32 inside. Big matrices are fp32, bf16 or int8 with per-row scales; small
 // vectors and LoRA factors are fp32 copies made at load time.
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
-#include <initializer_list>
-#include <utility>
 #include <vector>
 
 extern "C" void gemv_bf16(int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads);
@@ -80,33 +77,13 @@ void gemv(const Mat& m, const float* x, float* y, std::vector<uint16_t>& tmp, in
 }
 
 // y[d] = sum_c x[c] A[c][d] for a LoRA factor A [C, D] stored row-major (input-major)
-struct Lora {
-    const float* x;
-    const float* A;
-    int64_t C, D;
-    float* y;
-};
-
-// Several LoRA products in one parallel region, each split into tiles of output columns. The
-// factors are ~1.8 MB of fp32 per layer of the 0.1B shape: read by one thread they cost more
-// than the int8 projections around them.
-void lora_products(std::initializer_list<Lora> jobs, int threads) {
-    constexpr int64_t kTile = 16;
-    std::vector<std::pair<const Lora*, int64_t>> tiles;  // (job, first column)
-    for (const Lora& job : jobs)
-        for (int64_t d = 0; d < job.D; d += kTile) tiles.emplace_back(&job, d);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (size_t t = 0; t < tiles.size(); ++t) {
-        const Lora& job = *tiles[t].first;
-        const int64_t d0 = tiles[t].second, d1 = std::min(job.D, d0 + kTile);
-        float acc[kTile] = {};
-        for (int64_t c = 0; c < job.C; ++c) {
-            const float xc = job.x[c];
-            const float* row = job.A + c * job.D;
+void lora(const float* x, const float* A, int64_t C, int64_t D, float* y) {
+    std::memset(y, 0, sizeof(float) * D);
+    for (int64_t c = 0; c < C; ++c) {
+        const float xc = x[c];
+        const float* row = A + c * D;
 #pragma omp simd
-            for (int64_t d = d0; d < d1; ++d) acc[d - d0] += xc * row[d];
-        }
-        std::copy(acc, acc + (d1 - d0), job.y + d0);
+        for (int64_t d = 0; d < D; ++d) y[d] += xc * row[d];
     }
 }
 
@@ -167,19 +144,17 @@ void decode_layer(const Layer* L, float* x, float* v_first, const float* att_x_i
     gemv(L->R, xr, r, tmp, threads);
     gemv(L->K, xk, k, tmp, threads);
     gemv(L->V, xv, v, tmp, threads);
-    const bool residual = L->v0 != nullptr;  // value residual LoRA (not in layer 0)
-    float* lv_up = out;                      // `out` is free until the output projection
-    lora_products({{xw, L->w1, C, L->Dw, lw}, {xa, L->a1, C, L->Da, la}, {xg, L->g1, C, L->Dg, lg},
-                   {xv, L->v1, C, residual ? L->Dv : 0, lv}},
-                  threads);
+    lora(xw, L->w1, C, L->Dw, lw);
     for (int64_t d = 0; d < L->Dw; ++d) lw[d] = std::tanh(lw[d]);
-    for (int64_t d = 0; d < L->Dg; ++d) lg[d] = sigmoid(lg[d]);
-    lora_products({{lw, L->w2, L->Dw, C, decay}, {la, L->a2, L->Da, C, a}, {lg, L->g2, L->Dg, C, g},
-                   {lv, L->v2, L->Dv, residual ? C : 0, lv_up}},
-                  threads);
+    lora(lw, L->w2, L->Dw, C, decay);
     const float scale = std::exp(-0.5f);
     for (int64_t c = 0; c < C; ++c) decay[c] = std::exp(-scale * sigmoid(L->w0[c] + decay[c]));
+    lora(xa, L->a1, C, L->Da, la);
+    lora(la, L->a2, L->Da, C, a);
     for (int64_t c = 0; c < C; ++c) a[c] = sigmoid(L->a0[c] + a[c]);
+    lora(xg, L->g1, C, L->Dg, lg);
+    for (int64_t d = 0; d < L->Dg; ++d) lg[d] = sigmoid(lg[d]);
+    lora(lg, L->g2, L->Dg, C, g);
     for (int64_t h = 0; h < H; ++h) {  // kk: unit-length per head (F.normalize, eps 1e-12)
         float norm = 0.f;
         for (int64_t n = 0; n < N; ++n) {
@@ -190,10 +165,12 @@ void decode_layer(const Layer* L, float* x, float* v_first, const float* att_x_i
         for (int64_t n = 0; n < N; ++n) kk[h * N + n] *= inv;
     }
     for (int64_t c = 0; c < C; ++c) k[c] = k[c] * (1.f + (a[c] - 1.f) * L->k_a[c]);
-    if (!residual) {
+    if (L->v0 == nullptr) {
         std::memcpy(v_first, v, sizeof(float) * C);
     } else {
-        for (int64_t c = 0; c < C; ++c) v[c] += (v_first[c] - v[c]) * sigmoid(L->v0[c] + lv_up[c]);
+        lora(xv, L->v1, C, L->Dv, lv);
+        lora(lv, L->v2, L->Dv, C, out);
+        for (int64_t c = 0; c < C; ++c) v[c] += (v_first[c] - v[c]) * sigmoid(L->v0[c] + out[c]);
     }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t h = 0; h < H; ++h) {  // the WKV-7 step, one head per thread
