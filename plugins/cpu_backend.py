@@ -1,7 +1,10 @@
 """The ``cpu`` backend: the torch backend's math with CPU kernels where the torch ops are slow.
 
 - ``wkv``: a C++ scan (``kernels/cpu_rwkv7.cpp``) over all T tokens, one (batch, head) per
-  thread, instead of a Python loop over tokens: prefill no longer pays per-token overhead.
+  thread, instead of a Python loop over tokens (for heads the fused prefill block cannot take).
+- ``block`` for other shapes (prefill): GEMMs through oneDNN (AVX512-BF16 for bf16; faster than
+  MKL's sgemm here for fp32) and the elementwise work between them, WKV scan included, in three
+  native kernels (``kernels/cpu_prefill.cpp``) instead of ~50 torch ops on [T, C] tensors.
 - ``block`` for one token (decode, batch 1): one native call per layer (:mod:`.cpu_fused`)
   instead of ~60 torch ops, with matrix-vector kernels that stream the weights (fp32 AVX512,
   AVX512-BF16 ``vdpbf16ps``, int8): decode reads every weight once per token, so it is bound by
@@ -27,7 +30,7 @@ from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.strategy import Placement
 
-KERNELS, FLAGS = ("cpu_rwkv7.cpp", "cpu_decode.cpp"), ("-O3", "-march=native", "-fopenmp")
+KERNELS, FLAGS = ("cpu_rwkv7.cpp", "cpu_decode.cpp", "cpu_prefill.cpp"), ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 MAX_HEAD_SIZE = 64  # the scan keeps one head's N x N state in a fixed local array
 
 
@@ -70,18 +73,23 @@ class CpuBackend(TorchBackend):
 
     def block(self, weights, x, v_first, state):
         lib = library()
-        if lib is None or x.shape[:2] != (1, 1):
+        decode, N = x.shape[:2] == (1, 1), state.att_kv.shape[2]
+        if lib is None or not decode and (N > MAX_HEAD_SIZE or N % 16):  # prefill: 16-float vectors per head
             return super().block(weights, x, v_first, state)
         layer = self._fused.get(id(weights))
         if layer is None:
             layer = self._fused[id(weights)] = cpu_fused.FusedLayer(weights, state.att_kv.shape[1])
-        return cpu_fused.decode_block(lib, layer, x, v_first, state, self.placement.dtype)
+        if decode:
+            return cpu_fused.decode_block(lib, layer, x, v_first, state, self.placement.dtype)
+        return cpu_fused.prefill_block(lib, layer, weights, x, v_first, state, self.linear)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lib = library()
-        kernel = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}.get(x.dtype) if lib is not None else None
-        if kernel is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
+        if lib is None:
             return F.linear(x, weight)
+        kernel = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}.get(x.dtype)
+        if kernel is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
+            return cpu_fused.gemm(x, weight)
         xc = x.contiguous()
         y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
         kernel(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())

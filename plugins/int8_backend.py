@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from rwkvkit.backend import Role
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import cache_dir
+from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.cpu_backend import CpuBackend, library
 from rwkvkit.quant import Int8Weight, quantize_per_channel
 from rwkvkit.strategy import Placement
@@ -100,7 +101,7 @@ class Int8Backend(CpuBackend):
             dense = torch.empty(weight.q.shape, dtype=x.dtype)
             bf16 = int(x.dtype == torch.bfloat16)
             lib.dequant_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), dense.data_ptr(), bf16, torch.get_num_threads())
-            return F.linear(x, dense)
+            return cpu_fused.gemm(x, dense)
         xf = x.to(torch.float32).contiguous()
         y = torch.empty(*x.shape[:-1], weight.q.shape[0], dtype=torch.float32)
         lib.gemv_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), xf.data_ptr(), y.data_ptr(), torch.get_num_threads())
