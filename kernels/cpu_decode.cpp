@@ -55,12 +55,6 @@ void gemv_f32_portable(const Mat& m, const float* x, float* y, int threads) {
     }
 }
 
-uint16_t to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
 // y = M x; `tmp` holds x rounded to bf16 for bf16 weights (as torch's bf16 linear rounds it)
 void gemv(const Mat& m, const float* x, float* y, std::vector<uint16_t>& tmp, int threads) {
     if (m.format == I8) {

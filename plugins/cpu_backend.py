@@ -50,8 +50,10 @@ def library() -> ctypes.CDLL | None:
     lib.gemv_f32.restype = None
     lib.gemv_i8.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int]
     lib.gemv_i8.restype = None
-    lib.dequant_i8.argtypes = [i64, i64, ptr, ptr, ptr, c_int, c_int]
-    lib.dequant_i8.restype = None
+    lib.quantize_rows_i8.argtypes = [i64, i64, ptr, c_int, ptr, ptr, c_int]
+    lib.quantize_rows_i8.restype = None
+    lib.rescale_i32.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int, c_int]
+    lib.rescale_i32.restype = None
     cpu_fused.declare(lib)
     return lib
 

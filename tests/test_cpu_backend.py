@@ -158,13 +158,15 @@ def test_fused_prefill_block_bf16_is_as_accurate_as_the_python_math(model_paths,
         assert _rel(a, exact) <= 1.5 * _rel(b, exact) + 2e-3
 
 
-@pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 2e-5), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
+@pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 0.03), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
 def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatch, spec, backend, tol):
     """Whole-model prefill in chunks of 1, 2, 64 and 93 tokens for a batch of 2, the state carried
     between chunks, against the same model with the Python block, logits and every state tensor.
-    fp32 and fp32i8 (same dequantized weights both ways): 2e-5 as for the oracle (measured 5e-7).
-    bf16: the Python path rounds each op to bf16, so the two differ by bf16 noise over 160 tokens
-    and 3 layers (measured 8e-3; 0.03 as for fused decode)."""
+    fp32: 2e-5 as for the oracle (measured 5e-7). bf16: the Python path rounds each op to bf16, so
+    the two differ by bf16 noise over 160 tokens and 3 layers (measured 8e-3; 0.03 as for fused
+    decode). fp32i8: both paths round GEMM inputs to int8 per row, and a last-bit difference can
+    move an activation across a rounding boundary, one step (1/127 of its row's max) apart
+    (measured 6e-3; 0.03 as for bf16)."""
     tokens = torch.randint(0, 65536, (2, 160), generator=torch.Generator().manual_seed(3))
     model = RWKV(model_paths["world"], spec, backend=backend)
 
