@@ -76,36 +76,47 @@ class GreedySampler(Sampler):
         return int(torch.argmax(logits))
 
 
-class MinPSampler(Sampler):
-    """Keep tokens with probability >= ``min_p`` x the top probability (Nguyen et al., 2024)."""
+class _FilteredSampler(Sampler):
+    """Temperature, then a filter that keeps part of the distribution; temperature 0 is greedy."""
 
-    name = "min_p"
-
-    def __init__(self, min_p: float = 0.05, temperature: float = 1.0) -> None:
-        self.min_p = _check("min_p", min_p, 0.0, 1.0)
+    def __init__(self, temperature: float) -> None:
         self.temperature = _check("temperature", temperature, 0.0)
 
     def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
         if self.temperature == 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.double() / self.temperature, dim=-1)
-        return _draw(torch.where(probs >= self.min_p * probs.max(), probs, 0.0), ctx)
+        return _draw(self._keep(torch.log_softmax(logits.double() / self.temperature, dim=-1)), ctx)
+
+    def _keep(self, logp: torch.Tensor) -> torch.Tensor:
+        """Unnormalised probabilities of the kept tokens (zero elsewhere), from log-probabilities."""
+        raise NotImplementedError
 
 
-class TypicalSampler(Sampler):
+class MinPSampler(_FilteredSampler):
+    """Keep tokens with probability >= ``min_p`` x the top probability (Nguyen et al., 2024)."""
+
+    name = "min_p"
+
+    def __init__(self, min_p: float = 0.05, temperature: float = 1.0) -> None:
+        super().__init__(temperature)
+        self.min_p = _check("min_p", min_p, 0.0, 1.0)
+
+    def _keep(self, logp: torch.Tensor) -> torch.Tensor:
+        probs = logp.exp()
+        return torch.where(probs >= self.min_p * probs.max(), probs, 0.0)
+
+
+class TypicalSampler(_FilteredSampler):
     """Locally typical sampling (Meister et al., 2022): keep the tokens whose surprisal is closest
     to the distribution's entropy, up to cumulative probability ``typical_p``."""
 
     name = "typical"
 
     def __init__(self, typical_p: float = 0.95, temperature: float = 1.0) -> None:
+        super().__init__(temperature)
         self.typical_p = _check("typical_p", typical_p, 0.0, 1.0)
-        self.temperature = _check("temperature", temperature, 0.0)
 
-    def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
-        if self.temperature == 0:
-            return int(torch.argmax(logits))
-        logp = torch.log_softmax(logits.double() / self.temperature, dim=-1)
+    def _keep(self, logp: torch.Tensor) -> torch.Tensor:
         probs = logp.exp()
         entropy = -(probs * torch.nan_to_num(logp, neginf=0.0)).sum()
         order = torch.argsort((-logp - entropy).abs(), stable=True)
@@ -113,7 +124,7 @@ class TypicalSampler(Sampler):
         n_keep = int((cum < self.typical_p).sum()) + 1  # the smallest set reaching typical_p
         kept = torch.zeros_like(probs)
         kept[order[:n_keep]] = probs[order[:n_keep]]
-        return _draw(kept, ctx)
+        return kept
 
 
 @hookimpl
