@@ -244,4 +244,16 @@ void decode_layer(const Layer* L, float* x, float* v_first, const float* att_x_i
     for (int64_t c = 0; c < C; ++c) x[c] += out[c];
 }
 
+// A stage's layers for one token, in order: one call from Python per token instead of one per
+// layer. att_in / ffn_in / att_out / ffn_out are [n, C] (layer i at row i), kv_out [n, H*N*N];
+// kv_in holds each layer's state pointer; x and v_first as for decode_layer.
+void decode_layers(int64_t n, const Layer* const* layers, float* x, float* v_first, const float* att_in, const float* const* kv_in,
+                   const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
+    for (int64_t i = 0; i < n; ++i) {
+        const Layer* L = layers[i];
+        const int64_t C = L->C, S = L->H * L->N * L->N;
+        decode_layer(L, x, v_first, att_in + i * C, att_out + i * C, kv_in[i], kv_out + i * S, ffn_in + i * C, ffn_out + i * C, threads);
+    }
+}
+
 }  // extern "C"

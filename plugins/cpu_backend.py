@@ -5,8 +5,8 @@
 - ``block`` for other shapes (prefill): GEMMs through oneDNN (AVX512-BF16 for bf16; faster than
   MKL's sgemm here for fp32) and the elementwise work between them, WKV scan included, in three
   native kernels (``kernels/cpu_prefill.cpp``) instead of ~50 torch ops on [T, C] tensors.
-- ``block`` for one token (decode, batch 1): one native call per layer (:mod:`.cpu_fused`)
-  instead of ~60 torch ops, with matrix-vector kernels that stream the weights (fp32 AVX512,
+- ``blocks`` for one token (decode, batch 1): one native call per stage (:mod:`.cpu_fused`)
+  instead of ~60 torch ops per layer, with matrix-vector kernels that stream the weights (fp32 AVX512,
   AVX512-BF16 ``vdpbf16ps``, int8): decode reads every weight once per token, so it is bound by
   memory bandwidth, and torch's bf16 GEMV is compute-bound here (see shared/PERF_NOTES.md).
 - ``linear`` for one row (the head, and decode when not fused): the same fp32 and bf16 kernels;
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,17 +74,28 @@ class CpuBackend(TorchBackend):
         super().__init__(placement)
         self._fused: dict[int, cpu_fused.FusedLayer] = {}  # by id() of the block's weights
 
-    def block(self, weights, x, v_first, state):
-        lib = library()
-        decode, N = x.shape[:2] == (1, 1), state.att_kv.shape[2]
-        if lib is None or not decode and (N > MAX_HEAD_SIZE or N % 16):  # prefill: 16-float vectors per head
-            return super().block(weights, x, v_first, state)
+    def _fused_layer(self, weights: Any, n_head: int) -> cpu_fused.FusedLayer:
         layer = self._fused.get(id(weights))
         if layer is None:
-            layer = self._fused[id(weights)] = cpu_fused.FusedLayer(weights, state.att_kv.shape[1])
-        if decode:
-            return cpu_fused.decode_block(lib, layer, x, v_first, state, self.placement.dtype)
-        return cpu_fused.prefill_block(lib, layer, weights, x, v_first, state, self.linear)
+            layer = self._fused[id(weights)] = cpu_fused.FusedLayer(weights, n_head)
+        return layer
+
+    def blocks(self, weights, x, v_first, states):
+        lib = library()
+        if lib is None or x.shape[:2] != (1, 1):
+            return super().blocks(weights, x, v_first, states)
+        layers = [self._fused_layer(w, s.att_kv.shape[1]) for w, s in zip(weights, states)]
+        return cpu_fused.decode_blocks(lib, layers, x, v_first, states, self.placement.dtype)
+
+    def block(self, weights, x, v_first, state):
+        lib = library()
+        N = state.att_kv.shape[2]
+        if lib is None or x.shape[:2] != (1, 1) and (N > MAX_HEAD_SIZE or N % 16):  # prefill: 16-float vectors per head
+            return super().block(weights, x, v_first, state)
+        if x.shape[:2] == (1, 1):
+            x, v_first, (state,) = self.blocks([weights], x, v_first, [state])
+            return x, v_first, state
+        return cpu_fused.prefill_block(lib, self._fused_layer(weights, state.att_kv.shape[1]), weights, x, v_first, state, self.linear)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lib = library()

@@ -1,7 +1,7 @@
 """Fused blocks for the ``cpu`` and ``int8`` backends.
 
-Decode: one native call per block for one token (``decode_layer`` in ``kernels/cpu_decode.cpp``)
-instead of ~60 torch ops. Prefill (any other shape): the GEMMs in torch (oneDNN: AVX512-BF16 for
+Decode: one native call per stage for one token (``decode_layers`` in ``kernels/cpu_decode.cpp``)
+instead of ~60 torch ops per layer. Prefill (any other shape): the GEMMs in torch (oneDNN: AVX512-BF16 for
 bf16) and the elementwise work between them in three native kernels (``kernels/cpu_prefill.cpp``)
 instead of ~50 torch ops that each read and wrote whole [T, C] tensors.
 
@@ -14,7 +14,7 @@ this path to it.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -79,20 +79,24 @@ class FusedLayer:
         self.ffn_mixes = (ctypes.c_void_p * 1)(st.ffn_x_k)
 
 
-def decode_block(lib: ctypes.CDLL, layer: FusedLayer, x: torch.Tensor, v_first: torch.Tensor | None, s: LayerState, dtype: torch.dtype):
-    """``rwkv7.block`` for ``x [1, 1, C]``; returns ``(x, v_first, new LayerState)``."""
-    C = x.shape[-1]
-    H = s.att_kv.shape[1]
+def decode_blocks(lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype):
+    """``rwkv7.block`` on each layer in turn for ``x [1, 1, C]``, in one native call
+    (``decode_layers``); returns ``(x, v_first, new LayerStates)``. The new states are rows of
+    three stacked buffers (one allocation each instead of three per layer)."""
+    n, C = len(layers), x.shape[-1]
     x32 = x.reshape(C).to(torch.float32, copy=True)
-    vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32).contiguous()
-    att_in, ffn_in = (t.reshape(C).to(torch.float32).contiguous() for t in (s.att_x_prev, s.ffn_x_prev))
-    kv_in = s.att_kv.reshape(H, -1).contiguous()
-    att_out, ffn_out, kv_out = torch.empty(C), torch.empty(C), torch.empty_like(kv_in)
-    lib.decode_layer(
-        ctypes.byref(layer.struct), *(t.data_ptr() for t in (x32, vf, att_in, att_out, kv_in, kv_out, ffn_in, ffn_out)), torch.get_num_threads()
-    )
-    state = LayerState(att_out.view(1, C).to(dtype), kv_out.view_as(s.att_kv), ffn_out.view(1, C).to(dtype))
-    return x32.view(1, 1, C).to(dtype), vf.view(1, 1, C).to(dtype), state
+    vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32, copy=True)  # read, or written by layer 0
+    att_in, ffn_in = (torch.stack([getattr(s, name).reshape(C) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
+    kv_in = [s.att_kv.contiguous() for s in states]
+    att_out, ffn_out, kv_out = torch.empty(n, C), torch.empty(n, C), torch.empty(n, *kv_in[0].shape)
+    lib.decode_layers(
+        n, (ctypes.c_void_p * n)(*(ctypes.addressof(layer.struct) for layer in layers)), x32.data_ptr(), vf.data_ptr(), att_in.data_ptr(),
+        (ctypes.c_void_p * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(), ffn_out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    att_out, ffn_out = att_out.to(dtype), ffn_out.to(dtype)
+    new_states = [LayerState(att_out[i : i + 1], kv_out[i], ffn_out[i : i + 1]) for i in range(n)]
+    return x32.view(1, 1, C).to(dtype), vf.view(1, 1, C).to(dtype), new_states
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torch.Tensor:
@@ -155,8 +159,8 @@ def prefill_block(
 
 def declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.decode_layer.argtypes = [ptr, *[ptr] * 8, c_int]
-    lib.decode_layer.restype = None
+    lib.decode_layers.argtypes = [i64, ptr, *[ptr] * 8, c_int]
+    lib.decode_layers.restype = None
     lib.prefill_mix.argtypes = [ptr, i64, i64, *[ptr] * 6, i64, ptr, ptr, c_int, c_int]
     lib.prefill_mix.restype = None
     lib.prefill_wkv.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, c_int]

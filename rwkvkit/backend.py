@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from enum import Enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,15 @@ class Backend(ABC):
         from rwkvkit.models import rwkv7  # the math module imports this one
 
         return rwkv7.block(self, weights, x, v_first, state)
+
+    def blocks(self, weights: Iterable[Any], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None, list[Any]]:
+        """A stage's blocks in order (``block`` on each); a backend may run them all in one native
+        call, where per-layer Python overhead is a visible share of a decoded token."""
+        new_states = []
+        for w, s in zip(weights, states):
+            x, v_first, s = self.block(w, x, v_first, s)
+            new_states.append(s)
+        return x, v_first, new_states
 
     def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a table prepared with ``Role.EMBEDDING``: ``ids [B, T] -> [B, T, C]``."""

@@ -148,9 +148,8 @@ class Model:
             x = x.to(p.device, p.dtype)
             v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
             blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
-            for i, weights in zip(stage.layers, blocks):
-                x, v_first, layer_state = stage.ops.block(weights, x, v_first, state.layers[i])
-                layers.append(layer_state)
+            x, v_first, new_states = stage.ops.blocks(blocks, x, v_first, state.layers[stage.layers.start : stage.layers.stop])
+            layers += new_states
         if not full_output:
             x = x[:, -1]
         return rwkv7.head(self.stages[-1].ops, self.head, x).float(), layers

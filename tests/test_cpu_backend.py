@@ -92,6 +92,7 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
         return torch.stack(outs), state
 
     fused, fused_state = run()
+    monkeypatch.setattr(CpuBackend, "blocks", TorchBackend.blocks)  # the default: `block` per layer
     monkeypatch.setattr(CpuBackend, "block", TorchBackend.block)
     ref, ref_state = run()
     assert float((fused - ref).abs().max() / ref.abs().max()) < tol
@@ -178,6 +179,7 @@ def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatc
         return torch.cat(outs, dim=1), state
 
     fused, fused_state = run()
+    monkeypatch.setattr(CpuBackend, "blocks", TorchBackend.blocks)  # the default: `block` per layer
     monkeypatch.setattr(CpuBackend, "block", TorchBackend.block)
     ref, ref_state = run()
     assert _rel(fused, ref) < tol
