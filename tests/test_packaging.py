@@ -60,7 +60,8 @@ def test_wheel_installs_into_a_fresh_venv(tmp_path, model_paths):
     py = fresh_venv(tmp_path, REPO)
     files = _shipped_files()
     assert any(f.startswith("rwkvkit.plugins:") for f in files)
-    proc = subprocess.run([str(py), "-c", CHECK, str(model_paths["tiny"]), *files], capture_output=True, text=True, cwd=tmp_path)
+    # a RuntimeWarning here would be the native kernels failing to build from the installed sources
+    proc = subprocess.run([str(py), "-W", "error::RuntimeWarning", "-c", CHECK, str(model_paths["tiny"]), *files], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ok (2048,)" in proc.stdout
     run = subprocess.run([str(py), "-c", RUN_CHECK, str(model_paths["world"]), str(tmp_path / "run")], capture_output=True, text=True, cwd=tmp_path)
