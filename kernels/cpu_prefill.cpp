@@ -3,8 +3,7 @@
 // these kernels replace the ~50 torch elementwise ops between them, each of which read and wrote
 // whole [T, C] tensors in bf16 at ~1 ms per op for 512 tokens. Same math as rwkvkit/models/rwkv7.py,
 // in fp32 inside; activations are read and written in the GEMM dtype (fp32 or bf16, `bf16` flag).
-// Appended to cpu_rwkv7.cpp and cpu_decode.cpp (one translation unit): reuses `Layer`, `to_bf16`,
-// `bf16_to_f32`, `sigmoid` from there.
+// Appended to cpu_rwkv7.cpp and cpu_decode.cpp (one translation unit): reuses their `Layer`.
 //   prefill_mix: [x += add;] layer norm, token shift and the n lerp mixes of a block's input;
 //   prefill_wkv: decay, a, kk, k, value residual, WKV-7 scan, ln_x, bonus and gate, per (batch, head);
 //   relu_square: the FFN activation, in place.

@@ -1,5 +1,6 @@
-// Device-side conversions between the activation dtypes and float, spelled with explicit
-// intrinsics: PyTorch's extension builds define __CUDA_NO_HALF_CONVERSIONS__ and friends.
+// Device-side helpers shared by the kernels: conversions between the activation dtypes and float
+// (spelled with explicit intrinsics: PyTorch's extension builds define __CUDA_NO_HALF_CONVERSIONS__
+// and friends), warp sums, a float4 dot product and the sigmoid.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -28,5 +29,9 @@ __device__ __forceinline__ float group_sum(float x) {
   for (int offset = width / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
   return x;
 }
+
+__device__ __forceinline__ float dot4(float4 x, float4 y) { return fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, x.x * y.x))); }
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
 
 }  // namespace rwkvkit

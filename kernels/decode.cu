@@ -36,10 +36,6 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   return total;
 }
 
-__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
-
-__device__ __forceinline__ float dot4(float4 x, float4 y) { return fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, x.x * y.x))); }
-
 // ---------------------------------------------------------------- ln_mix: one block per sequence
 
 template <typename T>

@@ -89,7 +89,7 @@ __device__ __forceinline__ void row_dot(const Weight* __restrict__ w_row, const 
 __device__ __forceinline__ float apply(Epilogue epilogue, float v) {
   switch (epilogue) {
     case Epilogue::tanh: return tanhf(v);
-    case Epilogue::sigmoid: return 1.f / (1.f + __expf(-v));
+    case Epilogue::sigmoid: return sigmoid(v);
     case Epilogue::relu_square: return v > 0.f ? v * v : 0.f;
     default: return v;
   }

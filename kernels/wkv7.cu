@@ -76,8 +76,6 @@ struct Chunk {
 
 __device__ __forceinline__ float4 vec4(const float (&row)[N], int group) { return reinterpret_cast<const float4*>(row)[group]; }
 
-__device__ __forceinline__ float dot4(float4 x, float4 y) { return fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, x.x * y.x))); }
-
 // Pairwise sum of the per-group partial dot products: dependency depth log2(kGroups) instead of a
 // chain through every column (the compiler may not reassociate float additions itself).
 __device__ __forceinline__ float tree_sum(float (&x)[kGroups]) {

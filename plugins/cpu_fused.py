@@ -122,7 +122,7 @@ def prefill_block(
     lib: ctypes.CDLL, layer: FusedLayer, w: BlockWeights, x: torch.Tensor, v_first: torch.Tensor | None, s: LayerState, linear: Linear
 ) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
     """``rwkv7.block`` for ``x [B, T, C]``: the big projections through ``linear`` (the backend's:
-    int8 dequantizes there), the LoRAs through :func:`gemm`, the rest in native kernels. GEMM inputs
+    an int8 GEMM for int8 weights), the LoRAs through :func:`gemm`, the rest in native kernels. GEMM inputs
     and outputs are in x's dtype, as in the reference; the residual stream stays fp32 inside the
     block. Returns ``(x, v_first, new LayerState)``."""
     B, T, C = x.shape
