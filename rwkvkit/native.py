@@ -1,8 +1,11 @@
 """Small C++ kernels from ``kernels/``, compiled on first use and called through ctypes.
 
-A plain C ABI needs no Python or torch headers, so a build takes about a second. Builds go to the
+A plain C ABI needs no Python or torch headers, so a build takes a few seconds. Builds go to the
 user cache (never at import time: a compiler may be slow or missing), keyed by a hash of the
-source, flags and platform, and are written atomically so concurrent first uses are safe.
+source, flags and platform. A build is written atomically, then its size and sha256 go to a
+sidecar record (also atomically); a later process loads a cached library only when it matches its
+record, and rebuilds it otherwise, because ``dlopen`` of a truncated library kills the process
+with SIGBUS and a foreign one lacks our symbols.
 """
 
 from __future__ import annotations
@@ -16,8 +19,12 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from importlib import resources
 from pathlib import Path
+
+STALE_AFTER_S = 30 * 86400  # other builds of a kernel unused this long are removed by a new build
 
 
 def cache_dir() -> Path:
@@ -34,9 +41,32 @@ def load_library(kernels: str | tuple[str, ...], flags: tuple[str, ...] = ()) ->
     source = b"\n".join(resources.files("rwkvkit.kernels").joinpath(name).read_bytes() for name in names)
     digest = hashlib.sha256(source + repr(flags).encode() + _host_signature().encode()).hexdigest()[:16]
     path = cache_dir() / f"{Path(names[0]).stem}-{digest}.so"
-    if not path.exists():
+    if not _verified(path):
         _compile(source, path, flags)
-    return ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # our own build, yet unloadable (e.g. a system library it linked changed)
+        _compile(source, path, flags)
+        lib = ctypes.CDLL(str(path))
+    _touch(path)
+    return lib
+
+
+def _record(path: Path) -> Path:
+    return path.with_name(f"{path.name}.sha256")
+
+
+def _fingerprint(path: Path) -> str:
+    data = path.read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def _verified(path: Path) -> bool:
+    """Whether ``path`` is the library its record describes (checked before any ``dlopen``)."""
+    try:
+        return _record(path).read_text().strip() == _fingerprint(path)
+    except OSError:  # no library or no record
+        return False
 
 
 def _host_signature() -> str:
@@ -54,9 +84,45 @@ def _compile(source: bytes, target: Path, flags: tuple[str, ...]) -> None:
     if not compiler:
         raise OSError("no C++ compiler found: install g++ or clang++, or set CXX")
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    partial = _temporary(target)
     command = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", *flags, "-x", "c++", "-", "-o", str(partial)]
-    result = subprocess.run(command, input=source, capture_output=True)
-    if result.returncode:
-        raise OSError(f"{shlex.join(command)} failed: {result.stderr.decode(errors='replace').strip()[-1000:]}")
-    os.replace(partial, target)  # atomic, so a concurrent first use never loads a half-written file
+    try:
+        result = subprocess.run(command, input=source, capture_output=True)
+        if result.returncode:
+            raise OSError(f"{shlex.join(command)} failed: {result.stderr.decode(errors='replace').strip()[-1000:]}")
+        fingerprint = _fingerprint(partial)
+        os.replace(partial, target)  # atomic, so no process ever sees a half-written library
+    finally:
+        partial.unlink(missing_ok=True)
+    record = _temporary(target)
+    record.write_text(fingerprint + "\n")
+    os.replace(record, _record(target))  # only now, with the library in place, does it verify
+    _remove_stale_builds(target)
+
+
+def _temporary(target: Path) -> Path:
+    """A fresh file next to ``target`` (same file system, so ``os.replace`` is atomic)."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".tmp")
+    os.close(fd)
+    return Path(name)
+
+
+def _touch(path: Path) -> None:
+    """Marks a build as in use, so :func:`_remove_stale_builds` keeps it."""
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache is fine to load from
+        pass
+
+
+def _remove_stale_builds(target: Path) -> None:
+    """Every source change makes a new build: drop the other builds of this kernel (and their
+    records) that nobody loaded for :data:`STALE_AFTER_S`. A process still using one keeps its copy."""
+    stem = target.name.rsplit("-", 1)[0]
+    for other in target.parent.glob(f"{stem}-{'[0-9a-f]' * 16}.so"):
+        try:
+            if other != target and time.time() - other.stat().st_mtime > STALE_AFTER_S:
+                other.unlink()
+                _record(other).unlink(missing_ok=True)
+        except OSError:  # removed meanwhile by another process
+            pass
