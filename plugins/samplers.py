@@ -6,6 +6,7 @@ All draw from the run's seeded ``torch.Generator``, so the same seed gives the s
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -16,10 +17,18 @@ from rwkvkit.interfaces import SampleContext, Sampler
 
 
 def _check(name: str, value: float, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+    """A finite real in [low, high] (bools refused: ``True`` is not a temperature)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and low <= value <= high):
         bound = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
-        raise InputError(f"sampling option {name}={value!r}: expected a number {bound}")
+        raise InputError(f"sampling option {name}={value!r}: expected a finite number {bound}")
     return float(value)
+
+
+def _check_count(name: str, value: int) -> int:
+    """A non-negative integer; ``1.7`` is refused rather than silently truncated."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+        raise InputError(f"sampling option {name}={value!r}: expected an integer >= 0 (0 = no limit)")
+    return int(value)
 
 
 def nucleus_probs(probs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
@@ -56,15 +65,29 @@ class NucleusSampler(Sampler):
     def __init__(self, temperature: float = 1.0, top_p: float = 0.85, top_k: int = 0) -> None:
         self.temperature = _check("temperature", temperature, 0.0)
         self.top_p = _check("top_p", top_p, 0.0, 1.0)
-        self.top_k = int(_check("top_k", top_k, 0))
+        self.top_k = _check_count("top_k", top_k)
 
     def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
         temperature, top_p = (1.0, 0.0) if self.temperature == 0 else (self.temperature, self.top_p)
         probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
         kept = torch.from_numpy(nucleus_probs(probs, top_p, self.top_k)).double()
         if temperature != 1.0:
-            kept = kept ** (1.0 / temperature)
+            kept = sharpen(kept, temperature)
         return _draw(kept, ctx)
+
+
+def sharpen(kept: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ChatRWKV's ``kept ** (1 / temperature)`` (unnormalised, zeros stay zero).
+
+    At very low temperatures that power underflows (for 65,536 tokens every weight does below
+    T ~ 0.015) and ``multinomial`` would refuse an all-zero distribution; then the same
+    weights are computed in log space relative to the most probable token, which stays at 1.
+    Ordinary temperatures take the plain power, so their draws are exactly as before.
+    """
+    powered = kept ** (1.0 / temperature)
+    if powered.max() >= torch.finfo(powered.dtype).tiny:  # a normal double: full precision kept
+        return powered
+    return torch.exp((kept.log() - kept.max().log()) / temperature)
 
 
 class GreedySampler(Sampler):

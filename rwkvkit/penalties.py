@@ -3,7 +3,9 @@ penalties over occurrence counts that decay with every generated token."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 from typing import Sequence
 
 import torch
@@ -15,20 +17,43 @@ from rwkvkit.errors import InputError
 _FREE_TEXT = " \t0123456789"
 
 
+def _number(name: str, value: float, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and low <= value <= high):
+        bound = f" in [{low:g}, {high:g}]" if math.isfinite(low) else ""
+        raise InputError(f"{name}={value!r}: expected a finite number{bound}")
+    return float(value)
+
+
+def is_token_id(value: object) -> bool:
+    """An integer id (numpy ints too); ``True``/``False`` are not ids."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 @dataclass
 class Penalties:
+    """Checked on construction; ``check`` adds what needs the model (ids within the vocabulary)."""
+
     presence: float = 0.0  # subtracted once a token has occurred
     frequency: float = 0.0  # subtracted per (decayed) occurrence
     decay: float = 1.0  # every count is multiplied by this after each generated token
     ban: Sequence[int] = ()
     counts: dict[int, float] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.presence = _number("alpha_presence", self.presence)
+        self.frequency = _number("alpha_frequency", self.frequency)
+        self.decay = _number("alpha_decay", self.decay, 0.0, 1.0)
+        if isinstance(self.ban, (str, bytes)) or not isinstance(self.ban, Sequence):
+            raise InputError(f"token_ban={self.ban!r:.80}: expected a list of token ids")
+        bad = [t for t in self.ban if not is_token_id(t)]
+        if bad:
+            raise InputError(f"token_ban has non-integer value(s) {bad[:5]!r}: expected token ids")
+        self.ban = [int(t) for t in self.ban]
+
     def check(self, vocab_size: int) -> None:
-        bad = [t for t in self.ban if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size]
+        bad = [t for t in self.ban if not 0 <= t < vocab_size]
         if bad:
             raise InputError(f"token_ban has id(s) {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise InputError(f"alpha_decay={self.decay!r}: expected a number in [0, 1]")
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """A penalised copy of ``logits``."""
