@@ -92,25 +92,47 @@ class JsonlCallback(Callback):
         self._write({"event": "text", "text": piece})
 
     def on_end(self, result: Any) -> None:
-        self._write({"event": "end", "text": result.text, "tokens": result.tokens, "stop_reason": result.stop_reason, "metrics": result.metrics})
+        self._write({"event": "end", "text": result.text, "tokens": result.tokens, "stop_reason": result.stop_reason, "stop": result.stop, "metrics": result.metrics})
         self._file.close()
 
 
 class ProgressCallback(Callback):
-    """A tqdm progress bar on stderr, for long generations."""
+    """tqdm progress bars on stderr: prefill of a prompt longer than one chunk (long prompts take
+    minutes), then the generated tokens (``decode=False``: the prefill bar only)."""
 
     name = "progress"
 
-    def on_start(self, run: Any) -> None:
-        from tqdm import tqdm
+    def __init__(self, decode: bool = True) -> None:
+        self.decode = decode
+        self._prefill = self._bar = None
 
-        self._bar = tqdm(total=run.token_count, unit="tok", file=sys.stderr, leave=False)
+    def on_start(self, run: Any) -> None:
+        self._prefill = self._bar = None
+        self._token_count = run.token_count
+
+    def on_prefill(self, done: int, total: int) -> None:
+        if self._prefill is None and done < total:  # the first of several chunks
+            self._prefill = _bar(total, "prefill")
+        if self._prefill is not None:
+            self._prefill.update(done - self._prefill.n)
+            if done == total:
+                self._prefill.close()
 
     def on_token(self, token: int) -> None:
-        self._bar.update(1)
+        if self.decode:
+            self._bar = self._bar or _bar(self._token_count, "generate")
+            self._bar.update(1)
 
     def on_end(self, result: Any) -> None:
-        self._bar.close()
+        for bar in (self._prefill, self._bar):
+            if bar is not None:
+                bar.close()
+
+
+def _bar(total: int, desc: str) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
 
 
 @hookimpl

@@ -6,18 +6,19 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from rwkvkit.checkpoint import load_checkpoint
-from rwkvkit.generation import GenerationResult, generate
+from rwkvkit.generation import GenerationResult, check_chunk_len, generate
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
 from rwkvkit.plugins.samplers import NucleusSampler
 from rwkvkit.resolve import CallbackLike, as_callbacks, resolve_sampler, resolve_tokenizer
 from rwkvkit.state import State
+from rwkvkit.stops import split_stops
 from rwkvkit.strategy import parse_strategy
 
 
@@ -47,7 +48,12 @@ class RWKV(Model):
 
 
 class PIPELINE_ARGS:  # noqa: N801 - ChatRWKV's name
-    """ChatRWKV's generation options, with its defaults."""
+    """ChatRWKV's generation options, with its defaults, checked on construction and again by
+    ``PIPELINE.generate`` (ChatRWKV programs also set attributes afterwards).
+
+    ``token_stop`` takes token ids and stop strings; ``chunk_len=None`` (the default here) lets
+    generation pick a prefill chunk for speed, an integer is honoured exactly.
+    """
 
     def __init__(
         self,
@@ -58,8 +64,8 @@ class PIPELINE_ARGS:  # noqa: N801 - ChatRWKV's name
         alpha_presence: float = 0.2,
         alpha_decay: float = 0.996,
         token_ban: Sequence[int] = (),
-        token_stop: Sequence[int] = (),
-        chunk_len: int = 256,
+        token_stop: Sequence[int | str] = (),
+        chunk_len: int | None = None,
     ) -> None:
         self.temperature = temperature
         self.top_p = top_p
@@ -67,9 +73,24 @@ class PIPELINE_ARGS:  # noqa: N801 - ChatRWKV's name
         self.alpha_frequency = alpha_frequency
         self.alpha_presence = alpha_presence
         self.alpha_decay = alpha_decay
-        self.token_ban = list(token_ban)
-        self.token_stop = list(token_stop)
+        self.token_ban = list(token_ban) if isinstance(token_ban, Iterable) and not isinstance(token_ban, (str, bytes)) else token_ban
+        self.token_stop = list(token_stop) if isinstance(token_stop, Iterable) and not isinstance(token_stop, (str, bytes)) else token_stop
         self.chunk_len = chunk_len
+        self.check()
+
+    def sampler(self) -> NucleusSampler:
+        return NucleusSampler(self.temperature, self.top_p, self.top_k)
+
+    def penalties(self) -> Penalties:
+        return Penalties(self.alpha_presence, self.alpha_frequency, self.alpha_decay, self.token_ban)
+
+    def check(self) -> None:
+        """Raise InputError naming the first option out of range (ids against a vocabulary are
+        checked when generating)."""
+        self.sampler()
+        self.penalties()
+        split_stops(self.token_stop)
+        check_chunk_len(self.chunk_len)
 
 
 class PIPELINE:  # noqa: N801 - ChatRWKV's name
@@ -112,14 +133,15 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         nucleus sampler built from ``args``; ``return_result=True`` returns the full
         :class:`GenerationResult` (tokens, final state, metrics)."""
         args = args or PIPELINE_ARGS()
-        chosen = resolve_sampler(sampler, sampler_options) if sampler is not None else NucleusSampler(args.temperature, args.top_p, args.top_k)
+        args.check()
+        chosen = resolve_sampler(sampler, sampler_options) if sampler is not None else args.sampler()
         result = generate(
             self.model,
             self.tokenizer,
             ctx,
             token_count=token_count,
             sampler=chosen,
-            penalties=Penalties(args.alpha_presence, args.alpha_frequency, args.alpha_decay, args.token_ban),
+            penalties=args.penalties(),
             stop_tokens=args.token_stop,
             chunk_len=args.chunk_len,
             state=state,

@@ -18,6 +18,7 @@ from rwkvkit.errors import InputError
 from rwkvkit.interfaces import Sampler
 from rwkvkit.penalties import Penalties
 from rwkvkit.resolve import resolve_sampler
+from rwkvkit.stops import split_stops
 
 @dataclass
 class ModelConfig:
@@ -45,8 +46,8 @@ class SamplingConfig:
     alpha_presence: float = 0.2
     alpha_decay: float = 0.996
     token_ban: List[int] = field(default_factory=list)
-    token_stop: List[int] = field(default_factory=list)
-    chunk_len: int = 256
+    token_stop: List[Any] = field(default_factory=list)  # token ids (ChatRWKV) and/or stop strings, e.g. [0, "\n\n"]
+    chunk_len: Optional[int] = None  # prompt tokens per forward call; null: chosen for speed (bounded memory)
 
 
 @dataclass
@@ -93,3 +94,11 @@ def make_penalties(cfg: SamplingConfig, vocab_size: int | None = None) -> Penalt
     if vocab_size is not None:
         penalties.check(vocab_size)
     return penalties
+
+
+def make_stops(cfg: SamplingConfig) -> list[int | str]:
+    """``token_stop`` as ``generate``'s ``stop_tokens``, checked (``List[Any]`` lets any value through
+    composition, so floats, booleans and nulls are refused here, before a model loads)."""
+    stops = list(cfg.token_stop)
+    split_stops(stops, "sampling.token_stop")
+    return stops

@@ -52,7 +52,10 @@ class SampleContext:
 
 
 class Sampler(ABC):
-    """Picks the next token from float32 logits ``[V]`` (after bans and penalties were applied)."""
+    """Picks the next token from float32 logits ``[V]`` (after bans and penalties were applied).
+
+    ``sample`` returns an int id in ``0..V-1``; generation refuses anything else, naming the sampler.
+    """
 
     name: str = ""
 
@@ -70,9 +73,15 @@ class Callback:
     def on_start(self, run: Any) -> None:
         """``run`` is the :class:`rwkvkit.generation.RunInfo` of the generation."""
 
+    def on_prefill(self, done: int, total: int) -> None:
+        """After each prompt chunk: ``done`` of ``total`` prompt tokens are in the state (for
+        progress on long prompts, which can take minutes)."""
+
     def on_token(self, token: int) -> None: ...
 
     def on_text(self, piece: str) -> None: ...
 
     def on_end(self, result: Any) -> None:
-        """``result`` is the :class:`rwkvkit.generation.GenerationResult`."""
+        """``result`` is the :class:`rwkvkit.generation.GenerationResult`. Called on every way
+        out once ``on_start`` returned: ``result.stop_reason`` is ``interrupted`` (Ctrl-C) or
+        ``error`` when an exception (re-raised afterwards) ended the generation."""

@@ -39,6 +39,8 @@ def as_callbacks(items: CallbackLike | Iterable[CallbackLike] | None) -> list[Ca
         return []
     if isinstance(items, (Callback, str)) or callable(items):
         items = [items]
+    elif not isinstance(items, Iterable):
+        raise InputError(f"callback={items!r:.80}: expected a Callback, a function taking text, a registered name, or a list of these")
     out = []
     for item in items:
         if isinstance(item, Callback):

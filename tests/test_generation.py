@@ -157,14 +157,21 @@ def _by_name(name):
     return registry.get("callbacks", name)()
 
 
+def _set_after_construction(**options):
+    """As ChatRWKV programs do (``args.top_p = ...``): bypasses the constructor's checks."""
+    args = PIPELINE_ARGS()
+    vars(args).update(options)
+    return args
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
         (dict(token_count=-1), InputError, "token_count=-1"),
-        (dict(args=PIPELINE_ARGS(top_p=1.5)), InputError, "top_p=1.5"),
-        (dict(args=PIPELINE_ARGS(temperature=-0.5)), InputError, "temperature=-0.5"),
-        (dict(args=PIPELINE_ARGS(token_ban=[65536])), InputError, "token_ban has id"),
-        (dict(args=PIPELINE_ARGS(chunk_len=0)), InputError, "chunk_len=0"),
+        (dict(args=_set_after_construction(top_p=1.5)), InputError, "top_p=1.5"),
+        (dict(args=_set_after_construction(temperature=-0.5)), InputError, "temperature=-0.5"),
+        (dict(args=_set_after_construction(token_ban=[65536])), InputError, "token_ban has id"),
+        (dict(args=_set_after_construction(chunk_len=0)), InputError, "chunk_len=0"),
         (dict(sampler="nope"), PluginError, "unknown sampler 'nope'; available: greedy, min_p, nucleus, typical"),
         (dict(sampler="min_p", sampler_options={"top_q": 1}), InputError, "does not accept options"),
         (dict(callback="nope"), PluginError, "unknown callback 'nope'; available: jsonl, metrics, progress, stdout"),

@@ -1,0 +1,56 @@
+"""Saying where a model's NaN/Inf comes from, instead of letting it reach the sampler.
+
+Bad weights (a corrupted or badly converted checkpoint) or an overflowing dtype give non-finite
+logits; sampling from them would silently produce garbage or blame the bans.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from rwkvkit.errors import RwkvkitError
+from rwkvkit.model import Model
+from rwkvkit.state import State
+
+
+def bad_logits(logits: torch.Tensor) -> str | None:
+    """``"NaN"`` or ``"+inf"`` if ``logits`` hold one (``-inf`` is a zero probability, allowed)."""
+    if torch.isfinite(logits).all():
+        return None
+    if torch.isnan(logits).any():
+        return "NaN"
+    return "+inf" if torch.isposinf(logits).any() else None
+
+
+@torch.inference_mode()
+def first_nonfinite(model: Model, tokens: Sequence[int], state: State | None) -> str:
+    """Rerun one forward step block by block and name the first part whose output is not finite."""
+    state = model.zero_state() if state is None else model.adopt_state(state)
+    x = model.stages[0].ops.embed(model.emb, torch.tensor([list(tokens)]))
+    if not torch.isfinite(x).all():
+        return "the embedding (emb.weight, blocks.0.ln0)"
+    v_first = None
+    for stage in model.stages:
+        p = stage.ops.placement
+        x = x.to(p.device, p.dtype)
+        v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
+        blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
+        for i, weights, layer_state in zip(stage.layers, blocks, state.layers[stage.layers.start : stage.layers.stop]):
+            x, v_first, _ = stage.ops.block(weights, x, v_first, layer_state)
+            if not torch.isfinite(x).all():
+                return f"layer {i} (blocks.{i}.*)"
+    return "the output head (ln_out, head.weight)"
+
+
+def check_logits(logits: torch.Tensor, model: Model, tokens: Sequence[int], state: State | None, where: str) -> None:
+    """Raise a RwkvkitError naming the first non-finite layer if the step ``tokens`` from ``state``
+    gave NaN/+inf ``logits``; ``where`` says which step it was."""
+    kind = bad_logits(logits)
+    if kind is not None:
+        raise RwkvkitError(
+            f"the model produced non-finite logits ({kind}) {where}; the first non-finite output is that of "
+            f"{first_nonfinite(model, tokens, state)}: the checkpoint's weights there may hold NaN/Inf "
+            f"(check {model.checkpoint_path}), or activations overflow in this strategy's dtype (try fp32)"
+        )
