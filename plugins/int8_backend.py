@@ -21,7 +21,7 @@ codes instead of quantizing again. Nothing is written next to the user's files.
 from __future__ import annotations
 
 import hashlib
-import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from rwkvkit.backend import Role
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.native import cache_dir
+from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.plugins.cpu_backend import CpuBackend, library
 from rwkvkit.quant import Int8Weight, quantize_per_channel
 from rwkvkit.strategy import Placement
@@ -54,22 +54,38 @@ def _cache_path(w: torch.Tensor) -> Path:
 
 
 def quantize_cached(w: torch.Tensor) -> Int8Weight:
-    """:func:`quantize_per_channel`, reusing an earlier result from the disk cache."""
+    """:func:`quantize_per_channel`, reusing an earlier result from the disk cache. An entry that
+    is unreadable or does not fit ``w`` (shape, dtypes, finite scales) is rebuilt, never trusted:
+    the kernels index ``q`` by its own shape."""
     from safetensors.torch import load_file, save_file
 
     path = _cache_path(w)
     if path.is_file():
         try:
-            data = load_file(str(path))
-            return Int8Weight(data["q"], data["scale"])
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            path.unlink(missing_ok=True)
+            cached = _fitting(load_file(str(path)), w)
+        except Exception:  # whatever the damage, the entry is rebuilt
+            cached = None
+        if cached is not None:
+            return cached
     weight = quantize_per_channel(w)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"q": weight.q, "scale": weight.scale}, str(tmp))
-    os.replace(tmp, path)
+    try:
+        write_atomically(path, lambda tmp: save_file({"q": weight.q, "scale": weight.scale}, str(tmp)))
+    except OSError as exc:
+        reason = exc.strerror or exc  # no file name: one warning per load, not one per matrix
+        warnings.warn(f"int8: cannot write the quantization cache in {path.parent} ({reason}); quantizing again on every load", RuntimeWarning, stacklevel=2)
     return weight
+
+
+def _fitting(entry: dict[str, torch.Tensor], w: torch.Tensor) -> Int8Weight | None:
+    """The cache entry as an :class:`Int8Weight` if it is one for a matrix of ``w``'s shape."""
+    if entry.keys() != {"q", "scale"}:
+        return None
+    q, scale = entry["q"], entry["scale"]
+    if q.dtype != torch.int8 or q.shape != w.shape or scale.dtype != torch.float32 or scale.shape != w.shape[:1]:
+        return None
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        return None
+    return Int8Weight(q, scale)
 
 
 class Int8Backend(CpuBackend):

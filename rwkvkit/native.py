@@ -19,10 +19,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
+import uuid
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 STALE_AFTER_S = 30 * 86400  # other builds of a kernel unused this long are removed by a new build
 
@@ -83,28 +84,30 @@ def _compile(source: bytes, target: Path, flags: tuple[str, ...]) -> None:
     compiler = shlex.split(os.environ.get("CXX") or shutil.which("c++") or "")
     if not compiler:
         raise OSError("no C++ compiler found: install g++ or clang++, or set CXX")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = _temporary(target)
-    command = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", *flags, "-x", "c++", "-", "-o", str(partial)]
-    try:
+
+    def build(partial: Path) -> None:
+        command = [*compiler, "-O2", "-std=c++17", "-shared", "-fPIC", *flags, "-x", "c++", "-", "-o", str(partial)]
         result = subprocess.run(command, input=source, capture_output=True)
         if result.returncode:
             raise OSError(f"{shlex.join(command)} failed: {result.stderr.decode(errors='replace').strip()[-1000:]}")
-        fingerprint = _fingerprint(partial)
-        os.replace(partial, target)  # atomic, so no process ever sees a half-written library
-    finally:
-        partial.unlink(missing_ok=True)
-    record = _temporary(target)
-    record.write_text(fingerprint + "\n")
-    os.replace(record, _record(target))  # only now, with the library in place, does it verify
+
+    write_atomically(target, build)
+    fingerprint = _fingerprint(target)
+    write_atomically(_record(target), lambda tmp: tmp.write_text(fingerprint + "\n"))  # only now does it verify
     _remove_stale_builds(target)
 
 
-def _temporary(target: Path) -> Path:
-    """A fresh file next to ``target`` (same file system, so ``os.replace`` is atomic)."""
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f"{target.name}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
+def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a fresh file next to ``target``, then move it onto ``target`` in one step, so
+    no reader ever sees a half-written file (same file system: ``os.replace`` is atomic; a random
+    name: concurrent writers never share one). Nothing is left behind if ``write`` fails."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{uuid.uuid4().hex}.tmp")  # created by ``write``: usual permissions
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _touch(path: Path) -> None:
