@@ -247,13 +247,19 @@ void decode_layer(const Layer* L, float* x, float* v_first, const float* att_x_i
 // A stage's layers for one token, in order: one call from Python per token instead of one per
 // layer. att_in / ffn_in / att_out / ffn_out are [n, C] (layer i at row i), kv_out [n, H*N*N];
 // kv_in holds each layer's state pointer; x and v_first as for decode_layer.
-void decode_layers(int64_t n, const Layer* const* layers, float* x, float* v_first, const float* att_in, const float* const* kv_in,
-                   const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
+// Returns 0, or 1 (nothing computed) when the layers' dimensions disagree.
+int decode_layers(int64_t n, const Layer* const* layers, float* x, float* v_first, const float* att_in, const float* const* kv_in,
+                  const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
+    for (int64_t i = 0; i < n; ++i) {
+        const Layer* L = layers[i];
+        if (L->N < 1 || L->C != L->H * L->N || L->C != layers[0]->C || L->H != layers[0]->H) return 1;
+    }
     for (int64_t i = 0; i < n; ++i) {
         const Layer* L = layers[i];
         const int64_t C = L->C, S = L->H * L->N * L->N;
         decode_layer(L, x, v_first, att_in + i * C, att_out + i * C, kv_in[i], kv_out + i * S, ffn_in + i * C, ffn_out + i * C, threads);
     }
+    return 0;
 }
 
 }  // extern "C"

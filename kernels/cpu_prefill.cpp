@@ -226,14 +226,17 @@ void prefill_mix(const Layer* L, int64_t B, int64_t T, float* x, const void* add
 // r, k, v, g [B*T, C] projections; wl, al, vl [B*T, C] LoRA outputs before w0/a0/v0 and the
 // activations; v_first null in layer 0 (vl then unused). State [B, H, N, N] fp32, in and out
 // distinct. Writes y [B*T, C]: (ln_x(wkv) + bonus) * g, the output projection's input.
-void prefill_wkv(const Layer* L, int64_t B, int64_t T, const void* r, const void* k, const void* v, const void* wl, const void* al,
-                 const void* vl, const void* g, const void* v_first, const float* state_in, float* state_out, void* y, int bf16, int threads) {
+// Returns 0, or 1 (nothing computed) when the layer's head size does not fit the kernel.
+int prefill_wkv(const Layer* L, int64_t B, int64_t T, const void* r, const void* k, const void* v, const void* wl, const void* al,
+                const void* vl, const void* g, const void* v_first, const float* state_in, float* state_out, void* y, int bf16, int threads) {
+    if (L->N < kLanes || L->N > kHead || L->N % kLanes || L->C != L->H * L->N || B < 0 || T < 0) return 1;
     using U = const uint16_t*;
     using F = const float*;
     if (bf16)
         wkv(L, B, T, U(r), U(k), U(v), U(wl), U(al), U(vl), U(g), U(v_first), state_in, state_out, static_cast<uint16_t*>(y), threads);
     else
         wkv(L, B, T, F(r), F(k), F(v), F(wl), F(al), F(vl), F(g), F(v_first), state_in, state_out, static_cast<float*>(y), threads);
+    return 0;
 }
 
 // h = relu(h)^2 in place, h [n] fp32 or bf16

@@ -20,8 +20,10 @@
 
 extern "C" {
 
-void wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w,
-              const float* k, const float* v, const float* kk, const float* a, float* y, int threads) {
+// Returns 0, or 1 (nothing computed) when N does not fit the fixed per-head arrays.
+int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w,
+             const float* k, const float* v, const float* kk, const float* a, float* y, int threads) {
+    if (N < 1 || N > 64 || B < 0 || T < 0 || H < 0) return 1;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t h = 0; h < H; ++h) {
@@ -51,6 +53,7 @@ void wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const fl
             std::memcpy(global, S, sizeof(float) * N * N);
         }
     }
+    return 0;
 }
 
 int has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f"); }

@@ -25,14 +25,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.checkpoint import ModelSpec
 from rwkvkit.hookspecs import hookimpl
+from rwkvkit.models.rwkv7 import BlockWeights
 from rwkvkit.native import load_library
 from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.strategy import Placement
 
 KERNELS, FLAGS = ("cpu_rwkv7.cpp", "cpu_decode.cpp", "cpu_prefill.cpp"), ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
-MAX_HEAD_SIZE = 64  # the scan keeps one head's N x N state in a fixed local array
 
 
 @functools.cache
@@ -44,7 +45,7 @@ def library() -> ctypes.CDLL | None:
         return None
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.wkv7_f32.argtypes = [i64, i64, i64, i64, *[ptr] * 8, c_int]
-    lib.wkv7_f32.restype = None
+    lib.wkv7_f32.restype = c_int
     lib.gemv_bf16.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
     lib.gemv_bf16.restype = None
     lib.gemv_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
@@ -70,32 +71,28 @@ class CpuBackend(TorchBackend):
             return "runs fp32 and bf16 only (use bf16 rather than fp16 on a CPU)"
         return super().unavailable_reason(placement)
 
-    def __init__(self, placement: Placement) -> None:
-        super().__init__(placement)
-        self._fused: dict[int, cpu_fused.FusedLayer] = {}  # by id() of the block's weights
-
-    def _fused_layer(self, weights: Any, n_head: int) -> cpu_fused.FusedLayer:
-        layer = self._fused.get(id(weights))
-        if layer is None:
-            layer = self._fused[id(weights)] = cpu_fused.FusedLayer(weights, n_head)
-        return layer
+    def prepare_block(self, weights: BlockWeights, spec: ModelSpec) -> BlockWeights:
+        """The block's weights plus their native layout (:class:`cpu_fused.FusedBlockWeights`),
+        built once here with the head count from the checkpoint's spec."""
+        if library() is None:
+            return weights
+        return cpu_fused.FusedBlockWeights.wrap(weights, spec.n_head, spec.head_size)
 
     def blocks(self, weights, x, v_first, states):
         lib = library()
-        if lib is None or x.shape[:2] != (1, 1):
+        layers = [getattr(w, "native", None) for w in weights]
+        if lib is None or x.shape[:2] != (1, 1) or None in layers:
             return super().blocks(weights, x, v_first, states)
-        layers = [self._fused_layer(w, s.att_kv.shape[1]) for w, s in zip(weights, states)]
         return cpu_fused.decode_blocks(lib, layers, x, v_first, states, self.placement.dtype)
 
     def block(self, weights, x, v_first, state):
-        lib = library()
-        N = state.att_kv.shape[2]
-        if lib is None or x.shape[:2] != (1, 1) and (N > MAX_HEAD_SIZE or N % 16):  # prefill: 16-float vectors per head
+        lib, layer = library(), getattr(weights, "native", None)
+        if lib is None or layer is None or x.shape[:2] != (1, 1) and not layer.prefill_ok:
             return super().block(weights, x, v_first, state)
         if x.shape[:2] == (1, 1):
             x, v_first, (state,) = self.blocks([weights], x, v_first, [state])
             return x, v_first, state
-        return cpu_fused.prefill_block(lib, self._fused_layer(weights, state.att_kv.shape[1]), weights, x, v_first, state, self.linear)
+        return cpu_fused.prefill_block(lib, layer, weights, x, v_first, state, self.linear)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lib = library()
@@ -105,6 +102,7 @@ class CpuBackend(TorchBackend):
         if kernel is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
             return cpu_fused.gemm(x, weight)
         xc = x.contiguous()
+        cpu_fused.expect(xc, (*x.shape[:-1], weight.shape[1]), "x")
         y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
         kernel(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y.to(x.dtype)
@@ -112,12 +110,15 @@ class CpuBackend(TorchBackend):
     def wkv(self, kv, r, decay, k, v, kk, a):
         lib = library()
         B, T, H, N = r.shape
-        if lib is None or N > MAX_HEAD_SIZE:
+        if lib is None or N > cpu_fused.MAX_HEAD_SIZE:
             return super().wkv(kv, r, decay, k, v, kk, a)
+        for name, t in zip(("r", "decay", "k", "v", "kk", "a"), (r, decay, k, v, kk, a)):
+            cpu_fused.expect(t, (B, T, H, N), name)
+        cpu_fused.expect(kv, (B, H, N, N), "kv")
         state = kv.to(torch.float32, copy=True).contiguous()
         r, decay, k, v, kk, a = (t.to(torch.float32).contiguous() for t in (r, decay, k, v, kk, a))
         y = torch.empty(B, T, H * N, dtype=torch.float32)
-        lib.wkv7_f32(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), torch.get_num_threads())
+        cpu_fused.checked(lib.wkv7_f32)(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), torch.get_num_threads())
         return y.to(self.placement.dtype), state
 
 

@@ -7,24 +7,29 @@ instead of ~50 torch ops that each read and wrote whole [T, C] tensors.
 
 The kernel computes in fp32; it reads the big matrices in their stored format (fp32, bf16, or
 int8 with row scales) and fp32 copies of the small vectors and LoRA factors, made once per layer
-on first use (prefill reuses them). The Python math in :mod:`rwkvkit.models.rwkv7` stays the reference; the tests hold
+at load time (:class:`FusedBlockWeights`). Native code trusts the sizes it is given, so every
+call checks each tensor's shape, dtype and layout against the layer first (:func:`expect`): a
+wrong size is an error here, never an out-of-bounds access there. The Python math in :mod:`rwkvkit.models.rwkv7` stays the reference; the tests hold
 this path to it.
 """
 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import fields
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.errors import InputError
 from rwkvkit.models.rwkv7 import BlockWeights
 from rwkvkit.quant import Int8Weight
 from rwkvkit.state import LayerState
 
 Linear = Callable[[torch.Tensor, Any], torch.Tensor]  # a backend's ``linear``
 _F32, _BF16, _I8 = 0, 1, 2
+MAX_HEAD_SIZE = 64  # the prefill and scan kernels keep a head's N x N state in fixed local arrays
 _VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
 
 
@@ -54,7 +59,7 @@ def _mat(weight: Any, keep: list[torch.Tensor]) -> _Mat:
 class FusedLayer:
     """A block's weights as the kernel reads them (holding every tensor it points to)."""
 
-    def __init__(self, w: BlockWeights, n_head: int) -> None:
+    def __init__(self, w: BlockWeights, n_head: int, head_size: int) -> None:
         self._keep: list[torch.Tensor] = []
 
         def f32(t: torch.Tensor | None) -> int | None:
@@ -66,30 +71,69 @@ class FusedLayer:
 
         att, ffn = w.att, w.ffn
         C = att.x_r.numel()
+        if n_head * head_size != C:
+            raise ValueError(f"fused layer: {n_head} heads of {head_size} do not make {C} channels")
         self.struct = _Layer(
             f32(w.ln1_weight), f32(w.ln1_bias), f32(w.ln2_weight), f32(w.ln2_bias),
             *(f32(getattr(att, name)) for name in _VECTORS),
             f32(att.ln_x_weight), f32(att.ln_x_bias), f32(ffn.x_k),
             *(_mat(m, self._keep) for m in (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)),
-            C, n_head, C // n_head, att.w1.shape[1], att.a1.shape[1], att.v1.shape[1] if att.v1 is not None else 0,
+            C, n_head, head_size, att.w1.shape[1], att.a1.shape[1], att.v1.shape[1] if att.v1 is not None else 0,
             att.g1.shape[1], ffn.key.shape[0],
         )  # fmt: skip
         st = self.struct
         self.att_mixes = (ctypes.c_void_p * 6)(st.x_r, st.x_w, st.x_k, st.x_v, st.x_a, st.x_g)  # prefill_mix's lists
         self.ffn_mixes = (ctypes.c_void_p * 1)(st.ffn_x_k)
+        self.prefill_ok = head_size <= MAX_HEAD_SIZE and head_size % 16 == 0  # prefill_wkv: 16-float vectors per head
+
+    def check_state(self, s: LayerState, batch: int) -> None:
+        """A layer state as the kernels read it: fp32 ``att_kv [B, H, N, N]``, ``x_prev [B, C]``."""
+        st = self.struct
+        expect(s.att_kv, (batch, st.H, st.N, st.N), "att_kv", torch.float32)
+        expect(s.att_x_prev, (batch, st.C), "att_x_prev")
+        expect(s.ffn_x_prev, (batch, st.C), "ffn_x_prev")
+
+
+def expect(t: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None = None) -> None:
+    """Refuse a tensor whose shape, dtype or device differs from what a native call will read
+    (``Model.adopt_state`` checks states first; this guards every other way in)."""
+    if tuple(t.shape) != shape or t.device.type != "cpu" or (dtype is not None and t.dtype != dtype):
+        want = f"{list(shape)}" + (f" {dtype}" if dtype else "")
+        raise InputError(f"native kernel input {name}: got {t.dtype} {list(t.shape)} on {t.device}, expected {want} on the CPU")
+
+
+class FusedBlockWeights(BlockWeights):
+    """``BlockWeights`` plus the layer's native layout, built once at load (``CpuBackend.prepare_block``).
+    ``native`` is a plain attribute, not a field: copies made with ``dataclasses.replace`` (or any
+    other way) lose it, and the backend then runs them through the Python math."""
+
+    native: FusedLayer | None = None
+
+    @classmethod
+    def wrap(cls, w: BlockWeights, n_head: int, head_size: int) -> FusedBlockWeights:
+        out = cls(**{f.name: getattr(w, f.name) for f in fields(w)})
+        out.native = FusedLayer(w, n_head, head_size)
+        return out
 
 
 def decode_blocks(lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype):
     """``rwkv7.block`` on each layer in turn for ``x [1, 1, C]``, in one native call
     (``decode_layers``); returns ``(x, v_first, new LayerStates)``. The new states are rows of
     three stacked buffers (one allocation each instead of three per layer)."""
-    n, C = len(layers), x.shape[-1]
+    n, C = len(layers), layers[0].struct.C
+    if len(states) != n:
+        raise InputError(f"native decode: {n} layers but {len(states)} layer states")
+    expect(x, (1, 1, C), "x")
+    if v_first is not None:
+        expect(v_first, (1, 1, C), "v_first")
+    for layer, s in zip(layers, states):
+        layer.check_state(s, 1)
     x32 = x.reshape(C).to(torch.float32, copy=True)
     vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32, copy=True)  # read, or written by layer 0
     att_in, ffn_in = (torch.stack([getattr(s, name).reshape(C) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
     kv_in = [s.att_kv.contiguous() for s in states]
     att_out, ffn_out, kv_out = torch.empty(n, C), torch.empty(n, C), torch.empty(n, *kv_in[0].shape)
-    lib.decode_layers(
+    checked(lib.decode_layers)(
         n, (ctypes.c_void_p * n)(*(ctypes.addressof(layer.struct) for layer in layers)), x32.data_ptr(), vf.data_ptr(), att_in.data_ptr(),
         (ctypes.c_void_p * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(), ffn_out.data_ptr(),
         torch.get_num_threads(),
@@ -127,6 +171,10 @@ def prefill_block(
     block. Returns ``(x, v_first, new LayerState)``."""
     B, T, C = x.shape
     dtype, att, ffn, st = x.dtype, w.att, w.ffn, layer.struct
+    expect(x, (B, T, st.C), "x")
+    if v_first is not None:
+        expect(v_first, (B, T, st.C), "v_first")
+    layer.check_state(s, B)
     bf16, threads, ref = int(dtype == torch.bfloat16), torch.get_num_threads(), ctypes.byref(st)
     x32 = x.to(torch.float32, copy=True).view(B * T, C)  # updated in place by the kernels
     xn, mixed = torch.empty(B * T, C), torch.empty(6, B * T, C, dtype=dtype)
@@ -148,7 +196,7 @@ def prefill_block(
     vf = None if v_first is None else v_first.to(dtype).reshape(B * T, C).contiguous()
     y, kv = torch.empty(B * T, C, dtype=dtype), torch.empty_like(s.att_kv)
     ptrs = [None if t is None else t.data_ptr() for t in (r, k, v, wl, al, vl, g, vf)]
-    lib.prefill_wkv(ref, B, T, *ptrs, s.att_kv.contiguous().data_ptr(), kv.data_ptr(), y.data_ptr(), bf16, threads)
+    checked(lib.prefill_wkv)(ref, B, T, *ptrs, s.att_kv.contiguous().data_ptr(), kv.data_ptr(), y.data_ptr(), bf16, threads)
 
     ffn_x_prev = mix(st.ln2_w, st.ln2_b, s.ffn_x_prev, layer.ffn_mixes, linear(y, att.output))  # x += att out first
     hidden = linear(mixed[0], ffn.key)
@@ -157,13 +205,23 @@ def prefill_block(
     return x32.view(B, T, C).to(dtype), v.view(B, T, C) if v_first is None else v_first, LayerState(att_x_prev, kv, ffn_x_prev)
 
 
+def checked(fn: Callable[..., int]) -> Callable[..., None]:
+    """Call a native entry point that returns nonzero when it refuses its sizes."""
+
+    def call(*args: Any) -> None:
+        if fn(*args):
+            raise InputError(f"native kernel {fn.__name__} refused its arguments (inconsistent dimensions)")
+
+    return call
+
+
 def declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.decode_layers.argtypes = [i64, ptr, *[ptr] * 8, c_int]
-    lib.decode_layers.restype = None
+    lib.decode_layers.restype = c_int
     lib.prefill_mix.argtypes = [ptr, i64, i64, *[ptr] * 6, i64, ptr, ptr, c_int, c_int]
     lib.prefill_mix.restype = None
     lib.prefill_wkv.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, c_int]
-    lib.prefill_wkv.restype = None
+    lib.prefill_wkv.restype = c_int
     lib.relu_square.argtypes = [i64, ptr, c_int, c_int]
     lib.relu_square.restype = None

@@ -33,6 +33,7 @@ from rwkvkit.native import load_library
 VOCAB_FILE = Path(__file__).with_name("rwkv_vocab_v20230424.txt")
 WORLD_VOCAB_SIZE = 65536  # rows of the World models' embedding and head; the file's ids end at 65529
 KERNEL = "rwkv_world_tokenizer.cpp"
+MAX_VOCAB = 1 << 21  # ids index a table: 2M is 8x the largest vocabularies in use, and a typo'd id fails by name
 
 
 class RwkvWorldTokenizer(Tokenizer):
@@ -137,8 +138,8 @@ def _parse_line(line: str) -> tuple[int, bytes]:
     if len(token) != int(length):
         raise ValueError(f"the token has {len(token)} bytes, the line says {length}")
     token_id = int(head)
-    if not 0 <= token_id < 2**31:
-        raise ValueError(f"id {token_id} is not in 0..2**31-1")
+    if not 0 <= token_id < MAX_VOCAB:
+        raise ValueError(f"id {token_id} is not in 0..{MAX_VOCAB - 1}")
     return token_id, token
 
 

@@ -50,6 +50,12 @@ class Backend(ABC):
             tensor = tensor.flatten()
         return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
 
+    def prepare_block(self, weights: Any, spec: Any) -> Any:
+        """Called once per resident block at load time, with the model's spec (dimensions): a
+        backend may return the weights with whatever it derives from them (native layouts, padded
+        copies), so nothing is derived later from a caller's tensors. The default keeps them as is."""
+        return weights
+
     def block(self, weights: Any, x: torch.Tensor, v_first: torch.Tensor | None, state: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One residual block (see :func:`rwkvkit.models.rwkv7.block`); a backend may replace it
         with a fused implementation for the shapes it handles best."""

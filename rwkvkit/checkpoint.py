@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zipfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Mapping
@@ -81,7 +82,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
             tensors = load_file(str(path))
         else:
-            tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            # the legacy (pre-1.6, non-zip) format cannot be memory-mapped: it is read into RAM
+            tensors = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as exc:  # torch/safetensors raise many unrelated types for bad files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
@@ -111,27 +113,30 @@ def detect_version(keys: set[str]) -> int:
 
 
 def _spec_from_shapes(t: Mapping[str, torch.Tensor]) -> ModelSpec:
-    def shape(key: str) -> tuple[int, ...]:
+    def shape(key: str, what: str) -> tuple[int, ...]:
+        """The shape of ``key``, which must be 2-D (``what`` names its two dimensions)."""
         if key not in t:
             raise CheckpointError(f"missing key {key!r}")
+        if t[key].dim() != 2 or 0 in t[key].shape:
+            raise CheckpointError(f"key {key!r} has shape {list(t[key].shape)}; expected a non-empty 2-D tensor [{what}]")
         return tuple(t[key].shape)
 
-    vocab, n_embd = shape("emb.weight")
-    r_k = shape("blocks.0.att.r_k")
-    if len(r_k) != 2 or r_k[0] * r_k[1] != n_embd:
-        raise CheckpointError(f"key 'blocks.0.att.r_k' has shape {r_k}; expected [n_head, head_size] with product {n_embd}")
+    vocab, n_embd = shape("emb.weight", "vocab_size, n_embd")
+    n_head, head_size = shape("blocks.0.att.r_k", "n_head, head_size")
+    if n_head * head_size != n_embd:
+        raise CheckpointError(f"key 'blocks.0.att.r_k' has shape {[n_head, head_size]}; expected [n_head, head_size] with product {n_embd}")
     n_layer = 1 + max(int(m.group(1)) for k in t if (m := _BLOCK_KEY.match(k)))
     return ModelSpec(
         n_layer=n_layer,
         n_embd=n_embd,
-        n_head=r_k[0],
-        head_size=r_k[1],
+        n_head=n_head,
+        head_size=head_size,
         vocab_size=vocab,
-        dim_ffn=shape("blocks.0.ffn.key.weight")[0],
-        lora_w=shape("blocks.0.att.w1")[-1],
-        lora_a=shape("blocks.0.att.a1")[-1],
-        lora_v=shape("blocks.1.att.v1")[-1] if n_layer > 1 else shape("blocks.0.att.v1")[-1],
-        lora_g=shape("blocks.0.att.g1")[-1],
+        dim_ffn=shape("blocks.0.ffn.key.weight", "dim_ffn, n_embd")[0],
+        lora_w=shape("blocks.0.att.w1", "n_embd, rank")[-1],
+        lora_a=shape("blocks.0.att.a1", "n_embd, rank")[-1],
+        lora_v=shape("blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1", "n_embd, rank")[-1],
+        lora_g=shape("blocks.0.att.g1", "n_embd, rank")[-1],
     )
 
 

@@ -21,6 +21,7 @@ from rwkvkit.streaming import Streamer, to_host
 AUTO_BACKENDS = ("cuda", "cpu", "int8", "torch")  # preference order for backend "auto"
 
 Tokens = int | Sequence[int] | torch.Tensor
+_EMPTY = "tokens is empty: forward needs at least one token"
 
 
 def select_backend(name: str, placement: Placement) -> type[Backend]:
@@ -67,7 +68,7 @@ class Model:
                 b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch)
                 if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
                     b.att.v0 = b.att.v1 = b.att.v2 = None
-                blocks.append(to_host(b) if streamed else b)
+                blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec))
             self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
         first, last = self.stages[0].ops, self.stages[-1].ops
         self.emb = first.prepare(rwkv7.embed(t["emb.weight"], t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]), Role.EMBEDDING)
@@ -95,19 +96,31 @@ class Model:
         for p in self._layer_placements():
             vec = torch.zeros(batch_size, C, device=p.device, dtype=p.dtype)
             layers.append(LayerState(vec, torch.zeros(batch_size, H, N, N, device=p.device, dtype=torch.float32), vec.clone()))
-        return State(layers, self.fingerprint)
+        return self._produced(layers)
 
     def adopt_state(self, state: State) -> State:
-        """Check a state belongs to this model and put each layer on its stage's device/dtype."""
+        """Check a state belongs to this model and fits it (shapes, dtypes, finite values: see
+        :meth:`State.check`), then put each layer on its stage's device/dtype."""
+        if not isinstance(state, State):
+            raise StateError(f"state must be an rwkvkit State (from forward, zero_state or State.load), or None; got {type(state).__name__}")
         if state.fingerprint != self.fingerprint:
             raise StateError(f"state belongs to another model (fingerprint {state.fingerprint!r}, model has {self.fingerprint!r})")
         if len(state.layers) != self.spec.n_layer:
             raise StateError(f"state has {len(state.layers)} layers; model has {self.spec.n_layer}")
+        C, H, N = self.spec.n_embd, self.spec.n_head, self.spec.head_size
+        state.check({"att_x_prev": (C,), "att_kv": (H, N, N), "ffn_x_prev": (C,)})
         layers = [
-            LayerState(s.att_x_prev.to(p.device, p.dtype), s.att_kv.to(p.device, torch.float32), s.ffn_x_prev.to(p.device, p.dtype))
+            LayerState(*(t.to(p.device, dtype).contiguous() for t, dtype in zip(s.tensors(), (p.dtype, torch.float32, p.dtype))))
             for s, p in zip(state.layers, self._layer_placements())
         ]
-        return State(layers, self.fingerprint)
+        return self._produced(layers)
+
+    def _produced(self, layers: list[LayerState]) -> State:
+        """A state of this model's making, or one it has checked: known to fit, so ``adopt_state``
+        skips its value scan next time."""
+        state = State(layers, self.fingerprint)
+        state.mark_produced()
+        return state
 
     def _token_batch(self, tokens: Tokens) -> tuple[torch.Tensor, bool]:
         """Normalise input to int64 ``[B, T]``; the bool says the caller passed an unbatched input."""
@@ -120,20 +133,28 @@ class Model:
                 raise InputError(f"tokens must be an id, a [T] sequence or a [B, T] batch; got shape {list(tokens.shape)}")
             single = tokens.dim() < 2
             batch = tokens.long().reshape(1, -1) if single else tokens.long()
+            if batch.numel() == 0:
+                raise InputError(_EMPTY)
+            lo, hi = int(batch.min()), int(batch.max())
         else:
-            if isinstance(tokens, (str, bytes, bool)) or tokens is None:
+            if isinstance(tokens, (str, bytes)) or tokens is None:
                 raise InputError(f"tokens must be an int or a sequence of ints, got {type(tokens).__name__}")
+            items = tokens if isinstance(tokens, Sequence) else [tokens]
+            if any(isinstance(t, (bool, np.bool_)) for t in items):  # True is an int to Python, never a token id
+                raise InputError(f"tokens must be integer ids, got bool ({tokens!r:.80})")
             try:
-                ids = [operator.index(tokens)] if not isinstance(tokens, Sequence) else [operator.index(t) for t in tokens]
+                ids = [operator.index(t) for t in items]
             except TypeError:
                 raise InputError(f"tokens must be an int or a sequence of ints, got {tokens!r:.80}") from None
-            batch, single = torch.tensor([ids], dtype=torch.long).reshape(1, -1), True
-        if batch.numel() == 0:
-            raise InputError("tokens is empty: forward needs at least one token")
-        lo, hi = int(batch.min()), int(batch.max())
+            if not ids:
+                raise InputError(_EMPTY)
+            lo, hi = min(ids), max(ids)  # checked before the int64 conversion, which overflows on huge ids
+            batch, single = None, True
         if lo < 0 or hi >= self.spec.vocab_size:
             bad = lo if lo < 0 else hi
             raise InputError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{self.spec.vocab_size - 1}")
+        if batch is None:
+            batch = torch.tensor([ids], dtype=torch.long)
         return batch, single
 
     def run(self, batch: torch.Tensor, state: State, full_output: bool = False) -> tuple[torch.Tensor, list[LayerState]]:
@@ -170,4 +191,4 @@ class Model:
             raise InputError(f"state has batch size {state.batch_size} but tokens have batch size {B}")
 
         logits, new_layers = self.run(batch, state, full_output)
-        return (logits[0] if single else logits), State(new_layers, self.fingerprint)
+        return (logits[0] if single else logits), self._produced(new_layers)

@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 
@@ -41,6 +41,8 @@ class State:
 
     layers: list[LayerState]
     fingerprint: str = field(default="")
+    # the tensors a model produced (so known finite); set by the model, lost by any copy or edit
+    _produced: tuple[torch.Tensor, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -52,6 +54,49 @@ class State:
     def to(self, device: torch.device | str) -> State:
         """All layers on one device (a split model moves each layer back to its own device)."""
         return self._map(lambda t: t.to(device))
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
+        """Validate every layer against ``shapes`` (per field, without the batch dimension) before
+        any kernel sees it: tensors of a floating dtype with these shapes, one batch size for all,
+        finite values. A state is user input (edited in memory, or read from a file), and a wrong
+        size that reached native code would be an out-of-bounds access. Returns the batch size."""
+        batch = None
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, LayerState):
+                raise StateError(f"state layer {i} is a {type(layer).__name__}; expected a LayerState")
+            for name, t in zip(_FIELDS, layer.tensors()):
+                where, want = f"state layer {i} {name}", f"[B, {', '.join(map(str, shapes[name]))}]"
+                if not isinstance(t, torch.Tensor):
+                    raise StateError(f"{where} is a {type(t).__name__}; expected a tensor {want}")
+                if not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
+                    raise StateError(f"{where} is a {t.layout} {t.dtype} tensor on {t.device}; expected a dense floating-point tensor {want}")
+                if tuple(t.shape[1:]) != shapes[name] or t.dim() != 1 + len(shapes[name]) or t.shape[0] < 1:
+                    raise StateError(f"{where} has shape {list(t.shape)}; expected {want} with B >= 1 (the model's dimensions)")
+                if batch is not None and t.shape[0] != batch:
+                    raise StateError(f"{where} has batch size {t.shape[0]} but earlier tensors have {batch}: one batch size for all layers")
+                batch = t.shape[0]
+        if not self.is_produced():
+            for i, layer in enumerate(self.layers):
+                for name, t in zip(_FIELDS, layer.tensors()):
+                    if not bool(torch.isfinite(t).all()):
+                        raise StateError(f"state layer {i} {name} holds non-finite values (NaN or Inf)")
+        if batch is None:
+            raise StateError("state has no layers")
+        return batch
+
+    def mark_produced(self) -> None:
+        """Record that a model made these tensors (finite by construction), so checking them again
+        on the next ``forward`` can skip the value scan, a visible cost per decoded token."""
+        self._produced = tuple(self._tensors())
+
+    def is_produced(self) -> bool:
+        """True while the layers hold exactly the tensors a model produced (any replaced tensor, or
+        a copy of the state, makes it False)."""
+        produced = self._produced
+        return len(produced) == 3 * len(self.layers) and all(a is b for a, b in zip(produced, self._tensors()))
+
+    def _tensors(self) -> Iterator[torch.Tensor]:
+        return (t for layer in self.layers for t in layer.tensors())
 
     def _map(self, fn) -> State:
         return State([LayerState(*(fn(t) for t in layer.tensors())) for layer in self.layers], self.fingerprint)
@@ -74,20 +119,27 @@ class State:
         from safetensors.torch import save_file
 
         path = Path(path)
+        if not path.parent.is_dir():
+            raise StateError(f"cannot save the state to {path}: folder {path.parent} does not exist")
+        if path.is_dir():
+            raise StateError(f"cannot save the state to {path}: it is a folder; give a file name")
         # own copies: tensors that share memory (views of one buffer) are refused by safetensors
         data = {
             f"layers.{i}.{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
             for i, layer in enumerate(self.layers)
             for name, t in zip(_FIELDS, layer.tensors())
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
+        tmp = None
         try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
             save_file(data, tmp, metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint})
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as exc:
+            raise StateError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
+        finally:
+            if tmp is not None and Path(tmp).exists():
+                Path(tmp).unlink()
 
     @staticmethod
     def load(path: str | Path, model: Model) -> State:
@@ -114,4 +166,7 @@ class State:
             layers = [LayerState(*(data[f"layers.{i}.{name}"] for name in _FIELDS)) for i in range(model.spec.n_layer)]
         except KeyError as exc:
             raise StateError(f"{path}: state file lacks tensor {exc.args[0]!r}") from None
-        return model.adopt_state(State(layers, meta["fingerprint"]))
+        try:
+            return model.adopt_state(State(layers, meta["fingerprint"]))
+        except StateError as exc:
+            raise StateError(f"{path}: {exc}") from None

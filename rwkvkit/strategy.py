@@ -25,7 +25,7 @@ from rwkvkit.errors import StrategyError
 
 GRAMMAR = "stage ( -> stage )*, stage = 'device dtype [*N[+]]', device = cpu|cuda|cuda:K|mps, dtype = fp32|fp16|bf16[i8]"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_STAGE = re.compile(r"^(?P<device>cpu|cuda(?::\d+)?|mps)\s+(?P<dtype>fp32|fp16|bf16)(?P<i8>i8)?(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$")
+_STAGE = re.compile(r"^(?P<device>cpu|cuda(?::\d+)?|mps)\s+(?P<dtype>fp32|fp16|bf16)(?P<i8>i8)?(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$", re.ASCII)
 
 
 @dataclass(frozen=True)

@@ -148,4 +148,4 @@ def test_unexpected_key_is_named(tmp_path, tensors):
 
 def test_bad_r_k(tmp_path, tensors):
     msg = _broken(tmp_path, tensors, lambda t: t.__setitem__("blocks.0.att.r_k", torch.zeros(3, 64)))
-    assert "'blocks.0.att.r_k' has shape (3, 64)" in msg
+    assert "'blocks.0.att.r_k' has shape [3, 64]; expected [n_head, head_size] with product" in msg

@@ -110,7 +110,7 @@ def test_failed_save_keeps_the_previous_file(model, tmp_path, monkeypatch):
         raise OSError("No space left on device")
 
     monkeypatch.setattr("safetensors.torch.save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(StateError, match=f"cannot save the state to {target}: No space left on device"):
         s.save(target)
     assert target.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]
