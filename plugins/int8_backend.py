@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from rwkvkit.backend import Role
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import cache_dir, write_atomically
+from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.cpu_backend import CpuBackend, library
 from rwkvkit.quant import Int8Weight, quantize_per_channel
 from rwkvkit.strategy import Placement
@@ -116,6 +117,7 @@ class Int8Backend(CpuBackend):
         if x.numel() != x.shape[-1]:  # prefill: an int8 GEMM on per-row quantized activations
             return _int8_gemm(lib, x, weight)
         xf = x.to(torch.float32).contiguous()
+        cpu_fused.expect(xf, (*x.shape[:-1], weight.q.shape[1]), "x")
         y = torch.empty(*x.shape[:-1], weight.q.shape[0], dtype=torch.float32)
         lib.gemv_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), xf.data_ptr(), y.data_ptr(), torch.get_num_threads())
         return y.to(x.dtype)

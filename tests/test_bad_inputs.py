@@ -178,6 +178,13 @@ def test_native_calls_refuse_wrong_sizes(model):
         ops.wkv(torch.zeros(1, 2, 64, 32), r, r, r, r, r, r)
 
 
+def test_int8_matrix_vector_kernel_refuses_a_wrong_width(model_paths):
+    stage = RWKV(model_paths["tiny"], "cpu fp32i8").stages[0]
+    ops, key = stage.ops, stage.blocks[0].att.key
+    with pytest.raises(InputError, match=r"native kernel input x: got torch.float32 \[1, 64\]"):
+        ops.linear(torch.zeros(1, 64), key)
+
+
 def test_native_scan_refuses_a_head_size_beyond_its_arrays():
     """The C entry point itself checks N against its fixed per-head arrays (N <= 64)."""
     lib = cpu_backend.library()
