@@ -19,8 +19,8 @@ from rwkvkit.interfaces import SampleContext, Sampler
 def _check(name: str, value: float, low: float, high: float = math.inf) -> float:
     """A finite real in [low, high] (bools refused: ``True`` is not a temperature)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and low <= value <= high):
-        bound = f"in [{low}, {high}]" if high != math.inf else f">= {low}"
-        raise InputError(f"sampling option {name}={value!r}: expected a finite number {bound}")
+        expected = f"a number in [{low}, {high}]" if high != math.inf else f"a finite number >= {low}"
+        raise InputError(f"sampling option {name}={value!r}: expected {expected}")
     return float(value)
 
 
