@@ -6,7 +6,7 @@ All draw from the run's seeded ``torch.Generator``, so the same seed gives the s
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ import torch
 from rwkvkit.errors import InputError
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.interfaces import SampleContext, Sampler
+from rwkvkit.penalties import is_int
 
 
 def _check(name: str, value: float, low: float, high: float = math.inf) -> float:
@@ -26,7 +27,7 @@ def _check(name: str, value: float, low: float, high: float = math.inf) -> float
 
 def _check_count(name: str, value: int) -> int:
     """A non-negative integer; ``1.7`` is refused rather than silently truncated."""
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < 0:
+    if not is_int(value) or value < 0:
         raise InputError(f"sampling option {name}={value!r}: expected an integer >= 0 (0 = no limit)")
     return int(value)
 

@@ -18,7 +18,7 @@ from rwkvkit.errors import InputError, PluginError
 from rwkvkit.interfaces import Callback, SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.nonfinite import check_logits
-from rwkvkit.penalties import Penalties, is_token_id
+from rwkvkit.penalties import Penalties, is_int
 from rwkvkit.state import State
 from rwkvkit.stops import StopText, split_stops
 
@@ -43,24 +43,27 @@ class GenerationResult:
 
 
 def check_chunk_len(chunk_len: int | None) -> None:
-    if chunk_len is not None and (not is_token_id(chunk_len) or chunk_len < 1):
+    if chunk_len is not None and (not is_int(chunk_len) or chunk_len < 1):
         raise InputError(f"chunk_len={chunk_len!r}: expected an integer >= 1, or None to choose it for speed")
 
 
-# Prefill chunk when the caller gives none. Speed grows with the chunk up to ~1-4k tokens (per-call
-# overhead amortised, bigger GEMMs), then flattens; activation memory grows linearly with it.
+# The prefill chunk when the caller gives none (benchmarks/bench_prefill_chunk.py). Speed grows with
+# the chunk up to ~1-4k tokens (per-call overhead amortised, bigger GEMMs), then flattens, while
+# activation memory grows linearly: peak RSS growth measured ~5-7 x (C + dim_ffn) x dtype bytes
+# per token (0.1B fp32, 4,096 tokens: 329 MiB), so 8x is a safe bound.
 PREFILL_BUDGET_BYTES = 512 * 2**20  # activations one chunk may hold
-ACTIVATION_FACTOR = 8  # measured peak bytes per token per layer-width element: ~8 x (C + dim_ffn) x dtype size
+ACTIVATION_FACTOR = 8
 AUTO_CHUNK_RANGE = (256, 4096)
 
 
 def auto_chunk_len(model: Model) -> int:
-    """The largest chunk (within AUTO_CHUNK_RANGE) whose activations fit PREFILL_BUDGET_BYTES."""
+    """The largest multiple of 256 (within AUTO_CHUNK_RANGE) whose activations fit
+    PREFILL_BUDGET_BYTES: 4,096 for the demo and 0.1B in fp32, 1,536 for a 7B in fp16."""
     spec = model.spec
     dtype_bytes = max(stage.ops.placement.dtype.itemsize for stage in model.stages)
     per_token = ACTIVATION_FACTOR * (spec.n_embd + spec.dim_ffn) * dtype_bytes
     low, high = AUTO_CHUNK_RANGE
-    return max(low, min(high, PREFILL_BUDGET_BYTES // per_token))
+    return max(low, min(high, PREFILL_BUDGET_BYTES // per_token // 256 * 256))
 
 
 def _chunks(tokens: Sequence[int], size: int) -> Iterable[Sequence[int]]:
@@ -110,7 +113,7 @@ def _end(callbacks: Sequence[Callback], result: GenerationResult, error: BaseExc
 
 
 def _checked_id(token: Any, sampler: Sampler, vocab_size: int) -> int:
-    if not is_token_id(token) or not 0 <= token < vocab_size:
+    if not is_int(token) or not 0 <= token < vocab_size:
         name = getattr(sampler, "name", "") or "?"
         raise PluginError(
             f"sampler {name!r} ({type(sampler).__module__}.{type(sampler).__qualname__}) returned {token!r:.80}: "

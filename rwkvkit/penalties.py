@@ -24,8 +24,8 @@ def _number(name: str, value: float, low: float = -math.inf, high: float = math.
     return float(value)
 
 
-def is_token_id(value: object) -> bool:
-    """An integer id (numpy ints too); ``True``/``False`` are not ids."""
+def is_int(value: object) -> bool:
+    """An integer (numpy ints too); ``True``/``False`` are not ids, counts or sizes."""
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
@@ -45,7 +45,7 @@ class Penalties:
         self.decay = _number("alpha_decay", self.decay, 0.0, 1.0)
         if isinstance(self.ban, (str, bytes)) or not isinstance(self.ban, Sequence):
             raise InputError(f"token_ban={self.ban!r:.80}: expected a list of token ids")
-        bad = [t for t in self.ban if not is_token_id(t)]
+        bad = [t for t in self.ban if not is_int(t)]
         if bad:
             raise InputError(f"token_ban has non-integer value(s) {bad[:5]!r}: expected token ids")
         self.ban = [int(t) for t in self.ban]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from rwkvkit.errors import InputError
-from rwkvkit.penalties import is_token_id
+from rwkvkit.penalties import is_int
 
 
 def split_stops(stops: Sequence[Any], option: str = "token_stop") -> tuple[frozenset[int], tuple[str, ...]]:
@@ -18,7 +18,7 @@ def split_stops(stops: Sequence[Any], option: str = "token_stop") -> tuple[froze
     (floats, bools, None) is refused naming ``option``."""
     if isinstance(stops, (str, bytes)) or not isinstance(stops, Sequence):
         raise InputError(f"{option}={stops!r:.80}: expected a list of token ids and/or stop strings, e.g. [0] or ['\\n\\n']")
-    bad = [s for s in stops if not (is_token_id(s) or (isinstance(s, str) and s))]
+    bad = [s for s in stops if not (is_int(s) or (isinstance(s, str) and s))]
     if bad:
         raise InputError(f"{option} has {bad[:5]!r}: expected token ids (integers) or non-empty stop strings")
     return frozenset(int(s) for s in stops if not isinstance(s, str)), tuple(s for s in stops if isinstance(s, str))
