@@ -7,9 +7,11 @@ model path, sha256 and fingerprint, strategy, versions, status), ``output.txt`` 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
 import sys
 from pathlib import Path
@@ -32,23 +34,44 @@ from rwkvkit.resolve import resolve_file, resolve_tokenizer
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
 
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def file_sha256(path: Path) -> str:
-    """sha256 of a checkpoint, cached by (path, size, mtime) so large files are hashed once."""
+    """sha256 of a checkpoint, cached by (path, size, mtime) so large files are hashed once.
+
+    The cache only saves time: a damaged index is ignored and rewritten, an unwritable one skipped.
+    """
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     index = cache_dir() / "sha256.json"
-    known = json.loads(index.read_text()) if index.is_file() else {}
+    known = _read_sha256_index(index)
     if key not in known:
         digest = hashlib.sha256()
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
         known[key] = digest.hexdigest()
-        index.parent.mkdir(parents=True, exist_ok=True)
         tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        os.replace(tmp, index)
+        try:
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(known, indent=1))
+            os.replace(tmp, index)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
     return known[key]
+
+
+def _read_sha256_index(index: Path) -> dict[str, str]:
+    """The cached hashes; a missing, unreadable or damaged index (or entry) counts as empty."""
+    try:
+        known = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(known, dict):
+        return {}
+    return {k: v for k, v in known.items() if isinstance(v, str) and SHA256.fullmatch(v)}
 
 
 class _Recorder(Callback):
