@@ -6,11 +6,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import asdict
+from types import FrameType
+from typing import NoReturn
 
 from rwkvkit import __version__
-from rwkvkit.errors import RwkvkitError
+from rwkvkit.errors import RwkvkitError, Terminated, stop_of
+
+EXIT_ERROR = 2
+
+
+def report(error: RwkvkitError) -> int:
+    """Show a user error the way every one is shown: one line on stderr. Returns the exit code, 2."""
+    print(f"rwkvkit: error: {error}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def fail(error: RwkvkitError) -> NoReturn:
+    """report() and exit, from code that Hydra runs (the exit passes through it to _run)."""
+    sys.exit(report(error))
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -45,28 +61,39 @@ def _build_kernels(args: argparse.Namespace) -> None:
 HYDRA_HINT = "rwkvkit: the configuration above is invalid; `rwkvkit run --help` lists every group and option"
 
 
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
 def _run(hydra_args: list[str]) -> int:
-    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work)."""
-    import hydra
+    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work).
 
-    from rwkvkit.config import register_configs
-    from rwkvkit.registry import registry
-    from rwkvkit.run import EXIT_INTERRUPTED, run_job
-
-    register_configs()
-    registry.plugins()  # plugins may add config options (ConfigStore) on import: load them first
-    entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name="run", version_base=None)(run_job)
-    saved, sys.argv = sys.argv, ["rwkvkit run", *hydra_args]
+    SIGTERM stops a run the way Ctrl-C does (see Terminated); a stop at any point, start-up
+    included, ends with one line and exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
+    saved_argv, saved_handler = sys.argv, signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        import hydra
+
+        from rwkvkit.config import register_configs
+        from rwkvkit.registry import registry
+        from rwkvkit.run import run_job
+
+        register_configs()
+        registry.plugins()  # plugins may add config options (ConfigStore) on import: load them first
+        entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name="run", version_base=None)(run_job)
+        sys.argv = ["rwkvkit run", *hydra_args]
         entry()
     except SystemExit as exc:
         if exc.code == 1:  # Hydra's own exit after a composition error it has printed
             print(HYDRA_HINT, file=sys.stderr)
         return exc.code if isinstance(exc.code, int) else 1
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:  # before the run directory exists (run_job reports later stops)
+        status, code = stop_of(exc)
+        print(f"\nrwkvkit: {status}", file=sys.stderr)
+        return code
     finally:
-        sys.argv = saved
+        sys.argv = saved_argv
+        signal.signal(signal.SIGTERM, saved_handler)
     return 0
 
 
@@ -91,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except RwkvkitError as exc:
-        print(f"rwkvkit: error: {exc}", file=sys.stderr)
-        return 2
+        return report(exc)
     return 0
 
 

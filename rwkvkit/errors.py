@@ -4,6 +4,8 @@ Every message names the offending file/option/value and what was expected, so ca
 ``str(err)`` to a user as is.
 """
 
+import signal
+
 
 class RwkvkitError(Exception):
     """Base class: catch this to handle every user-facing rwkvkit failure."""
@@ -31,3 +33,24 @@ class PluginError(RwkvkitError):
 
 class TokenizerError(RwkvkitError, ValueError):
     """A tokenizer or vocabulary file is missing, unreadable or malformed."""
+
+
+class RunDirError(RwkvkitError):
+    """A run directory already holds other files, or cannot be created or written."""
+
+
+class SweepError(RwkvkitError):
+    """Some jobs of a ``rwkvkit run -m`` sweep failed (each is recorded in its run directory)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers such as SLURM send), raised like Ctrl-C's KeyboardInterrupt so a
+    run stops the same way, keeping its partial output, but is recorded as terminated."""
+
+    stop_reason = "terminated"
+    exit_code = 128 + signal.SIGTERM
+
+
+def stop_of(exc: KeyboardInterrupt) -> tuple[str, int]:
+    """(stop reason, exit code) of a stop: ``("interrupted", 130)`` for Ctrl-C, Terminated's own."""
+    return getattr(exc, "stop_reason", "interrupted"), getattr(exc, "exit_code", 128 + signal.SIGINT)

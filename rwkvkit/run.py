@@ -1,8 +1,10 @@
 """``rwkvkit run``: one generation from a composed Hydra config, recorded in its run directory.
 
-The run directory (Hydra's output dir) receives ``config.yaml`` (resolved), ``run.json`` (seed,
-model path, sha256 and fingerprint, strategy, versions, status), ``output.txt`` and
-``metrics.json``. Everything a user can get wrong is checked before the model loads.
+The run directory (Hydra's output dir, new for each run: see rwkvkit.rundir) receives
+``config.yaml`` (resolved) and ``run.json`` (seed, model path, sha256 and fingerprint, strategy,
+versions, status: ``completed``, ``failed`` with the error, ``interrupted`` or ``terminated``),
+and once generation has begun ``output.txt`` and ``metrics.json``. Everything a user can get
+wrong is checked before the model loads.
 """
 
 from __future__ import annotations
@@ -14,25 +16,27 @@ import os
 import re
 import resource
 import sys
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import rwkvkit
 from rwkvkit.checkpoint import SUFFIXES
+from rwkvkit.cli import fail, report
 from rwkvkit.config import make_penalties, make_sampler
-from rwkvkit.errors import RwkvkitError
+from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir
 from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_file, resolve_tokenizer
-
-EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
-
+from rwkvkit.rundir import write_json, write_text
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -112,20 +116,32 @@ def _check_device(cfg: DictConfig) -> None:
         raise RwkvkitError(f"strategy={choice} ('{cfg.strategy.spec}'): no CUDA device found; try strategy=cpu_fp32")
 
 
-def _prepare(cfg: DictConfig) -> dict[str, Any]:
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and threads < 1:
+        raise StrategyError(f"strategy.threads={threads}: expected a positive integer, or null for torch's default")
+
+
+def _make_callbacks(names: list[str], out_dir: Path) -> list[Callback]:
+    """The configured callbacks besides metrics (always on); jsonl writes into the run directory."""
+    try:
+        factories = {name: registry.get("callbacks", name) for name in names}
+    except PluginError as exc:
+        raise PluginError(f"callbacks.names: {exc}") from None
+    return [factories[n](out_dir / "generation.jsonl") if factories[n] is JsonlCallback else factories[n]() for n in names if n != "metrics"]
+
+
+def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Everything that can fail on bad input, checked before loading the model."""
     sampler = make_sampler(cfg.sampling)
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
+    callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
+    _check_threads(cfg.strategy.threads)
     prompt = _read_prompt(cfg)
     model_path = resolve_file(cfg.model.path)
     if not model_path.is_file() and not any(model_path.with_name(model_path.name + s).is_file() for s in SUFFIXES):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "prompt": prompt, "model_path": model_path}
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"sampler": sampler, "callbacks": callbacks, "prompt": prompt, "model_path": model_path}
 
 
 def _peak_memory_mb() -> float:
@@ -134,41 +150,41 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def run_job(cfg: DictConfig) -> dict[str, float]:
-    """The Hydra task. Returns the metrics (a sweep's summary collects them from the run dirs)."""
+@dataclass
+class _Record:
+    """What the run directory says about the run, written however the run ends."""
+
+    out_dir: Path
+    info: dict[str, Any]
+    recorder: _Recorder = field(default_factory=_Recorder)
+    metrics: MetricsCallback = field(default_factory=MetricsCallback)
+    generating: bool = False
+
+    def write(self, status: str, error: str | None = None) -> dict[str, float]:
+        """run.json, and output.txt + metrics.json once generation has begun; returns the metrics."""
+        metrics: dict[str, float] = {}
+        if self.generating:
+            write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
+            metrics = {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens), "peak_memory_mb": _peak_memory_mb()}
+            write_json(self.out_dir / "metrics.json", metrics)
+        outcome = {"status": status} if error is None else {"status": status, "error": error}
+        write_json(self.out_dir / "run.json", {**self.info, **outcome, "tokens": self.recorder.tokens})
+        return metrics
+
+
+def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.compat import RWKV
     from rwkvkit.generation import generate
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
-    try:
-        job = _prepare(cfg)
-        if cfg.strategy.threads:
-            torch.set_num_threads(cfg.strategy.threads)
-        model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
-        tokenizer = resolve_tokenizer(cfg.model.tokenizer)
-        penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
-        info = {
-            "seed": cfg.seed,
-            "model_path": str(model.checkpoint_path),
-            "model_sha256": file_sha256(model.checkpoint_path),
-            "model_fingerprint": model.fingerprint,
-            "strategy": cfg.strategy.spec,
-            "backend": cfg.strategy.backend,
-            "rwkvkit_version": rwkvkit.__version__,
-            "torch_version": torch.__version__,
-        }
-    except RwkvkitError as exc:
-        print(f"rwkvkit: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
-
-    recorder, metrics = _Recorder(), MetricsCallback()
-    callbacks: list[Callback] = [recorder, metrics]
-    for name in cfg.callbacks.names:
-        if name == "metrics":
-            continue
-        callbacks.append(JsonlCallback(out_dir / "generation.jsonl") if name == "jsonl" else registry.get("callbacks", name)())
-    status = "completed"
+    job = _prepare(cfg, record.out_dir)
+    if cfg.strategy.threads:
+        torch.set_num_threads(cfg.strategy.threads)
+    model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
+    path = model.checkpoint_path
+    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint)
+    record.generating = True
     try:
         generate(
             model,
@@ -180,19 +196,74 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
             stop_tokens=list(cfg.sampling.token_stop),
             chunk_len=cfg.sampling.chunk_len,
             seed=cfg.seed,
-            callbacks=callbacks,
+            callbacks=[record.recorder, record.metrics, *job["callbacks"]],
         )
-    except KeyboardInterrupt:
-        status = "interrupted"
-    except RwkvkitError as exc:
-        print(f"rwkvkit: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
-    finally:
-        (out_dir / "output.txt").write_text("".join(recorder.pieces), encoding="utf-8")
-    result_metrics = {**metrics.metrics, "generated_tokens": len(recorder.tokens), "peak_memory_mb": _peak_memory_mb()}
-    _write_json(out_dir / "metrics.json", result_metrics)
-    _write_json(out_dir / "run.json", {**info, "status": status, "tokens": recorder.tokens})
-    if status == "interrupted":
-        print(f"\nrwkvkit: interrupted; partial output kept in {out_dir / 'output.txt'}", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    return result_metrics
+    except OSError as exc:  # a callback's file in the run directory (generation.jsonl)
+        if exc.filename is None or Path(exc.filename).parent != record.out_dir:
+            raise
+        raise RunDirError(f"cannot write {exc.filename}: {exc.strerror or exc}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, RwkvkitError) else f"{type(exc).__name__}: {exc}"
+
+
+def run_job(cfg: DictConfig) -> dict[str, float]:
+    """The Hydra task. Returns the metrics (a sweep's summary collects them from the run dirs).
+
+    However the run ends, run.json says how. A failed job of a sweep is reported and recorded and
+    the sweep goes on; a single run exits with code 2 (130/143 when stopped by Ctrl-C/SIGTERM).
+    """
+    hydra_cfg = HydraConfig.get()
+    record = _Record(Path(hydra_cfg.runtime.output_dir), _planned_info(cfg))
+    stop: BaseException | None = None
+    try:
+        write_text(record.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        _generate(cfg, record)
+    except (KeyboardInterrupt, Exception) as exc:  # recorded first, then reported
+        stop = exc
+    try:
+        metrics = record.write(*_outcome(stop))
+    except RunDirError as exc:
+        stop, metrics = stop or exc, {}  # the first failure is the one to report
+    if stop is not None:
+        _report(stop, record, hydra_cfg)
+    return metrics
+
+
+def _outcome(stop: BaseException | None) -> tuple[str, str | None]:
+    """run.json's status, and error if any, for the way the run ended."""
+    if stop is None:
+        return "completed", None
+    if isinstance(stop, KeyboardInterrupt):
+        return stop_of(stop)[0], None
+    return "failed", _describe(stop)
+
+
+def _report(stop: BaseException, record: _Record, hydra_cfg: DictConfig) -> None:
+    """Exit for a stop or a single run's failure; a sweep job's failure is shown and the sweep goes on."""
+    if isinstance(stop, KeyboardInterrupt):
+        status, code = stop_of(stop)
+        kept = f"; partial output kept in {record.out_dir / 'output.txt'}" if record.generating else ""
+        print(f"\nrwkvkit: {status}{kept}", file=sys.stderr)
+        sys.exit(code)
+    if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep summary lists this job as failed
+        if not isinstance(stop, RwkvkitError):
+            traceback.print_exception(stop)
+        report(SweepError(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {_describe(stop)}"))
+        return
+    if isinstance(stop, RwkvkitError):
+        fail(stop)
+    raise stop
+
+
+def _planned_info(cfg: DictConfig) -> dict[str, Any]:
+    """run.json's description of the run before the model loads (the checkpoint's hashes follow)."""
+    return {
+        "seed": cfg.seed,
+        "model_path": cfg.model.path,
+        "strategy": cfg.strategy.spec,
+        "backend": cfg.strategy.backend,
+        "rwkvkit_version": rwkvkit.__version__,
+        "torch_version": torch.__version__,
+    }

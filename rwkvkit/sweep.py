@@ -1,5 +1,6 @@
-"""The end of a ``rwkvkit run -m`` sweep: one table of every run's overrides and metrics, printed
-and written as ``summary.csv`` / ``summary.json`` in the sweep directory."""
+"""The end of a ``rwkvkit run -m`` sweep: one table of every run's overrides, status and metrics,
+printed and written as ``summary.csv`` / ``summary.json`` in the sweep directory. A sweep in
+which any job failed ends with one error line naming them, and exit code 2."""
 
 from __future__ import annotations
 
@@ -11,21 +12,24 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-COLUMNS = ("status", "generated_tokens", "time_to_first_token_s", "prefill_tok_per_s", "decode_tok_per_s", "peak_memory_mb")
+from rwkvkit.errors import SweepError
+from rwkvkit.rundir import read_json
+
+METRICS = ("generated_tokens", "time_to_first_token_s", "prefill_tok_per_s", "decode_tok_per_s", "peak_memory_mb")
+COLUMNS = ("status", *METRICS, "error")
 
 
 def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory (numbered subdirectories), showing the overrides that vary."""
     rows, per_job = [], []
     for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
-        run_file, metrics_file = job_dir / "run.json", job_dir / "metrics.json"
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
         per_job.append(list(overrides))
-        row: dict[str, Any] = {"job": int(job_dir.name)}
-        row["status"] = json.loads(run_file.read_text())["status"] if run_file.is_file() else "failed"
-        if metrics_file.is_file():
-            row.update({k: v for k, v in json.loads(metrics_file.read_text()).items() if k in COLUMNS})
+        run = read_json(job_dir / "run.json")
+        row: dict[str, Any] = {"job": int(job_dir.name), "status": run.get("status", "failed")}
+        row.update({k: v for k, v in read_json(job_dir / "metrics.json").items() if k in METRICS})
+        row["error"] = run.get("error", "" if run else "no readable run.json")
         rows.append(row)
     shared = set.intersection(*(set(o) for o in per_job)) if per_job else set()
     for row, overrides in zip(rows, per_job):
@@ -54,3 +58,8 @@ class SweepSummary(Callback):
             writer.writeheader()
             writer.writerows(rows)
         print(f"\nsweep summary ({sweep_dir}):\n{format_table(rows)}")
+        failed = [str(r["job"]) for r in rows if r["status"] != "completed"]
+        if failed:
+            from rwkvkit.cli import fail
+
+            fail(SweepError(f"{len(failed)} of {len(rows)} jobs did not complete (job {', '.join(failed)}); see {sweep_dir / 'summary.csv'}"))
