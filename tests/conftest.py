@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from rwkvkit.testing import make_checkpoint
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test, and every process a test starts, builds kernels and caches into a temporary
+    folder: the suite never writes to the user's ``~/.cache/rwkvkit``."""
+    config._rwkvkit_cache = os.environ["RWKVKIT_CACHE"] = tempfile.mkdtemp(prefix="rwkvkit-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(getattr(config, "_rwkvkit_cache", ""), ignore_errors=True)
+
 
 ORACLE_RUNNER = Path(__file__).with_name("oracle_runner.py")
 API_DEMO = [187, 510, 1563, 310, 247]
