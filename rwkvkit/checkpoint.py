@@ -17,8 +17,8 @@ from typing import Mapping
 import torch
 
 from rwkvkit.errors import CheckpointError
+from rwkvkit.paths import candidates, model_file
 
-SUFFIXES = (".pth", ".safetensors")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -63,15 +63,15 @@ class Checkpoint:
 
 def resolve_path(name: str | Path) -> Path:
     """Find the checkpoint file the way ChatRWKV users expect: the path as given, else with
-    ``.pth`` or ``.safetensors`` appended."""
-    path = Path(name).expanduser()
-    candidates = [path] + [path.with_name(path.name + s) for s in SUFFIXES if not path.name.endswith(s)]
-    for candidate in candidates:
+    ``.pth`` or ``.safetensors`` appended; ``pkg://package/file`` and model config names
+    (``demo``) are accepted too (rwkvkit.paths.model_file)."""
+    tries = candidates(model_file(name))
+    for candidate in tries:
         if candidate.is_file():
             return candidate
         if candidate.is_dir():
             raise CheckpointError(f"{candidate} is a directory; expected an RWKV checkpoint file (.pth or .safetensors)")
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(str(c) for c in tries)
     raise CheckpointError(f"checkpoint not found: {name} (tried {tried})")
 
 

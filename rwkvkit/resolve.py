@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from rwkvkit.errors import InputError
 from rwkvkit.interfaces import Callback, Sampler, Tokenizer
+from rwkvkit.paths import resolve_file
 from rwkvkit.registry import registry
 
 CallbackLike = Callback | Callable[[str], Any] | str
-PACKAGE_SCHEME = "pkg://"
-
-
-def resolve_file(path: str | Path) -> Path:
-    """A user-given path; ``pkg://package/name`` is a file shipped inside an installed package."""
-    text = str(path)
-    if text.startswith(PACKAGE_SCHEME):
-        package, _, name = text[len(PACKAGE_SCHEME) :].partition("/")
-        return Path(str(resources.files(package).joinpath(name)))
-    return Path(text).expanduser()
 
 
 class _FunctionCallback(Callback):
@@ -63,6 +53,10 @@ def resolve_sampler(sampler: Sampler | str, options: dict[str, Any] | None = Non
         return factory(**(options or {}))
     except TypeError as exc:
         raise InputError(f"sampler {sampler!r} does not accept options {sorted(options or {})}: {exc}") from None
+    except InputError:
+        raise
+    except ValueError as exc:  # a plugin's own check of its options, without rwkvkit's error types
+        raise InputError(f"sampler {sampler!r} refused its options: {exc}") from None
 
 
 def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:

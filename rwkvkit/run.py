@@ -27,15 +27,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import rwkvkit
-from rwkvkit.checkpoint import SUFFIXES
 from rwkvkit.cli import fail, report
 from rwkvkit.config import make_penalties, make_sampler
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir
+from rwkvkit.paths import candidates, model_file
 from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback
 from rwkvkit.registry import registry
-from rwkvkit.resolve import resolve_file, resolve_tokenizer
+from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -137,8 +137,8 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
     _check_threads(cfg.strategy.threads)
     prompt = _read_prompt(cfg)
-    model_path = resolve_file(cfg.model.path)
-    if not model_path.is_file() and not any(model_path.with_name(model_path.name + s).is_file() for s in SUFFIXES):
+    model_path = model_file(cfg.model.path)
+    if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
     return {"sampler": sampler, "callbacks": callbacks, "prompt": prompt, "model_path": model_path}
