@@ -1,11 +1,13 @@
-"""The ``rwkvkit`` command: ``run`` generates text from Hydra configs (everything after ``run`` is
-Hydra's command line), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins,
-``build-kernels`` prebuilds the CUDA kernels."""
+"""The ``rwkvkit`` command (also ``python -m rwkvkit``): ``run`` generates text from Hydra configs
+(everything after ``run`` is Hydra's command line, free-text values taken literally: see
+rwkvkit.argv), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins,
+``build-kernels`` prebuilds the CUDA kernels. Every error is one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict
@@ -16,6 +18,8 @@ from rwkvkit import __version__
 from rwkvkit.errors import RwkvkitError, Terminated, stop_of
 
 EXIT_ERROR = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program stopped by `| head`
+COMMANDS = ["run", "info", "plugins", "build-kernels"]
 
 
 def report(error: RwkvkitError) -> int:
@@ -32,7 +36,7 @@ def fail(error: RwkvkitError) -> NoReturn:
 def _info(args: argparse.Namespace) -> None:
     from rwkvkit.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(args.checkpoint)  # a path, pkg://package/file or a model config name
     n_params = sum(t.numel() for t in ckpt.tensors.values())
     print(f"{ckpt.path}: RWKV-{ckpt.spec.version}, {n_params / 1e6:.1f}M parameters, fingerprint {ckpt.fingerprint()}")
     for key, value in asdict(ckpt.spec).items():
@@ -58,35 +62,45 @@ def _build_kernels(args: argparse.Namespace) -> None:
     print(f"rwkvkit: CUDA kernels ready in {build(verbose=args.verbose)}")
 
 
-HYDRA_HINT = "rwkvkit: the configuration above is invalid; `rwkvkit run --help` lists every group and option"
-
-
 def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def _run(hydra_args: list[str]) -> int:
-    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work).
+def _run(args: list[str]) -> int:
+    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work), with
+    free-text values quoted for it (rwkvkit.argv) and its errors raised instead of printed
+    (HYDRA_FULL_ERROR), so that each becomes one line.
 
     SIGTERM stops a run the way Ctrl-C does (see Terminated); a stop at any point, start-up
     included, ends with one line and exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
     saved_argv, saved_handler = sys.argv, signal.signal(signal.SIGTERM, _raise_terminated)
+    saved_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         import hydra
+        from hydra.errors import HydraException
+        from omegaconf.errors import OmegaConfBaseException
 
+        from rwkvkit.argv import check_flags, hydra_error, hydra_overrides
+        from rwkvkit.completion import COMPLETION_FLAGS
         from rwkvkit.config import register_configs
         from rwkvkit.registry import registry
         from rwkvkit.run import run_job
 
+        overrides = hydra_overrides(args)
+        check_flags(overrides)
         register_configs()
         registry.plugins()  # plugins may add config options (ConfigStore) on import: load them first
         entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name="run", version_base=None)(run_job)
-        sys.argv = ["rwkvkit run", *hydra_args]
+        # an installed completion script registers and calls the program named here: `rwkvkit`
+        sys.argv = ["rwkvkit" if any(a in COMPLETION_FLAGS for a in overrides) else "rwkvkit run", *overrides]
         entry()
+    except RwkvkitError as exc:
+        return report(exc)
+    except (HydraException, OmegaConfBaseException) as exc:
+        return report(hydra_error(exc))
     except SystemExit as exc:
-        if exc.code == 1:  # Hydra's own exit after a composition error it has printed
-            print(HYDRA_HINT, file=sys.stderr)
-        return exc.code if isinstance(exc.code, int) else 1
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
     except KeyboardInterrupt as exc:  # before the run directory exists (run_job reports later stops)
         status, code = stop_of(exc)
         print(f"\nrwkvkit: {status}", file=sys.stderr)
@@ -94,19 +108,47 @@ def _run(hydra_args: list[str]) -> int:
     finally:
         sys.argv = saved_argv
         signal.signal(signal.SIGTERM, saved_handler)
+        if saved_full_error is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_full_error
+    return 0
+
+
+def _complete(argv: list[str]) -> int:
+    """Answer the installed completion script (``rwkvkit -sc query=SHELL``)."""
+    from rwkvkit.completion import prepare_query, subcommands
+
+    if prepare_query():
+        return _run(argv)
+    print(subcommands(os.environ.get("COMP_LINE", ""), COMMANDS, argv[1].partition("=")[2]))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command; a reader that stops early (``rwkvkit info X | head -2``) ends it quietly."""
+    try:
+        code = _main(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return EXIT_BROKEN_PIPE
+    return code
+
+
+def _main(argv: list[str]) -> int:
+    from rwkvkit.completion import is_query
+
     if argv[:1] == ["run"]:
         return _run(argv[1:])
+    if is_query(argv):
+        return _complete(argv)
     parser = argparse.ArgumentParser(prog="rwkvkit", description="Run RWKV language models.")
     parser.add_argument("--version", action="version", version=f"rwkvkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="generate text: rwkvkit run [hydra overrides], see `rwkvkit run --help`")
     info = commands.add_parser("info", help="describe a checkpoint: architecture, dimensions, fingerprint")
-    info.add_argument("checkpoint", help="path to a .pth or .safetensors file (suffix optional)")
+    info.add_argument("checkpoint", help="a .pth or .safetensors path (suffix optional), pkg://package/file, or a model config name (demo)")
     info.set_defaults(func=_info)
     plugins = commands.add_parser("plugins", help="list plugins, their versions and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of text")

@@ -9,70 +9,89 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from rwkvkit.errors import InputError
+from rwkvkit.help import help_node
 from rwkvkit.interfaces import Sampler
 from rwkvkit.penalties import Penalties
 from rwkvkit.resolve import resolve_sampler
 from rwkvkit.stops import split_stops
 
+
+def key(default: Any = MISSING, meaning: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its meaning, shown by ``rwkvkit run --help`` (rwkvkit.help)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": meaning})
+    return field(default=default, metadata={"help": meaning})
+
+
 @dataclass
 class ModelConfig:
-    path: str = MISSING  # a file path, or pkg://package/file for a file shipped in a package (see rwkvkit.resolve)
-    tokenizer: str = "rwkv_vocab_v20230424"  # a registered tokenizer name or a tokenizer.json path
+    path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a pkg://package/file path, or a model config name (demo)")
+    tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, or a tokenizer.json path (pkg:// allowed)")
 
 
 @dataclass
 class StrategyConfig:
-    spec: str = "cpu fp32"  # a ChatRWKV strategy string
-    backend: str = "auto"
-    threads: Optional[int] = None  # torch.set_num_threads; None keeps torch's default
+    spec: str = key("cpu fp32", "a ChatRWKV strategy string, e.g. 'cuda fp16 *12 -> cpu fp32'")
+    backend: str = key("auto", "the implementation: auto (fastest available), cpu, int8, cuda or torch")
+    threads: Optional[int] = key(None, "CPU threads (torch.set_num_threads); null keeps torch's default")
 
 
 @dataclass
 class SamplingConfig:
-    name: str = "nucleus"  # a registered sampler
-    temperature: float = 1.0
-    top_p: float = 0.85
-    top_k: int = 0
-    min_p: float = 0.05
-    typical_p: float = 0.95
-    options: Dict[str, Any] = field(default_factory=dict)  # extra options for plugin samplers
-    alpha_frequency: float = 0.2
-    alpha_presence: float = 0.2
-    alpha_decay: float = 0.996
-    token_ban: List[int] = field(default_factory=list)
-    token_stop: List[Any] = field(default_factory=list)  # token ids (ChatRWKV) and/or stop strings, e.g. [0, "\n\n"]
-    chunk_len: Optional[int] = None  # prompt tokens per forward call; null: chosen for speed (bounded memory)
+    name: str = key("nucleus", "the sampler: nucleus, greedy, min_p, typical or a plugin's (rwkvkit plugins)")
+    temperature: float = key(1.0, "softmax temperature; 0 is greedy")
+    top_p: float = key(0.85, "nucleus cutoff in [0, 1]")
+    top_k: int = key(0, "keep only the k most probable tokens; 0 keeps all")
+    min_p: float = key(0.05, "min_p sampler: keep tokens with p >= min_p * p_max")
+    typical_p: float = key(0.95, "typical sampler: mass of locally typical tokens kept")
+    options: Dict[str, Any] = key(meaning="extra options for plugin samplers, e.g. sampling.options.a=0.3", factory=dict)
+    alpha_frequency: float = key(0.2, "penalty per earlier occurrence of a token")
+    alpha_presence: float = key(0.2, "penalty for a token that occurred at all")
+    alpha_decay: float = key(0.996, "per-token decay of the penalties")
+    token_ban: List[int] = key(meaning="token ids never generated", factory=list)
+    token_stop: List[Any] = key(meaning='token ids and/or stop strings that end generation, e.g. [0,"\\n\\n"]', factory=list)
+    chunk_len: Optional[int] = key(None, "prompt tokens per forward call; null: chosen for speed within a memory bound")
 
 
 @dataclass
 class CallbacksConfig:
-    names: List[str] = field(default_factory=lambda: ["stdout", "metrics"])
+    names: List[str] = key(meaning="callbacks: stdout, metrics, progress, jsonl (generation.jsonl in the run directory)", factory=lambda: ["stdout", "metrics"])
 
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
-    prompt: str = "\n"
-    prompt_file: Optional[str] = None
-    token_count: int = 200
-    seed: int = 42
+    model: ModelConfig = key(factory=ModelConfig)
+    strategy: StrategyConfig = key(factory=StrategyConfig)
+    sampling: SamplingConfig = key(factory=SamplingConfig)
+    callbacks: CallbacksConfig = key(factory=CallbacksConfig)
+    prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
+    prompt_file: Optional[str] = key(None, "read the prompt from this UTF-8 file instead")
+    token_count: int = key(200, "tokens to generate at most")
+    seed: int = key(42, "sampling seed: the same config and seed give the same text")
+
+
+JOB_LOGGING = {  # a run's log goes to run.log only: the terminal shows the text and rwkvkit's own lines
+    "version": 1,
+    "formatters": {"simple": {"format": "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"}},
+    "handlers": {"file": {"class": "logging.FileHandler", "formatter": "simple", "filename": "${hydra.runtime.output_dir}/${hydra.job.name}.log"}},
+    "root": {"level": "INFO", "handlers": ["file"]},
+    "disable_existing_loggers": False,
+}
 
 
 def register_configs() -> None:
-    """Put the schemas into Hydra's ConfigStore (the YAML files extend them)."""
+    """Put the run schema (the YAML files in conf/ fill it, typed), the help page and the job
+    logging into Hydra's ConfigStore (conf/run.yaml selects them)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for group, node in (("model", ModelConfig), ("strategy", StrategyConfig), ("sampling", SamplingConfig), ("callbacks", CallbacksConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="hydra/help", name="rwkvkit", node=help_node(RunConfig))
+    cs.store(group="hydra/job_logging", name="rwkvkit", node=JOB_LOGGING)
 
 
 def make_sampler(cfg: SamplingConfig) -> Sampler:

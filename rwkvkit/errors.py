@@ -39,6 +39,10 @@ class RunDirError(RwkvkitError):
     """A run directory already holds other files, or cannot be created or written."""
 
 
+class UsageError(RwkvkitError):
+    """The ``rwkvkit run`` command line or the config it composes is invalid (Hydra's messages too)."""
+
+
 class SweepError(RwkvkitError):
     """Some jobs of a ``rwkvkit run -m`` sweep failed (each is recorded in its run directory)."""
 

@@ -1,10 +1,12 @@
 """``rwkvkit run``: one generation from a composed Hydra config, recorded in its run directory.
 
 The run directory (Hydra's output dir, new for each run: see rwkvkit.rundir) receives
-``config.yaml`` (resolved) and ``run.json`` (seed, model path, sha256 and fingerprint, strategy,
-versions, status: ``completed``, ``failed`` with the error, ``interrupted`` or ``terminated``),
-and once generation has begun ``output.txt`` and ``metrics.json``. Everything a user can get
-wrong is checked before the model loads.
+``config.yaml`` (resolved, with the prompt used), ``run.json`` (seed, prompt, model path, sha256
+and fingerprint, strategy, the backends that ran, versions, status: ``completed``, ``failed``
+with the error, ``interrupted`` or ``terminated``, stop reason), ``run.log`` (the summary, and the
+traceback of an unexpected error), and once generation has begun ``output.txt`` and
+``metrics.json``. Everything a user can get wrong is checked before the model loads. A single run
+ends with one line on stderr: tokens, speed, stop reason and the run directory.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import resource
@@ -27,6 +30,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 import rwkvkit
+from rwkvkit.argv import shown
 from rwkvkit.cli import fail, report
 from rwkvkit.config import make_penalties, make_sampler
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
@@ -39,6 +43,7 @@ from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+log = logging.getLogger(__name__)  # Hydra's job logging writes it to run.log (see rwkvkit.config)
 
 
 def file_sha256(path: Path) -> str:
@@ -100,12 +105,13 @@ def _origin(key: str, group: str) -> str:
     return f"{key} in {group}={hc.runtime.choices.get(group)}"
 
 
-def _read_prompt(cfg: DictConfig) -> str:
+def _take_prompt_file(cfg: DictConfig) -> None:
+    """Put prompt_file's text into ``cfg.prompt``, so config.yaml and run.json show the prompt used."""
     if cfg.prompt_file is None:
-        return cfg.prompt
+        return
     path = Path(cfg.prompt_file).expanduser()
     try:
-        return path.read_text(encoding="utf-8")
+        cfg.prompt = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RwkvkitError(f"prompt_file={cfg.prompt_file}: cannot read it as UTF-8 text ({exc.__class__.__name__}: {exc})") from None
 
@@ -136,12 +142,11 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
     _check_threads(cfg.strategy.threads)
-    prompt = _read_prompt(cfg)
     model_path = model_file(cfg.model.path)
     if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "callbacks": callbacks, "prompt": prompt, "model_path": model_path}
+    return {"sampler": sampler, "callbacks": callbacks, "model_path": model_path}
 
 
 def _peak_memory_mb() -> float:
@@ -159,15 +164,17 @@ class _Record:
     recorder: _Recorder = field(default_factory=_Recorder)
     metrics: MetricsCallback = field(default_factory=MetricsCallback)
     generating: bool = False
+    stop_reason: str | None = None  # generate's, once it returns
 
     def write(self, status: str, error: str | None = None) -> dict[str, float]:
         """run.json, and output.txt + metrics.json once generation has begun; returns the metrics."""
         metrics: dict[str, float] = {}
+        outcome = {"status": status} if error is None else {"status": status, "error": error}
         if self.generating:
             write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
             metrics = {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens), "peak_memory_mb": _peak_memory_mb()}
             write_json(self.out_dir / "metrics.json", metrics)
-        outcome = {"status": status} if error is None else {"status": status, "error": error}
+            outcome["stop_reason"] = self.stop_reason or ("error" if status == "failed" else status)
         write_json(self.out_dir / "run.json", {**self.info, **outcome, "tokens": self.recorder.tokens})
         return metrics
 
@@ -183,13 +190,14 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     path = model.checkpoint_path
-    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint)
+    backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
+    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
     record.generating = True
     try:
-        generate(
+        result = generate(
             model,
             tokenizer,
-            job["prompt"],
+            cfg.prompt,
             token_count=cfg.token_count,
             sampler=job["sampler"],
             penalties=penalties,
@@ -202,10 +210,18 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
         if exc.filename is None or Path(exc.filename).parent != record.out_dir:
             raise
         raise RunDirError(f"cannot write {exc.filename}: {exc.strerror or exc}") from None
+    record.stop_reason = result.stop_reason
 
 
 def _describe(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, RwkvkitError) else f"{type(exc).__name__}: {exc}"
+    """One line for run.json and the terminal; an unexpected error (a bug, often in a plugin) also
+    names where it was raised."""
+    if isinstance(exc, RwkvkitError):
+        return str(exc)
+    frames = traceback.extract_tb(exc.__traceback__)
+    file = Path(frames[-1].filename) if frames else None
+    where = f" (raised at {file.parent.name}/{file.name}:{frames[-1].lineno})" if file else ""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}{where}"
 
 
 def run_job(cfg: DictConfig) -> dict[str, float]:
@@ -218,17 +234,40 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     record = _Record(Path(hydra_cfg.runtime.output_dir), _planned_info(cfg))
     stop: BaseException | None = None
     try:
+        _take_prompt_file(cfg)
+        record.info["prompt"] = cfg.prompt
         write_text(record.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         _generate(cfg, record)
     except (KeyboardInterrupt, Exception) as exc:  # recorded first, then reported
         stop = exc
+        if not isinstance(exc, (KeyboardInterrupt, RwkvkitError)):
+            log.error("unexpected error", exc_info=exc)
     try:
         metrics = record.write(*_outcome(stop))
     except RunDirError as exc:
         stop, metrics = stop or exc, {}  # the first failure is the one to report
-    if stop is not None:
-        _report(stop, record, hydra_cfg)
+    if stop is None:
+        _summarize(record, metrics, hydra_cfg.mode == RunMode.RUN)
+    else:
+        _report(stop, record, hydra_cfg)  # exits, unless a job of a sweep failed
     return metrics
+
+
+def _shown(path: Path) -> str:
+    """A path for the terminal: relative when it is under the working directory."""
+    relative = os.path.relpath(path)
+    return str(path) if relative.startswith("..") else relative
+
+
+def _summarize(record: _Record, metrics: dict[str, float], on_terminal: bool) -> None:
+    """The line that ends a completed run: what it made and where it went (run.log keeps it too)."""
+    line = (
+        f"{metrics.get('generated_tokens', 0)} tokens, {metrics.get('decode_tok_per_s', 0.0):.1f} tok/s, "
+        f"stop: {record.stop_reason}; run directory {_shown(record.out_dir)}"
+    )
+    log.info(line)
+    if on_terminal:
+        print(f"rwkvkit: {line}", file=sys.stderr)
 
 
 def _outcome(stop: BaseException | None) -> tuple[str, str | None]:
@@ -247,14 +286,11 @@ def _report(stop: BaseException, record: _Record, hydra_cfg: DictConfig) -> None
         kept = f"; partial output kept in {record.out_dir / 'output.txt'}" if record.generating else ""
         print(f"\nrwkvkit: {status}{kept}", file=sys.stderr)
         sys.exit(code)
+    error = _describe(stop) if isinstance(stop, RwkvkitError) else f"{_describe(stop)}; traceback in {_shown(record.out_dir / 'run.log')}"
     if hydra_cfg.mode == RunMode.MULTIRUN:  # the sweep summary lists this job as failed
-        if not isinstance(stop, RwkvkitError):
-            traceback.print_exception(stop)
-        report(SweepError(f"job {hydra_cfg.job.num} ({' '.join(hydra_cfg.overrides.task)}): {_describe(stop)}"))
+        report(SweepError(f"job {hydra_cfg.job.num} ({' '.join(map(shown, hydra_cfg.overrides.task))}): {error}"))
         return
-    if isinstance(stop, RwkvkitError):
-        fail(stop)
-    raise stop
+    fail(RwkvkitError(error))
 
 
 def _planned_info(cfg: DictConfig) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from rwkvkit.errors import RunDirError
 
@@ -46,19 +47,22 @@ class RunDirGuard(Callback):
     exceptions into warnings, so a refusal exits here (one line, code 2)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._claim(config.hydra.run.dir, "hydra.run.dir")
+        self._claim(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._claim(config.hydra.sweep.dir, "hydra.sweep.dir")
+        self._claim(config, "hydra.sweep.dir")
 
     @staticmethod
-    def _claim(directory: str, key: str) -> None:
+    def _claim(config: DictConfig, key: str) -> None:
+        from rwkvkit.argv import hydra_error
         from rwkvkit.cli import fail
 
         try:
-            claim(directory, key)
+            claim(OmegaConf.select(config, key, throw_on_missing=True), key)
         except RunDirError as exc:
             fail(exc)
+        except OmegaConfBaseException as exc:  # e.g. an interpolation that does not resolve
+            fail(RunDirError(f"{key}: {hydra_error(exc)}"))
 
 
 def write_text(path: Path, text: str) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from rwkvkit.argv import shown
 from rwkvkit.errors import SweepError
 from rwkvkit.rundir import read_json
 
@@ -25,7 +26,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     for job_dir in sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
-        per_job.append(list(overrides))
+        per_job.append([shown(o) for o in overrides])
         run = read_json(job_dir / "run.json")
         row: dict[str, Any] = {"job": int(job_dir.name), "status": run.get("status", "failed")}
         row.update({k: v for k, v in read_json(job_dir / "metrics.json").items() if k in METRICS})
