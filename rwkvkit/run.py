@@ -32,12 +32,12 @@ from omegaconf import DictConfig, OmegaConf
 import rwkvkit
 from rwkvkit.argv import shown
 from rwkvkit.cli import fail, report
-from rwkvkit.config import make_penalties, make_sampler
+from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir
 from rwkvkit.paths import candidates, model_file
-from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback
+from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback, ProgressCallback
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
@@ -128,25 +128,31 @@ def _check_threads(threads: int | None) -> None:
 
 
 def _make_callbacks(names: list[str], out_dir: Path) -> list[Callback]:
-    """The configured callbacks besides metrics (always on); jsonl writes into the run directory."""
+    """The configured callbacks besides metrics (always on); jsonl writes into the run directory.
+    Without ``progress`` a prefill-only bar is added: a long prompt may take minutes, and that bar
+    draws nothing for a prompt read in one chunk."""
     try:
         factories = {name: registry.get("callbacks", name) for name in names}
     except PluginError as exc:
         raise PluginError(f"callbacks.names: {exc}") from None
-    return [factories[n](out_dir / "generation.jsonl") if factories[n] is JsonlCallback else factories[n]() for n in names if n != "metrics"]
+    callbacks = [factories[n](out_dir / "generation.jsonl") if factories[n] is JsonlCallback else factories[n]() for n in names if n != "metrics"]
+    if ProgressCallback not in factories.values():  # a long prompt's prefill still gets its bar
+        callbacks.append(ProgressCallback(decode=False))
+    return callbacks
 
 
 def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Everything that can fail on bad input, checked before loading the model."""
     sampler = make_sampler(cfg.sampling)
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
+    stops = make_stops(cfg.sampling)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
     if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "callbacks": callbacks, "model_path": model_path}
+    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path}
 
 
 def _peak_memory_mb() -> float:
@@ -201,7 +207,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
             token_count=cfg.token_count,
             sampler=job["sampler"],
             penalties=penalties,
-            stop_tokens=list(cfg.sampling.token_stop),
+            stop_tokens=job["stops"],
             chunk_len=cfg.sampling.chunk_len,
             seed=cfg.seed,
             callbacks=[record.recorder, record.metrics, *job["callbacks"]],

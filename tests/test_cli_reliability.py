@@ -143,8 +143,7 @@ def test_a_failing_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path, world_a
 
 
 def start(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "RWKVKIT_CACHE": str(cwd / "cache")}
-    return subprocess.Popen([sys.executable, "-m", "rwkvkit.cli", "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    return subprocess.Popen([sys.executable, "-m", "rwkvkit.cli", "run", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 def wait_for(predicate, proc: subprocess.Popen, limit_s: float = 180) -> None:

@@ -38,9 +38,8 @@ def test_every_group_option_composes(group, option):
 
 
 def rwkvkit_run(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RWKVKIT_CACHE": str(cwd / "cache")}
     return subprocess.run(
-        [sys.executable, "-m", "rwkvkit.cli", "run", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "rwkvkit.cli", "run", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL
     )
 
 
@@ -162,10 +161,9 @@ def test_prompt_file(tmp_path, world_args):
 
 def test_ctrl_c_keeps_partial_output(tmp_path, world_args):
     out = tmp_path / "r"
-    env = {**os.environ, "RWKVKIT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "rwkvkit.cli", "run", *world_args, "token_count=100000", f"hydra.run.dir={out}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     )
     streamed: list[str] = []
     reader = threading.Thread(target=lambda: streamed.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True)
@@ -191,3 +189,32 @@ def test_joblib_launcher_sweep(tmp_path, world_args):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads((sweep / "summary.json").read_text())
     assert [r["status"] for r in rows] == ["completed", "completed"] and [r["overrides"] for r in rows] == ["seed=1", "seed=2"]
+
+
+def test_bad_token_stop_fails_before_the_model_loads(tmp_path):
+    """``token_stop`` is List[Any] (ids and stop strings), so composition lets 1.5 through: the run
+    checks it before loading (the model path here does not exist, so reaching the load would say so)."""
+    proc = rwkvkit_run("model.path=/nonexistent/model.pth", "sampling.token_stop=[1.5]", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "rwkvkit: error: sampling.token_stop has [1.5]: expected token ids (integers) or non-empty stop strings"
+
+
+def test_stop_string_and_long_prompt_progress(tmp_path, world_args):
+    """A stop string ends the run (stop reason recorded); a prompt read in several chunks shows a
+    prefill bar on stderr even with callbacks=quiet."""
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("word " * 300)
+    out = tmp_path / "r"
+    proc = rwkvkit_run(
+        *world_args, f"prompt_file={prompt}", "sampling.chunk_len=64", "sampling=greedy", "token_count=2", "callbacks=quiet", f"hydra.run.dir={out}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "prefill" in proc.stderr
+    first = (out / "output.txt").read_text()
+    assert first, "greedy decoding of the random model produced no text to stop on"
+    out2 = tmp_path / "r2"
+    stop = json.dumps([first[0]])
+    proc = rwkvkit_run(*world_args, f"prompt_file={prompt}", "sampling=greedy", "token_count=2", f"sampling.token_stop={stop}", "callbacks=quiet", f"hydra.run.dir={out2}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((out2 / "run.json").read_text())
+    assert run["stop_reason"] == "stop_string" and (out2 / "output.txt").read_text() == ""
