@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import resource
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 import rwkvkit
 from rwkvkit.argv import shown
 from rwkvkit.cli import fail, report
+from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
@@ -155,12 +155,6 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path}
 
 
-def _peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 @dataclass
 class _Record:
     """What the run directory says about the run, written however the run ends."""
@@ -178,7 +172,7 @@ class _Record:
         outcome = {"status": status} if error is None else {"status": status, "error": error}
         if self.generating:
             write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
-            metrics = {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens), "peak_memory_mb": _peak_memory_mb()}
+            metrics = {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens), "peak_memory_mb": memory.peak_mb()}
             write_json(self.out_dir / "metrics.json", metrics)
             outcome["stop_reason"] = self.stop_reason or ("error" if status == "failed" else status)
         write_json(self.out_dir / "run.json", {**self.info, **outcome, "tokens": self.recorder.tokens})
@@ -238,6 +232,7 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     """
     hydra_cfg = HydraConfig.get()
     record = _Record(Path(hydra_cfg.runtime.output_dir), _planned_info(cfg))
+    memory.reset_peak()  # this job's peak, not the sweep process's so far
     stop: BaseException | None = None
     try:
         _take_prompt_file(cfg)
