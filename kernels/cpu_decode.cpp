@@ -80,20 +80,23 @@ struct Lora {
     float* y;
 };
 
-// Several LoRA products in one parallel region. Each thread sums a contiguous share of every
-// factor's rows into its own partial outputs, so every thread streams whole rows: the factors are
-// ~1.8 MB of fp32 per layer of the 0.1B shape (a fifth of an int8 token's bytes), too much to
-// leave to one thread, and splitting the output columns instead made the threads read strided.
+// Several LoRA products in one parallel region. The factors' rows are cut into kLoraParts
+// contiguous shares, each summed into its own partial outputs by one thread (so every thread
+// streams whole rows: the factors are ~1.8 MB of fp32 per layer of the 0.1B shape, a fifth of an
+// int8 token's bytes, too much to leave to one thread, and splitting the output columns instead
+// made the threads read strided). The shares do not depend on the thread count, and neither does
+// the result: decode may change its thread count between tokens (plugins/cpu_threads.py).
+constexpr int64_t kLoraParts = 8;
+
 void lora_products(std::initializer_list<Lora> jobs, int threads) {
     int64_t width = 0;
     for (const Lora& job : jobs) width += job.D;
-    std::vector<float> partial(size_t(threads) * width, 0.f);
-#pragma omp parallel num_threads(threads)
-    {
-        const int64_t t = omp_get_thread_num(), n = omp_get_num_threads();
-        float* mine = partial.data() + t * width;
+    std::vector<float> partial(size_t(kLoraParts) * width, 0.f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t part = 0; part < kLoraParts; ++part) {
+        float* mine = partial.data() + part * width;
         for (const Lora& job : jobs) {
-            for (int64_t k = job.K * t / n; k < job.K * (t + 1) / n; ++k) {
+            for (int64_t k = job.K * part / kLoraParts; k < job.K * (part + 1) / kLoraParts; ++k) {
                 const float xk = job.x[k];
                 const float* row = job.A + k * job.D;
 #pragma omp simd
@@ -106,7 +109,7 @@ void lora_products(std::initializer_list<Lora> jobs, int threads) {
     for (const Lora& job : jobs) {
         for (int64_t d = 0; d < job.D; ++d) {
             float sum = 0.f;
-            for (int t = 0; t < threads; ++t) sum += partial[t * width + offset + d];
+            for (int64_t part = 0; part < kLoraParts; ++part) sum += partial[part * width + offset + d];
             job.y[d] = sum;
         }
         offset += job.D;

@@ -116,7 +116,9 @@ class FusedBlockWeights(BlockWeights):
         return out
 
 
-def decode_blocks(lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype):
+def decode_blocks(
+    lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
+):
     """``rwkv7.block`` on each layer in turn for ``x [1, 1, C]``, in one native call
     (``decode_layers``); returns ``(x, v_first, new LayerStates)``. The new states are rows of
     three stacked buffers (one allocation each instead of three per layer)."""
@@ -136,7 +138,7 @@ def decode_blocks(lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tenso
     checked(lib.decode_layers)(
         n, (ctypes.c_void_p * n)(*(ctypes.addressof(layer.struct) for layer in layers)), x32.data_ptr(), vf.data_ptr(), att_in.data_ptr(),
         (ctypes.c_void_p * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(), ffn_out.data_ptr(),
-        torch.get_num_threads(),
+        threads,
     )  # fmt: skip
     att_out, ffn_out = att_out.to(dtype), ffn_out.to(dtype)
     new_states = [LayerState(att_out[i : i + 1], kv_out[i], ffn_out[i : i + 1]) for i in range(n)]

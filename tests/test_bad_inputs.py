@@ -166,7 +166,7 @@ def test_native_calls_refuse_wrong_sizes(model):
     state = model.zero_state(1)
     bad = LayerState(torch.zeros(1, 128), torch.zeros(1, 1, 2, 2), torch.zeros(1, 128))
     with pytest.raises(InputError, match=r"native kernel input att_kv: got torch.float32 \[1, 1, 2, 2\] on cpu, expected \[1, 2, 64, 64\] torch.float32"):
-        cpu_fused.decode_blocks(lib, [layer], torch.zeros(1, 1, 128), None, [bad], torch.float32)
+        cpu_fused.decode_blocks(lib, [layer], torch.zeros(1, 1, 128), None, [bad], torch.float32, 1)
     with pytest.raises(InputError, match=r"native kernel input x: got torch.float32 \[1, 1, 64\]"):
         ops.blocks([weights], torch.zeros(1, 1, 64), None, state.layers[:1])
     with pytest.raises(InputError, match=r"native kernel input ffn_x_prev"):
