@@ -7,9 +7,6 @@ The native CPU kernels run ~100 short OpenMP regions per decoded token, in the l
 - ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE``: idle threads sleep at once;
 - ``ACTIVE``: ``OMP_WAIT_POLICY=ACTIVE``: idle threads only spin.
 
-``governed`` is rwkvkit as shipped (``plugins/cpu_threads.ThreadGovernor`` drops decode to one thread
-when that measures faster); ``fixed`` always uses the configured 2 threads.
-
 ``contended`` runs one busy Python loop pinned to CPU 0 meanwhile (a shared machine). Each case is
 a fresh process (the policy is fixed per process). Random model of the World 0.1B shape, ``cpu
 fp32``, 2 threads, median of 5 x 64 decoded tokens after warm-up. Run it alone:
@@ -36,9 +33,6 @@ import rwkvkit
 import torch
 sys.path.insert(0, sys.argv[1])
 from bench_cpu import checkpoint
-if sys.argv[4] == "fixed":  # the configured thread count always (no ThreadGovernor)
-    from rwkvkit.plugins.cpu_threads import ThreadGovernor
-    ThreadGovernor.choose = lambda self, threads: threads
 torch.set_num_threads(2)
 model = rwkvkit.RWKV(checkpoint("0.1B"), "cpu fp32")
 _, state = model.forward(list(range(16)), None)
@@ -50,7 +44,7 @@ for _ in range(int(sys.argv[2])):
     for token in range(int(sys.argv[3])):
         _, s = model.forward([token], s)
     speeds.append(int(sys.argv[3]) / (time.perf_counter() - start))
-print(json.dumps({"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "threads": sys.argv[4], "tok_per_s": statistics.median(speeds), "all": speeds}))
+print(json.dumps({"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "tok_per_s": statistics.median(speeds), "all": speeds}))
 """
 
 
@@ -64,19 +58,18 @@ def busy_cpu0():
         proc.wait()
 
 
-def decode_in_fresh_process(policy: str, threads: str) -> dict:
+def decode_in_fresh_process(policy: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if policy != "default":
         env["OMP_WAIT_POLICY"] = policy
-    out = subprocess.run([sys.executable, "-c", CHILD, str(HERE), str(ROUNDS), str(TOKENS), threads], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(HERE), str(ROUNDS), str(TOKENS)], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("load", ["idle", "contended"])
-@pytest.mark.parametrize("threads", ["governed", "fixed"])
 @pytest.mark.parametrize("policy", ["default", "PASSIVE", "ACTIVE"])
-def test_decode_under_wait_policy(benchmark, policy, threads, load):
+def test_decode_under_wait_policy(benchmark, policy, load):
     with busy_cpu0() if load == "contended" else contextlib.nullcontext():
-        result = benchmark.pedantic(decode_in_fresh_process, args=(policy, threads), rounds=1)
-    print(f"\n{load} {policy} {threads}: {result['tok_per_s']:.1f} tok/s (rounds {', '.join(f'{v:.1f}' for v in result['all'])})")
+        result = benchmark.pedantic(decode_in_fresh_process, args=(policy,), rounds=1)
+    print(f"\n{load} {policy}: {result['tok_per_s']:.1f} tok/s (rounds {', '.join(f'{v:.1f}' for v in result['all'])})")
     benchmark.extra_info.update(kind="decode", policy=policy, load=load, **result)

@@ -85,7 +85,7 @@ struct Lora {
 // streams whole rows: the factors are ~1.8 MB of fp32 per layer of the 0.1B shape, a fifth of an
 // int8 token's bytes, too much to leave to one thread, and splitting the output columns instead
 // made the threads read strided). The shares do not depend on the thread count, and neither does
-// the result: decode may change its thread count between tokens (plugins/cpu_threads.py).
+// the result: `strategy.threads` changes speed, never the generated text.
 constexpr int64_t kLoraParts = 8;
 
 void lora_products(std::initializer_list<Lora> jobs, int threads) {

@@ -12,18 +12,15 @@
 - ``linear`` for one row (the head, and decode when not fused): the same fp32 and bf16 kernels;
   torch's fp32 GEMV reads the 0.1B head at ~13 GB/s here, the kernel near the bandwidth limit.
 Threads follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it); decode
-drops to one thread while that measures faster, as it does next to a busy process
-(:mod:`.cpu_threads`). Where the kernels cannot be built (no compiler) the backend warns once and
-runs the torch backend's ops.
+results do not depend on the count. Where the kernels cannot be built (no compiler) the backend
+warns once and runs the torch backend's ops.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import time
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +30,6 @@ from rwkvkit.hookspecs import hookimpl
 from rwkvkit.models.rwkv7 import BlockWeights
 from rwkvkit.native import load_library
 from rwkvkit.plugins import cpu_fused
-from rwkvkit.plugins.cpu_threads import ThreadGovernor
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.strategy import Placement
 
@@ -75,10 +71,6 @@ class CpuBackend(TorchBackend):
             return "runs fp32 and bf16 only (use bf16 rather than fp16 on a CPU)"
         return super().unavailable_reason(placement)
 
-    def __init__(self, placement: Placement) -> None:
-        super().__init__(placement)
-        self._governor = ThreadGovernor()  # decode's thread count, by measured speed
-
     def prepare_block(self, weights: BlockWeights, spec: ModelSpec) -> BlockWeights:
         """The block's weights plus their native layout (:class:`cpu_fused.FusedBlockWeights`),
         built once here with the head count from the checkpoint's spec."""
@@ -91,11 +83,7 @@ class CpuBackend(TorchBackend):
         layers = [getattr(w, "native", None) for w in weights]
         if lib is None or x.shape[:2] != (1, 1) or None in layers:
             return super().blocks(weights, x, v_first, states)
-        threads = self._governor.choose(torch.get_num_threads())
-        start = time.perf_counter()
-        out = cpu_fused.decode_blocks(lib, layers, x, v_first, states, self.placement.dtype, threads)
-        self._governor.record(threads, time.perf_counter() - start)
-        return out
+        return cpu_fused.decode_blocks(lib, layers, x, v_first, states, self.placement.dtype, torch.get_num_threads())
 
     def block(self, weights, x, v_first, state):
         lib, layer = library(), getattr(weights, "native", None)
