@@ -110,3 +110,42 @@ def save_checkpoint(tensors: dict[str, torch.Tensor], path: str | Path) -> Path:
 def make_checkpoint(path: str | Path, n_layer: int = 2, n_embd: int = 128, vocab_size: int = 512, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """Create a random RWKV-7 checkpoint file in one call."""
     return save_checkpoint(random_checkpoint(make_spec(n_layer, n_embd, vocab_size), seed, dtype), path)
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(resident, peak resident) of this process in MB, from ``/proc/self/status`` (Linux): file
+    pages a process has mapped and touched count as resident, so a memory-mapped checkpoint does."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def memory_probe(path: str, strategy: str, prefill: int = 512, decode: int = 5) -> dict[str, float]:
+    """Load ``path`` with ``strategy``, prefill ``prefill`` random tokens, decode ``decode`` more;
+    RSS after the load and at the end, peak RSS at both points, and the prepared weights (MB).
+    Meaningful only in a fresh process: see :func:`measure_memory`."""
+    from rwkvkit import RWKV
+
+    model = RWKV(path, strategy)
+    rss_load, peak_load = _rss_mb()
+    tokens = torch.randint(0, model.spec.vocab_size, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
+    out, state = model.forward(tokens, None)
+    for _ in range(decode):
+        out, state = model.forward([int(out.argmax())], state)
+    rss_end, peak_end = _rss_mb()
+    return {"rss_load": rss_load, "peak_load": peak_load, "rss_end": rss_end, "peak_end": peak_end, "weights": model.weight_bytes() / 2**20}
+
+
+def measure_memory(path: str | Path, strategy: str, cache: str | Path, threads: int = 2, **probe: int) -> dict[str, float]:
+    """:func:`memory_probe` in a fresh Python process using the rwkvkit cache ``cache`` (so a
+    cold or warm int8 cache is the caller's choice), with ``threads`` torch threads."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = "import json, sys, torch; from rwkvkit.testing import memory_probe; torch.set_num_threads(int(sys.argv[1])); print(json.dumps(memory_probe(*sys.argv[2:4], **json.loads(sys.argv[4]))))"
+    env = {**os.environ, "RWKVKIT_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", code, str(threads), str(path), strategy, json.dumps(probe)], env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"memory probe of {strategy!r} failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.splitlines()[-1])
