@@ -12,85 +12,37 @@ the activation vector to 16 bits (AVX512-VNNI ``vpdpwssd``). Prefill is compute-
 each activation row to int8 with its own scale and runs one int8 GEMM (``torch._int_mm``): ~3.6x
 an fp32 GEMM here, for < 0.1% held-out perplexity (tests/test_int8.py holds both paths to fp32).
 
-Quantizing takes a few passes over the weights, so results are cached on disk
-(``<cache>/int8/<digest>.safetensors``, see :func:`rwkvkit.native.cache_dir`) keyed by the
-matrix's shape, dtype and content checksums: a second load of the same checkpoint reads int8
-codes instead of quantizing again. Nothing is written next to the user's files.
+Quantizing reads every matrix once, in row blocks whose mapped pages are released as it goes
+(:func:`rwkvkit.quant.quantize_source`), and small weights are copied out of the checkpoint, so
+after the load nothing keeps the memory-mapped file resident and at no point is it all resident.
+Results are cached on disk, one file per model and stage (:mod:`.int8_cache`): a second load of
+the same checkpoint reads int8 codes and touches no matrix of the checkpoint. Nothing is written
+next to the user's files.
 """
 
 from __future__ import annotations
 
-import hashlib
-import warnings
-from pathlib import Path
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from rwkvkit.backend import Role
+from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.plugins import cpu_fused
 from rwkvkit.plugins.cpu_backend import CpuBackend, library
-from rwkvkit.quant import Int8Weight, quantize_per_channel
+from rwkvkit.plugins.int8_cache import StageCache
+from rwkvkit.quant import Int8Weight, quantize_per_channel, quantize_source
 from rwkvkit.strategy import Placement
 
-CACHE_VERSION = "int8-per-row-v1"
-
-
-def _cache_path(w: torch.Tensor) -> Path:
-    """Identifies a matrix by shape, dtype, float64-accumulated sum and L1 norm, and a strided
-    sample of values: two reductions over the weight (no float64 copy of it), far cheaper than
-    quantizing it."""
-    flat = w.reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 4096)].float().contiguous()
-    total = l1 = 0.0
-    for chunk in flat.split(1 << 22):  # chunked: no full-size temporary for a large head
-        total += chunk.sum(dtype=torch.float64).item()
-        l1 += chunk.abs().sum(dtype=torch.float64).item()
-    key = f"{CACHE_VERSION}|{tuple(w.shape)}|{w.dtype}|{total!r}|{l1!r}"
-    digest = hashlib.sha256(key.encode() + sample.numpy().tobytes()).hexdigest()[:32]
-    return cache_dir() / "int8" / f"{digest}.safetensors"
-
-
-def quantize_cached(w: torch.Tensor) -> Int8Weight:
-    """:func:`quantize_per_channel`, reusing an earlier result from the disk cache. An entry that
-    is unreadable or does not fit ``w`` (shape, dtypes, finite scales) is rebuilt, never trusted:
-    the kernels index ``q`` by its own shape."""
-    from safetensors.torch import load_file, save_file
-
-    path = _cache_path(w)
-    if path.is_file():
-        try:
-            cached = _fitting(load_file(str(path)), w)
-        except Exception:  # whatever the damage, the entry is rebuilt
-            cached = None
-        if cached is not None:
-            return cached
-    weight = quantize_per_channel(w)
-    try:
-        write_atomically(path, lambda tmp: save_file({"q": weight.q, "scale": weight.scale}, str(tmp)))
-    except OSError as exc:
-        reason = exc.strerror or exc  # no file name: one warning per load, not one per matrix
-        warnings.warn(f"int8: cannot write the quantization cache in {path.parent} ({reason}); quantizing again on every load", RuntimeWarning, stacklevel=2)
-    return weight
-
-
-def _fitting(entry: dict[str, torch.Tensor], w: torch.Tensor) -> Int8Weight | None:
-    """The cache entry as an :class:`Int8Weight` if it is one for a matrix of ``w``'s shape."""
-    if entry.keys() != {"q", "scale"}:
-        return None
-    q, scale = entry["q"], entry["scale"]
-    if q.dtype != torch.int8 or q.shape != w.shape or scale.dtype != torch.float32 or scale.shape != w.shape[:1]:
-        return None
-    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-        return None
-    return Int8Weight(q, scale)
+_QUANTIZED = (Role.MATRIX, Role.EMBEDDING)
 
 
 class Int8Backend(CpuBackend):
     name = "int8"
+    _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
@@ -100,10 +52,28 @@ class Int8Backend(CpuBackend):
             return "the CPU has no fast fp16 arithmetic: use 'cpu fp32i8' or 'cpu bf16i8'"
         return CpuBackend.unavailable_reason(Placement(placement.device, placement.dtype))
 
+    @contextmanager
+    def loading(self, checkpoint: Checkpoint, layers: range) -> Iterator[None]:
+        """Serve this stage's int8 weights from its cache entry, and write it back after the load."""
+        self._cache = StageCache(checkpoint, layers)
+        try:
+            yield
+            self._cache.save()
+        finally:
+            self._cache = None
+
+    def prepare_source(self, source: WeightSource, role: Role) -> Any:
+        if role not in _QUANTIZED:
+            return self.prepare(source.rows(), role)
+        return self._cache.get(source) if self._cache is not None else quantize_source(source)
+
     def prepare(self, tensor: torch.Tensor, role: Role) -> Any:
-        if role in (Role.MATRIX, Role.EMBEDDING):
-            return quantize_cached(tensor)
-        return super().prepare(tensor, role)
+        """int8 for matrices and the embedding; a copy of anything else, never a view of the
+        checkpoint: one view keeps the whole mapped file alive, and with it every page read."""
+        if role in _QUANTIZED:
+            return quantize_per_channel(tensor)
+        prepared = super().prepare(tensor, role)
+        return prepared.clone() if prepared.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else prepared
 
     def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
         return table.q[ids].to(self.placement.dtype) * table.scale[ids].unsqueeze(-1).to(self.placement.dtype)

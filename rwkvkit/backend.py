@@ -9,13 +9,17 @@ these ops fast.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from enum import Enum
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rwkvkit.strategy import Placement
+
+if TYPE_CHECKING:
+    from rwkvkit.checkpoint import Checkpoint, WeightSource
 
 
 class Role(Enum):
@@ -49,6 +53,19 @@ class Backend(ABC):
         if role is Role.VECTOR:
             tensor = tensor.flatten()
         return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
+
+    @contextmanager
+    def loading(self, checkpoint: Checkpoint, layers: range) -> Iterator[None]:
+        """Spans every ``prepare_source`` call of one model load for this backend's stage
+        (``layers``; the embedding on the first stage, the head on the last), so a backend can key
+        a cache of prepared weights by the checkpoint and write it once at the end. The code after
+        the ``yield`` runs only when the load succeeded. The default does nothing."""
+        yield
+
+    def prepare_source(self, source: WeightSource, role: Role) -> Any:
+        """Prepare one checkpoint weight, read on demand (``source.rows()``): a backend may serve
+        it from a cache or read it in row blocks. The default is :meth:`prepare` on the whole."""
+        return self.prepare(source.rows(), role)
 
     def prepare_block(self, weights: Any, spec: Any) -> Any:
         """Called once per resident block at load time, with the model's spec (dimensions): a

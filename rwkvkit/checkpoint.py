@@ -12,10 +12,11 @@ import re
 import zipfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
+from rwkvkit import pages
 from rwkvkit.errors import CheckpointError
 from rwkvkit.paths import candidates, model_file
 
@@ -59,6 +60,33 @@ class Checkpoint:
                 h.update(key.encode())
                 h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """One weight to prepare, read on demand from the checkpoint: a backend with a cache of its
+    prepared form need not read it at all, and one that transforms rows independently (int8
+    quantization) can read a block of rows at a time and :meth:`release` each, so no full-size
+    temporary and no resident copy of the file outlive the block. ``rows_fn`` derives rows from
+    the stored ones (the embedding with ``ln0`` folded in); it must treat every row alone."""
+
+    key: str
+    stored: torch.Tensor  # as the checkpoint holds it (memory-mapped where the format allows)
+    rows_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.stored.shape
+
+    def rows(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` (all by default), derived by ``rows_fn`` when there is one."""
+        part = self.stored[start:stop]
+        return part if self.rows_fn is None else self.rows_fn(part)
+
+    def release(self, start: int, stop: int) -> None:
+        """Drop the mapped pages of stored rows ``start:stop`` from this process's resident memory
+        (:func:`rwkvkit.pages.release`; nothing happens when they are not file-mapped)."""
+        pages.release(self.stored[start:stop])
 
 
 def resolve_path(name: str | Path) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import operator
+from contextlib import ExitStack
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Sequence
 
@@ -10,7 +12,7 @@ import numpy as np
 import torch
 
 from rwkvkit.backend import Backend, Role
-from rwkvkit.checkpoint import Checkpoint
+from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.errors import InputError, StateError, StrategyError
 from rwkvkit.models import rwkv7
 from rwkvkit.registry import registry
@@ -55,24 +57,27 @@ class Model:
         self.fingerprint = checkpoint.fingerprint()
         self.plan = plan
         t = checkpoint.tensors
+
+        def fetcher(ops: Backend) -> rwkv7.Fetch:
+            return lambda key, role, optional: ops.prepare_source(WeightSource(key, t[key]), role) if key in t or not optional else None
+
         self.stages: list[_Stage] = []
-        for stage in plan.stages:
-            ops = select_backend(stage.backend, stage.placement)(stage.placement)
-
-            def fetch(key: str, role: Role, optional: bool, ops: Backend = ops) -> Any:
-                return ops.prepare(t[key], role) if key in t or not optional else None
-
-            streamed = stage.placement.stream
-            blocks = []
-            for i in stage.layers:  # a streamed block goes to the host before the next one is prepared
-                b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch)
-                if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
-                    b.att.v0 = b.att.v1 = b.att.v2 = None
-                blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec))
-            self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
-        first, last = self.stages[0].ops, self.stages[-1].ops
-        self.emb = first.prepare(rwkv7.embed(t["emb.weight"], t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]), Role.EMBEDDING)
-        self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", lambda key, role, _: last.prepare(t[key], role))
+        with ExitStack() as loads:  # each backend's ``loading`` spans all it prepares (its weight cache)
+            for stage in plan.stages:
+                ops = select_backend(stage.backend, stage.placement)(stage.placement)
+                loads.enter_context(ops.loading(checkpoint, stage.layers))
+                streamed = stage.placement.stream
+                blocks = []
+                for i in stage.layers:  # a streamed block goes to the host before the next one is prepared
+                    b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetcher(ops))
+                    if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
+                        b.att.v0 = b.att.v1 = b.att.v2 = None
+                    blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec))
+                self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
+            first, last = self.stages[0].ops, self.stages[-1].ops
+            ln0 = functools.partial(rwkv7.embed, ln0_weight=t["blocks.0.ln0.weight"], ln0_bias=t["blocks.0.ln0.bias"])
+            self.emb = first.prepare_source(WeightSource("emb.weight", t["emb.weight"], ln0), Role.EMBEDDING)
+            self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", fetcher(last))
 
     def weight_bytes(self) -> int:
         """Bytes of prepared weights held by the model (what quantization shrinks)."""

@@ -9,10 +9,15 @@ and a kernel can apply the scale once per output instead of per weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from rwkvkit.checkpoint import WeightSource
+
 QMAX = 127  # symmetric range: -127..127 (-128 unused, so negation never overflows)
+BLOCK_BYTES = 4 << 20  # float32 rows quantized at a time by quantize_source
 
 
 @dataclass(frozen=True)
@@ -42,3 +47,19 @@ def quantize_per_channel(w: torch.Tensor) -> Int8Weight:
     scale = w.abs().amax(dim=1) / QMAX
     q = torch.round(w / scale.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)).clamp_(-QMAX, QMAX).to(torch.int8)
     return Int8Weight(q.contiguous(), scale.contiguous())
+
+
+def quantize_source(source: WeightSource) -> Int8Weight:
+    """:func:`quantize_per_channel` of ``source``'s rows, a block of :data:`BLOCK_BYTES` at a time,
+    each block's mapped pages released once read. Every row is rounded alone, so the result is
+    bit-identical to quantizing the whole matrix, while memory holds the codes plus one block of
+    float32 temporaries instead of several full-size ones (the 0.1B head: 201 MB each)."""
+    rows, cols = source.shape
+    q, scale = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows, dtype=torch.float32)
+    step = max(1, BLOCK_BYTES // (4 * cols))
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        block = quantize_per_channel(source.rows(start, stop))
+        q[start:stop], scale[start:stop] = block.q, block.scale
+        source.release(start, stop)
+    return Int8Weight(q, scale)

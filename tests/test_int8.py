@@ -7,7 +7,7 @@ import torch
 
 from rwkvkit import RWKV, StrategyError
 from rwkvkit.models import rwkv7
-from rwkvkit.plugins import int8_backend
+from rwkvkit.plugins import int8_cache
 from rwkvkit.plugins.int8_backend import Int8Backend
 from rwkvkit.quant import quantize_per_channel
 from rwkvkit.strategy import Placement
@@ -86,10 +86,10 @@ def test_mixed_stages_equal_each_stage_alone(model_paths):
 def test_second_load_reads_the_cache(model_paths, monkeypatch):
     first, _ = RWKV(model_paths["tiny"], "cpu fp32i8").forward([1, 2], None)
 
-    def no_quantizing(w):
-        raise AssertionError("quantized again instead of reading the cache")
+    def no_quantizing(source):
+        raise AssertionError(f"quantized {source.key} again instead of reading the cache")
 
-    monkeypatch.setattr(int8_backend, "quantize_per_channel", no_quantizing)
+    monkeypatch.setattr(int8_cache, "quantize_source", no_quantizing)
     second, _ = RWKV(model_paths["tiny"], "cpu fp32i8").forward([1, 2], None)
     assert torch.equal(first, second)
 
