@@ -42,6 +42,7 @@ class StageCache:
     quantized otherwise; :meth:`save` writes the entry back when it changed."""
 
     def __init__(self, checkpoint: Checkpoint, layers: range) -> None:
+        self.limit = limit_bytes()  # a bad setting fails the load before any work
         self.path = entry_path(checkpoint, layers)
         self.stored = _read(self.path)
         self.weights: dict[str, Int8Weight] = {}
@@ -71,7 +72,7 @@ class StageCache:
                 return
         else:
             _touch(self.path)
-        evict(self.path, limit_bytes())
+        evict(self.path, self.limit)
 
 
 def entry_path(checkpoint: Checkpoint, layers: range) -> Path:
@@ -122,7 +123,7 @@ def limit_bytes() -> int:
 def evict(keep: Path, limit: int) -> None:
     """Remove the least recently used entries until the folder's entries total at most ``limit``
     bytes (``keep`` stays, even alone over it), and every file of the old per-matrix layout. A
-    process that has read an entry keeps its copy in memory, so removing one never disturbs it."""
+    process that has mapped an entry keeps reading it: the file lives on until it is unmapped."""
     entries = []
     for path in keep.parent.glob("*.safetensors"):
         try:
@@ -131,13 +132,16 @@ def evict(keep: Path, limit: int) -> None:
             elif path != keep:
                 stat = path.stat()
                 entries.append((stat.st_mtime, stat.st_size, path))
-        except OSError:  # removed meanwhile by another process
+        except OSError:  # removed meanwhile by another process, or a read-only cache
             pass
     total = sum(size for _, size, _ in entries) + (keep.stat().st_size if keep.exists() else 0)
     for _, size, path in sorted(entries):  # oldest first
         if total <= limit:
             break
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:  # a read-only cache: nothing to evict from
+            return
         total -= size
 
 

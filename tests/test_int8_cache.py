@@ -140,8 +140,9 @@ def test_a_limit_of_zero_keeps_only_the_entry_in_use_and_old_layout_files_are_re
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "nan"])
-def test_a_bad_size_limit_is_named(model_paths, monkeypatch, value):
+def test_a_bad_size_limit_is_named_before_quantizing(model_paths, monkeypatch, value):
     monkeypatch.setenv("RWKVKIT_INT8_CACHE_MB", value)
+    forbid_quantizing(monkeypatch)
     with pytest.raises(RwkvkitError, match=rf"RWKVKIT_INT8_CACHE_MB='{value}': expected a size in megabytes \(a number >= 0\)"):
         logits(model_paths["tiny"])
 
