@@ -112,26 +112,20 @@ def make_checkpoint(path: str | Path, n_layer: int = 2, n_embd: int = 128, vocab
     return save_checkpoint(random_checkpoint(make_spec(n_layer, n_embd, vocab_size), seed, dtype), path)
 
 
-def _rss_mb() -> tuple[float, float]:
-    """(resident, peak resident) of this process in MB, from ``/proc/self/status`` (Linux): file
-    pages a process has mapped and touched count as resident, so a memory-mapped checkpoint does."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
-
-
 def memory_probe(path: str, strategy: str, prefill: int = 512, decode: int = 5) -> dict[str, float]:
     """Load ``path`` with ``strategy``, prefill ``prefill`` random tokens, decode ``decode`` more;
     RSS after the load and at the end, peak RSS at both points, and the prepared weights (MB).
     Meaningful only in a fresh process: see :func:`measure_memory`."""
     from rwkvkit import RWKV
+    from rwkvkit.memory import rss_mb
 
     model = RWKV(path, strategy)
-    rss_load, peak_load = _rss_mb()
+    rss_load, peak_load = rss_mb()
     tokens = torch.randint(0, model.spec.vocab_size, (prefill,), generator=torch.Generator().manual_seed(0)).tolist()
     out, state = model.forward(tokens, None)
     for _ in range(decode):
         out, state = model.forward([int(out.argmax())], state)
-    rss_end, peak_end = _rss_mb()
+    rss_end, peak_end = rss_mb()
     return {"rss_load": rss_load, "peak_load": peak_load, "rss_end": rss_end, "peak_end": peak_end, "weights": model.weight_bytes() / 2**20}
 
 
