@@ -3,6 +3,8 @@ through importlib.resources, not through paths into the repository."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -94,3 +96,30 @@ def test_example_third_party_sampler_is_found_by_name(tmp_path, model_paths):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rwkvkit-top-a 0.1.0 {'samplers': ['top_a']}" in proc.stdout and "cli ok" in proc.stdout
     assert "name: top_a" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+TORCH_CPU_INDEX = " --index-url https://download.pytorch.org/whl/cpu"
+
+
+def readme_cpu_setup() -> list[str]:
+    """The README's set-up commands for a CPU-only machine: the bash block after that heading."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"\*\*CPU-only machine\*\*.*?```bash\n(.*?)```", text, re.DOTALL)
+    assert block, "README lost its CPU-only set-up block"
+    return [line for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_readme_cpu_setup_works_literally_in_a_fresh_checkout(tmp_path):
+    """Runs the README's CPU set-up in a copy of the working tree. Off this machine PyTorch's CPU
+    index serves torch; here pip's configured local wheel store does, so only that option is
+    dropped. The result must be a CPU torch build, and `rwkvkit run` must work."""
+    commands = readme_cpu_setup()
+    assert any(TORCH_CPU_INDEX in c for c in commands), commands
+    source = tmp_path / "rwkvkit"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", ".ci-venv", "outputs", "multirun", "*.egg-info", "__pycache__", "build", "dist"))
+    script = "set -e\n" + "\n".join(c.replace(TORCH_CPU_INDEX, "") for c in commands) + "\n"
+    script += 'python -c "import torch; assert torch.version.cuda is None, torch.__version__"\nrwkvkit run token_count=4 callbacks=quiet\n'
+    proc = subprocess.run(["bash", "-c", script], cwd=source, capture_output=True, text=True, timeout=1500, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^rwkvkit: 4 tokens, .* run directory outputs/", proc.stderr, re.MULTILINE), proc.stderr[-2000:]
