@@ -6,16 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from rwkvkit import PIPELINE, PIPELINE_ARGS, RWKV
 from rwkvkit.errors import InputError, PluginError, RwkvkitError
 from rwkvkit.generation import AUTO_CHUNK_RANGE, auto_chunk_len, generate
-from rwkvkit.interfaces import Callback, Sampler
+from rwkvkit.interfaces import Callback
 from rwkvkit.plugins.callbacks import JsonlCallback, ProgressCallback
 from rwkvkit.plugins.samplers import GreedySampler
 from rwkvkit.resolve import as_callbacks, resolve_tokenizer
 from rwkvkit.testing import make_spec, random_checkpoint, save_checkpoint
+from test_generation import Scripted
 
 PROMPT = [11, 22, 33, 44, 55, 66, 77, 88, 99, 110, 121, 132]  # ids: the tiny model has 2,048 tokens
 
@@ -33,16 +33,6 @@ def tok():
 def spell(tok, text: str) -> list[int]:
     """One single-byte token per character (ids < 256, inside the tiny model's vocabulary)."""
     return [next(i for i in range(1, 257) if tok.decode_bytes([i]) == ch.encode()) for ch in text]
-
-
-class Scripted(Sampler):
-    name = "scripted"
-
-    def __init__(self, ids):
-        self.ids = iter(ids)
-
-    def sample(self, logits, ctx):
-        return next(self.ids)
 
 
 class Recorder(Callback):
@@ -203,7 +193,7 @@ def test_bad_callback_value(value):
 
 @pytest.mark.parametrize("bad", [2048, -1, True, 1.5, "7", None])
 def test_sampler_returning_a_bad_id_is_named(tiny, tok, bad):
-    with pytest.raises(PluginError, match=rf"sampler 'scripted' \(test_bad_generation\.Scripted\) returned {bad!r:.10}.*expected a token id, an int in 0\.\.2047"):
+    with pytest.raises(PluginError, match=rf"sampler 'scripted' \(test_generation\.Scripted\) returned {bad!r:.10}.*expected a token id, an int in 0\.\.2047"):
         generate(tiny, tok, PROMPT, token_count=2, sampler=Scripted([bad]))
 
 
