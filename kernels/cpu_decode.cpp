@@ -8,6 +8,7 @@
 // Activations are fp32 inside. Big matrices are fp32, bf16 or int8 with per-row scales; small
 // vectors and LoRA factors are fp32 copies made at load time.
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
@@ -145,6 +146,16 @@ struct Layer {
     Mat R, K, V, O, FK, FV;
     int64_t C, H, N, Dw, Da, Dv, Dg, F;
 };
+
+// The layout Python's ctypes mirror of Layer must have (plugins/cpu_fused.py checks it at load):
+// sizes of Mat and Layer, then the offsets of R (the first matrix), C (the first size) and F (the last).
+void layer_layout(int64_t* out) {
+    out[0] = sizeof(Mat);
+    out[1] = sizeof(Layer);
+    out[2] = offsetof(Layer, R);
+    out[3] = offsetof(Layer, C);
+    out[4] = offsetof(Layer, F);
+}
 
 // x [C] in/out (residual stream); v_first [C] out for layer 0, in otherwise; the state is read
 // from *_in and written to *_out (distinct buffers: the caller's state is never modified).

@@ -217,8 +217,21 @@ def checked(fn: Callable[..., int]) -> Callable[..., None]:
     return call
 
 
+def check_layout(lib: ctypes.CDLL) -> None:
+    """``_Layer``/``_Mat`` must match ``struct Layer``/``Mat`` in kernels/cpu_decode.cpp byte for
+    byte (the kernels read the struct Python fills): compared once, when the library loads."""
+    native = (ctypes.c_int64 * 5)()
+    lib.layer_layout(native)
+    mirror = (ctypes.sizeof(_Mat), ctypes.sizeof(_Layer), _Layer.R.offset, _Layer.C.offset, _Layer.F.offset)
+    if tuple(native) != mirror:
+        raise RuntimeError(f"cpu_fused._Layer does not match struct Layer in kernels/cpu_decode.cpp (sizes and offsets {mirror} vs {tuple(native)})")
+
+
 def declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.layer_layout.argtypes = [ptr]
+    lib.layer_layout.restype = None
+    check_layout(lib)
     lib.decode_layers.argtypes = [i64, ptr, *[ptr] * 8, c_int]
     lib.decode_layers.restype = c_int
     lib.prefill_mix.argtypes = [ptr, i64, i64, *[ptr] * 6, i64, ptr, ptr, c_int, c_int]

@@ -7,6 +7,7 @@ fails its test instead of killing pytest.
 
 from __future__ import annotations
 
+import ctypes
 import subprocess
 import sys
 import textwrap
@@ -263,3 +264,17 @@ def test_strategy_counts_and_devices_are_ascii(strategy):
     """Python's int() reads Arabic-Indic digits; a strategy string must not."""
     with pytest.raises(StrategyError, match="cannot parse stage"):
         parse_strategy(strategy, 2)
+
+
+def test_ctypes_layer_struct_is_checked_against_the_native_one(monkeypatch):
+    """The Python mirror of ``struct Layer`` is compared with the library's own layout at load; a
+    field added on one side only is an error, not misread weights."""
+    lib = cpu_backend.library()
+    cpu_fused.check_layout(lib)  # the shipped pair matches
+
+    class Shifted(ctypes.Structure):
+        _fields_ = [("extra", ctypes.c_int64), *cpu_fused._Layer._fields_]
+
+    monkeypatch.setattr(cpu_fused, "_Layer", Shifted)
+    with pytest.raises(RuntimeError, match="does not match struct Layer"):
+        cpu_fused.check_layout(lib)
