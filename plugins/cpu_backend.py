@@ -62,6 +62,7 @@ def library() -> ctypes.CDLL | None:
 
 class CpuBackend(TorchBackend):
     name = "cpu"
+    priority = 20
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:

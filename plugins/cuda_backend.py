@@ -51,6 +51,7 @@ class Epilogue(IntEnum):  # enum class Epilogue in kernels/rwkvkit_cuda.h
 
 class CudaBackend(TorchBackend):
     name = "cuda"
+    priority = 30
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:

@@ -42,6 +42,7 @@ _QUANTIZED = (Role.MATRIX, Role.EMBEDDING)
 
 class Int8Backend(CpuBackend):
     name = "int8"
+    priority = 20
     _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod

@@ -16,6 +16,7 @@ from rwkvkit.strategy import Placement
 
 class TorchBackend(Backend):
     name = "torch"
+    priority = -10  # the fallback: any other backend that can run a placement comes first
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:

@@ -35,6 +35,7 @@ class Backend(ABC):
     """Ops for one Placement. Subclasses register through ``register_backends``."""
 
     name: ClassVar[str]
+    priority: ClassVar[int] = 0  # backend "auto" tries higher first (built-ins: cuda 30, cpu/int8 20, torch -10)
 
     def __init__(self, placement: Placement) -> None:
         self.placement = placement

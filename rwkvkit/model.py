@@ -20,19 +20,21 @@ from rwkvkit.state import LayerState, State
 from rwkvkit.strategy import Placement, Plan
 from rwkvkit.streaming import Streamer, to_host
 
-AUTO_BACKENDS = ("cuda", "cpu", "int8", "torch")  # preference order for backend "auto"
-
 Tokens = int | Sequence[int] | torch.Tensor
 _EMPTY = "tokens is empty: forward needs at least one token"
 
 
 def select_backend(name: str, placement: Placement) -> type[Backend]:
-    """The backend class for a stage; ``auto`` takes the first preferred one that can run it."""
-    candidates = [n for n in AUTO_BACKENDS if n in registry.names("backends")] if name == "auto" else [name]
+    """The backend class for a stage; ``auto`` takes the registered backend of highest
+    ``priority`` (then name) that can run it, so an installed third-party backend can win."""
+    names = registry.names("backends") if name == "auto" else [name]
+    candidates = sorted(((n, registry.get("backends", n)) for n in names), key=lambda item: (-item[1].priority, item[0]))
     reasons = []
-    for candidate in candidates:
-        cls = registry.get("backends", candidate)
-        reason = cls.unavailable_reason(placement)
+    for candidate, cls in candidates:
+        try:
+            reason = cls.unavailable_reason(placement)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin backend must not hide the others
+            reason = f"its availability check failed ({type(exc).__name__}: {exc})"
         if reason is None:
             return cls
         reasons.append(f"{candidate}: {reason}")

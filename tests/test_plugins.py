@@ -9,8 +9,9 @@ from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pytest
+import torch
 
-from rwkvkit import hookspecs
+from rwkvkit import RWKV, hookspecs
 from rwkvkit.backend import Backend
 from rwkvkit.cli import main
 from rwkvkit.errors import PluginError
@@ -156,3 +157,27 @@ def test_every_hook_is_documented():
     for name in specs:
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
         assert re.search(rf"^#+ .*`{name}\(register\)`", readme, re.M), f"README has no section for {name}"
+
+
+class EagerBackend(NoopBackend):
+    """A third-party backend that ranks itself above the built-ins where it can run."""
+
+    name = "eager"
+    priority = 100
+
+    @classmethod
+    def unavailable_reason(cls, placement):
+        return None if placement.dtype == torch.float16 else "fp16 only"
+
+
+def test_auto_ranks_backends_by_declared_priority(model_paths):
+    """backend='auto' is not a fixed list: a plugin's backend wins where it says it can run, and
+    the built-ins keep their order elsewhere (cpu before the torch fallback)."""
+    plugin = types.SimpleNamespace(register_backends=hookimpl(lambda register: register(EagerBackend)))
+    registry.add(plugin, "eager-plugin", "tests", "0")
+    try:
+        assert type(RWKV(model_paths["tiny"], "cpu fp16").stages[0].ops) is EagerBackend
+        assert type(RWKV(model_paths["tiny"], "cpu fp32").stages[0].ops).name == "cpu"
+    finally:
+        registry.remove("eager-plugin")
+    assert type(RWKV(model_paths["tiny"], "cpu fp16").stages[0].ops).name == "torch"
