@@ -15,7 +15,7 @@ from rwkvkit.generation import GenerationResult, check_chunk_len, generate
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
-from rwkvkit.plugins.samplers import NucleusSampler
+from rwkvkit.registry import registry
 from rwkvkit.resolve import CallbackLike, as_callbacks, resolve_sampler, resolve_tokenizer
 from rwkvkit.state import State
 from rwkvkit.stops import split_stops
@@ -45,6 +45,10 @@ class RWKV(Model):
 
     def generate_zero_state(self) -> State:
         return self.zero_state()
+
+
+def _nucleus(temperature: float, top_p: float, top_k: int) -> Sampler:
+    return registry.get("samplers", "nucleus")(temperature=temperature, top_p=top_p, top_k=top_k)
 
 
 class PIPELINE_ARGS:  # noqa: N801 - ChatRWKV's name
@@ -78,8 +82,9 @@ class PIPELINE_ARGS:  # noqa: N801 - ChatRWKV's name
         self.chunk_len = chunk_len
         self.check()
 
-    def sampler(self) -> NucleusSampler:
-        return NucleusSampler(self.temperature, self.top_p, self.top_k)
+    def sampler(self) -> Sampler:
+        """ChatRWKV's sampling with these options: the registered ``nucleus`` sampler."""
+        return _nucleus(self.temperature, self.top_p, self.top_k)
 
     def penalties(self) -> Penalties:
         return Penalties(self.alpha_presence, self.alpha_frequency, self.alpha_decay, self.token_ban)
@@ -114,7 +119,7 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         return self.tokenizer.decode(ids, errors="replace")
 
     def sample_logits(self, logits: torch.Tensor, temperature: float = 1.0, top_p: float = 0.85, top_k: int = 0) -> int:
-        return NucleusSampler(temperature, top_p, top_k).sample(logits, SampleContext(self._generator))
+        return _nucleus(temperature, top_p, top_k).sample(logits, SampleContext(self._generator))
 
     def generate(
         self,

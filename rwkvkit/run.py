@@ -37,7 +37,6 @@ from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir
 from rwkvkit.paths import candidates, model_file
-from rwkvkit.plugins.callbacks import JsonlCallback, MetricsCallback, ProgressCallback
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
@@ -135,9 +134,9 @@ def _make_callbacks(names: list[str], out_dir: Path) -> list[Callback]:
         factories = {name: registry.get("callbacks", name) for name in names}
     except PluginError as exc:
         raise PluginError(f"callbacks.names: {exc}") from None
-    callbacks = [factories[n](out_dir / "generation.jsonl") if factories[n] is JsonlCallback else factories[n]() for n in names if n != "metrics"]
-    if ProgressCallback not in factories.values():  # a long prompt's prefill still gets its bar
-        callbacks.append(ProgressCallback(decode=False))
+    callbacks = [factories[n](out_dir / "generation.jsonl") if n == "jsonl" else factories[n]() for n in names if n != "metrics"]
+    if "progress" not in names:  # a long prompt's prefill still gets its bar
+        callbacks.append(registry.get("callbacks", "progress")(decode=False))
     return callbacks
 
 
@@ -162,7 +161,7 @@ class _Record:
     out_dir: Path
     info: dict[str, Any]
     recorder: _Recorder = field(default_factory=_Recorder)
-    metrics: MetricsCallback = field(default_factory=MetricsCallback)
+    metrics: Callback = field(default_factory=lambda: registry.get("callbacks", "metrics")())  # its .metrics dict
     generating: bool = False
     stop_reason: str | None = None  # generate's, once it returns
 

@@ -181,3 +181,16 @@ def test_auto_ranks_backends_by_declared_priority(model_paths):
     finally:
         registry.remove("eager-plugin")
     assert type(RWKV(model_paths["tiny"], "cpu fp16").stages[0].ops).name == "torch"
+
+
+def test_core_modules_do_not_import_built_in_plugins():
+    """Core asks the registry for built-ins (as for any plugin); importing it loads none of them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rwkvkit, rwkvkit.compat, rwkvkit.run, rwkvkit.generation, rwkvkit.model, rwkvkit.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rwkvkit.plugins.')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
