@@ -29,7 +29,7 @@ import torch
 
 from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.errors import RwkvkitError
-from rwkvkit.native import cache_dir, write_atomically
+from rwkvkit.native import cache_dir, touch, write_atomically
 from rwkvkit.quant import Int8Weight, quantize_source
 
 CACHE_VERSION = "int8-per-row-v2"
@@ -71,7 +71,7 @@ class StageCache:
                 warnings.warn(f"int8: cannot write the quantization cache in {self.path.parent} ({reason}); quantizing again on every load", RuntimeWarning, stacklevel=4)
                 return
         else:
-            _touch(self.path)
+            touch(self.path)
         evict(self.path, self.limit)
 
 
@@ -143,11 +143,3 @@ def evict(keep: Path, limit: int) -> None:
         except OSError:  # a read-only cache: nothing to evict from
             return
         total -= size
-
-
-def _touch(path: Path) -> None:
-    """Marks an entry as used (its modification time orders eviction)."""
-    try:
-        os.utime(path)
-    except OSError:  # a read-only cache is fine to read from
-        pass

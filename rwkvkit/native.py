@@ -49,7 +49,7 @@ def load_library(kernels: str | tuple[str, ...], flags: tuple[str, ...] = ()) ->
     except OSError:  # our own build, yet unloadable (e.g. a system library it linked changed)
         _compile(source, path, flags)
         lib = ctypes.CDLL(str(path))
-    _touch(path)
+    touch(path)
     return lib
 
 
@@ -110,8 +110,9 @@ def write_atomically(target: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _touch(path: Path) -> None:
-    """Marks a build as in use, so :func:`_remove_stale_builds` keeps it."""
+def touch(path: Path) -> None:
+    """Marks a cached file as in use (its modification time: old builds are removed by
+    :func:`_remove_stale_builds`, old int8 entries evicted first)."""
     try:
         os.utime(path)
     except OSError:  # a read-only cache is fine to load from

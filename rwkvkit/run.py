@@ -35,7 +35,7 @@ from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
-from rwkvkit.native import cache_dir
+from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.paths import candidates, model_file
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
@@ -60,14 +60,8 @@ def file_sha256(path: Path) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
         known[key] = digest.hexdigest()
-        tmp = index.with_suffix(f".{os.getpid()}.tmp")
-        try:
-            index.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(known, indent=1))
-            os.replace(tmp, index)
-        except OSError:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        with contextlib.suppress(OSError):
+            write_atomically(index, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
     return known[key]
 
 

@@ -7,8 +7,6 @@ ChatRWKV-style ``copy.deepcopy(state)`` keeps working too.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping
@@ -16,6 +14,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping
 import torch
 
 from rwkvkit.errors import StateError
+from rwkvkit.native import write_atomically
 
 if TYPE_CHECKING:
     from rwkvkit.model import Model
@@ -129,17 +128,10 @@ class State:
             for i, layer in enumerate(self.layers)
             for name, t in zip(_FIELDS, layer.tensors())
         }
-        tmp = None
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            save_file(data, tmp, metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint})
-            os.replace(tmp, path)
+            write_atomically(path, lambda tmp: save_file(data, str(tmp), metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint}))
         except OSError as exc:
             raise StateError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
-        finally:
-            if tmp is not None and Path(tmp).exists():
-                Path(tmp).unlink()
 
     @staticmethod
     def load(path: str | Path, model: Model) -> State:
