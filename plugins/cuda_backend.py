@@ -52,12 +52,13 @@ class Epilogue(IntEnum):  # enum class Epilogue in kernels/rwkvkit_cuda.h
 class CudaBackend(TorchBackend):
     name = "cuda"
     priority = 30
+    quants = ("i8",)
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
         if placement.device.type != "cuda":
             return f"runs CUDA placements only (e.g. 'cuda fp16', 'cuda fp16i8'), not {placement.device.type}"
-        return Backend.unavailable_reason(placement) or kernels_build.build_error()
+        return super().unavailable_reason(placement) or kernels_build.build_error()
 
     def __init__(self, placement: Placement) -> None:
         super().__init__(placement)

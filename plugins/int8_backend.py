@@ -43,6 +43,7 @@ _QUANTIZED = (Role.MATRIX, Role.EMBEDDING)
 class Int8Backend(CpuBackend):
     name = "int8"
     priority = 20
+    quants = ("i8",)
     _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod
@@ -51,7 +52,7 @@ class Int8Backend(CpuBackend):
             return "runs int8 strategies only (e.g. 'cpu fp32i8')"
         if placement.device.type == "cpu" and placement.dtype == torch.float16:
             return "the CPU has no fast fp16 arithmetic: use 'cpu fp32i8' or 'cpu bf16i8'"
-        return CpuBackend.unavailable_reason(Placement(placement.device, placement.dtype))
+        return super().unavailable_reason(placement)
 
     @contextmanager
     def loading(self, checkpoint: Checkpoint, layers: range) -> Iterator[None]:

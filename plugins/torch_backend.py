@@ -11,18 +11,11 @@ import torch.nn.functional as F
 
 from rwkvkit.backend import Backend
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.strategy import Placement
 
 
 class TorchBackend(Backend):
     name = "torch"
     priority = -10  # the fallback: any other backend that can run a placement comes first
-
-    @classmethod
-    def unavailable_reason(cls, placement: Placement) -> str | None:
-        if placement.quant:
-            return f"{placement.quant} weights need a quantizing backend; the torch backend runs fp32/fp16/bf16 weights"
-        return super().unavailable_reason(placement)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)

@@ -74,7 +74,7 @@ class Model:
                     b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetcher(ops))
                     if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
                         b.att.v0 = b.att.v1 = b.att.v2 = None
-                    blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec))
+                    blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec, rwkv7.constants()))
                 self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
             first, last = self.stages[0].ops, self.stages[-1].ops
             ln0 = functools.partial(rwkv7.embed, ln0_weight=t["blocks.0.ln0.weight"], ln0_bias=t["blocks.0.ln0.bias"])
@@ -176,7 +176,7 @@ class Model:
             x = x.to(p.device, p.dtype)
             v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
             blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
-            x, v_first, new_states = stage.ops.blocks(blocks, x, v_first, state.layers[stage.layers.start : stage.layers.stop])
+            x, v_first, new_states = rwkv7.blocks(stage.ops, blocks, x, v_first, state.layers[stage.layers.start : stage.layers.stop])
             layers += new_states
         if not full_output:
             x = x[:, -1]

@@ -12,6 +12,7 @@ import torch
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.model import Model
+from rwkvkit.models import rwkv7
 from rwkvkit.state import State
 
 
@@ -38,7 +39,7 @@ def first_nonfinite(model: Model, tokens: Sequence[int], state: State | None) ->
         v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
         blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
         for i, weights, layer_state in zip(stage.layers, blocks, state.layers[stage.layers.start : stage.layers.stop]):
-            x, v_first, _ = stage.ops.block(weights, x, v_first, layer_state)
+            x, v_first, _ = rwkv7.block(stage.ops, weights, x, v_first, layer_state)
             if not torch.isfinite(x).all():
                 return f"layer {i} (blocks.{i}.*)"
     return "the output head (ln_out, head.weight)"

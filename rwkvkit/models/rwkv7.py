@@ -1,23 +1,45 @@
-"""RWKV-7 "x070" (Goose) math, written once over a backend's ops.
+"""RWKV-7 "x070" (Goose): the block's sequence and constants, written once over a backend's ops.
 
 Shapes: B batch, T tokens, C = H*N channels (H heads of size N), V vocab. Every function handles
-any T >= 1: T = 1 is decoding, T > 1 prefill; the only per-token work is inside ``ops.wkv``.
+any T >= 1: T = 1 is decoding, T > 1 prefill; the only per-token work is inside the scan. What
+each op computes is its plain-torch default in :class:`rwkvkit.backend.Backend`; the constants
+below reach every backend as arguments (:func:`constants`), so a change here is a change
+everywhere, native kernels included.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.backend import Backend, Role
+from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.state import LayerState
 
+LN_EPS = 1e-5  # ln0/ln1/ln2/ln_out
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): the soft clamp of log-decay below -0.5
 GROUP_NORM_EPS = 64e-5  # ln_x eps used in training (note: not 1e-5)
+KK_EPS = 1e-12  # F.normalize's floor on the removal key's norm
+ATT_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the token-shift mixes feeding r, decay, k, v, a, gate
+
+
+@dataclass(frozen=True)
+class Constants:
+    """The architecture's constants as backends receive them (a native layer copies them at load)."""
+
+    ln_eps: float
+    group_norm_eps: float
+    decay_scale: float
+    kk_eps: float
+    att_mixes: tuple[str, ...]
+
+
+def constants() -> Constants:
+    """The constants as this module defines them now."""
+    return Constants(LN_EPS, GROUP_NORM_EPS, DECAY_SCALE, KK_EPS, ATT_MIXES)
 
 
 def _w(key: str, role: Role, optional: bool = False) -> Any:
@@ -34,16 +56,16 @@ class TimeMixWeights:
     x_a: torch.Tensor = _w("x_a", Role.VECTOR)
     x_g: torch.Tensor = _w("x_g", Role.VECTOR)
     w0: torch.Tensor = _w("w0", Role.VECTOR)  # decay: w0 + tanh(x w1) w2
-    w1: torch.Tensor = _w("w1", Role.LORA)
-    w2: torch.Tensor = _w("w2", Role.LORA)
+    w1: torch.Tensor = _w("w1", Role.LORA_IN)
+    w2: torch.Tensor = _w("w2", Role.LORA_OUT)
     a0: torch.Tensor = _w("a0", Role.VECTOR)  # in-context learning rate: sigmoid(a0 + x a1 a2)
-    a1: torch.Tensor = _w("a1", Role.LORA)
-    a2: torch.Tensor = _w("a2", Role.LORA)
+    a1: torch.Tensor = _w("a1", Role.LORA_IN)
+    a2: torch.Tensor = _w("a2", Role.LORA_OUT)
     v0: torch.Tensor | None = _w("v0", Role.VECTOR, optional=True)  # value residual (unused in layer 0)
-    v1: torch.Tensor | None = _w("v1", Role.LORA, optional=True)
-    v2: torch.Tensor | None = _w("v2", Role.LORA, optional=True)
-    g1: torch.Tensor = _w("g1", Role.LORA)  # output gate: sigmoid(x g1) g2
-    g2: torch.Tensor = _w("g2", Role.LORA)
+    v1: torch.Tensor | None = _w("v1", Role.LORA_IN, optional=True)
+    v2: torch.Tensor | None = _w("v2", Role.LORA_OUT, optional=True)
+    g1: torch.Tensor = _w("g1", Role.LORA_IN)  # output gate: sigmoid(x g1) g2
+    g2: torch.Tensor = _w("g2", Role.LORA_OUT)
     k_k: torch.Tensor = _w("k_k", Role.VECTOR)  # key scale for the removal key kk
     k_a: torch.Tensor = _w("k_a", Role.VECTOR)  # how much a scales the written key
     r_k: torch.Tensor = _w("r_k", Role.VECTOR)  # per-head "bonus" weights, flattened [H*N]
@@ -110,63 +132,59 @@ def map_role(weights: Any, role: Role, fn: Callable[[Any], Any]) -> Any:
 
 def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor) -> torch.Tensor:
     """Fold block 0's ``ln0`` into the embedding table (done once, in float32, at load time)."""
-    return F.layer_norm(emb.float(), (emb.shape[1],), ln0_weight.float().flatten(), ln0_bias.float().flatten())
-
-
-def _token_shift(x: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
-    """Each position's predecessor: ``x_prev`` (carried in the state) for the first."""
-    return torch.cat((x_prev.unsqueeze(1), x[:, :-1]), dim=1)
+    return F.layer_norm(emb.float(), (emb.shape[1],), ln0_weight.float().flatten(), ln0_bias.float().flatten(), LN_EPS)
 
 
 def time_mix(
-    ops: Backend, w: TimeMixWeights, x: torch.Tensor, x_prev: torch.Tensor, kv: torch.Tensor, v_first: torch.Tensor | None
+    ops: Backend, w: BlockWeights, x: torch.Tensor, s: LayerState, v_first: torch.Tensor | None, c: Constants
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Attention-like mixing over time. ``x [B,T,C]`` (already ln1-normalised), ``x_prev [B,C]``,
-    ``kv [B,H,N,N]``. Returns ``(out [B,T,C], new x_prev, new kv, v_first)``."""
-    B, T, C = x.shape
-    H, N = kv.shape[1], kv.shape[2]
-    dx = _token_shift(x, x_prev) - x
-    xr, xw, xk, xv, xa, xg = (torch.addcmul(x, dx, m) for m in (w.x_r, w.x_w, w.x_k, w.x_v, w.x_a, w.x_g))
-
-    r = ops.linear(xr, w.receptance)
-    k = ops.linear(xk, w.key)
-    v = ops.linear(xv, w.value)
-    decay = torch.exp(-DECAY_SCALE * torch.sigmoid((w.w0 + torch.tanh(xw @ w.w1) @ w.w2).float()))  # (0.54, 1)
-    a = torch.sigmoid(w.a0 + (xa @ w.a1) @ w.a2)  # in-context learning rate, (0, 1)
-    g = torch.sigmoid(xg @ w.g1) @ w.g2
-
-    kk = F.normalize((k * w.k_k).view(B, T, H, N), dim=-1, p=2.0)  # unit "removal" key per head
-    k = k * (1 + (a - 1) * w.k_a)
-    if v_first is None:  # layer 0 hands its values to every later layer
-        v_first = v
-    else:
-        v = torch.lerp(v, v_first, torch.sigmoid(w.v0 + (xv @ w.v1) @ w.v2))
-
-    heads = (B, T, H, N)
-    y, kv = ops.wkv(kv, r.view(heads), decay.view(heads), k.view(heads), v.view(heads), kk, a.view(heads))
-    y = ops.group_norm(y, H, w.ln_x_weight, w.ln_x_bias, GROUP_NORM_EPS)
-    bonus = (r * k * w.r_k).view(heads).sum(dim=-1, keepdim=True) * v.view(heads)  # the current token's own k.r
-    out = ops.linear((y + bonus.view(B, T, C)) * g, w.output)
-    return out, x[:, -1], kv, v_first
+    """Attention-like mixing over time, with its residual. ``x [B,T,C]``, state ``x_prev [B,C]``,
+    ``kv [B,H,N,N]``. Returns ``(x + out, new x_prev, new kv, v_first)``."""
+    att = w.att
+    x_prev, mixed = ops.ln_mix(x, w.ln1_weight, w.ln1_bias, s.att_x_prev, [getattr(att, m) for m in c.att_mixes], c.ln_eps)
+    xr, xw, xk, xv, xa, xg = mixed
+    r, k, v = ops.project([xr, xk, xv], [att.receptance, att.key, att.value])
+    pairs = [(att.w1, att.w2, Epilogue.TANH), (att.a1, att.a2, Epilogue.NONE), (att.g1, att.g2, Epilogue.SIGMOID)]
+    if v_first is not None:  # the value residual's mix (layers after the first)
+        pairs.append((att.v1, att.v2, Epilogue.NONE))
+    w_lora, a_lora, g, *v_lora = ops.lora([xw, xa, xg, xv][: len(pairs)], pairs)  # decay, rate, gate, residual
+    y, kv, v_first = ops.time_mix_core(att, s.att_kv, r, k, v, w_lora, a_lora, g, v_lora[0] if v_lora else None, v_first, c)
+    (x,) = ops.project([y], [att.output], residual=x)
+    return x, x_prev, kv, v_first
 
 
-def channel_mix(ops: Backend, w: ChannelMixWeights, x: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feed-forward with token shift and squared ReLU. Returns ``(out [B,T,C], new x_prev)``."""
-    xk = torch.addcmul(x, _token_shift(x, x_prev) - x, w.x_k)
-    hidden = torch.relu(ops.linear(xk, w.key)) ** 2
-    return ops.linear(hidden, w.value), x[:, -1]
+def channel_mix(ops: Backend, w: BlockWeights, x: torch.Tensor, x_prev: torch.Tensor, c: Constants) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feed-forward with token shift and squared ReLU, with its residual. Returns ``(x + out, new x_prev)``."""
+    x_prev, (xk,) = ops.ln_mix(x, w.ln2_weight, w.ln2_bias, x_prev, [w.ffn.x_k], c.ln_eps)
+    (hidden,) = ops.project([xk], [w.ffn.key], [Epilogue.RELU_SQUARE])
+    (x,) = ops.project([hidden], [w.ffn.value], residual=x)
+    return x, x_prev
 
 
 def block(
     ops: Backend, w: BlockWeights, x: torch.Tensor, v_first: torch.Tensor | None, s: LayerState
 ) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
     """One residual block; returns ``(x, v_first, new layer state)`` without touching ``s``."""
-    h, att_x_prev, att_kv, v_first = time_mix(ops, w.att, ops.layer_norm(x, w.ln1_weight, w.ln1_bias), s.att_x_prev, s.att_kv, v_first)
-    x = x + h
-    h, ffn_x_prev = channel_mix(ops, w.ffn, ops.layer_norm(x, w.ln2_weight, w.ln2_bias), s.ffn_x_prev)
-    return x + h, v_first, LayerState(att_x_prev, att_kv, ffn_x_prev)
+    c = constants()
+    x, att_x_prev, att_kv, v_first = time_mix(ops, w, x, s, v_first, c)
+    x, ffn_x_prev = channel_mix(ops, w, x, s.ffn_x_prev, c)
+    return x, v_first, LayerState(att_x_prev, att_kv, ffn_x_prev)
+
+
+def blocks(
+    ops: Backend, weights: Sequence[BlockWeights], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState]
+) -> tuple[torch.Tensor, torch.Tensor | None, list[LayerState]]:
+    """A stage's blocks in order: the backend's fused stage where it has one, else :func:`block` on each."""
+    fused = ops.fused_stage(weights, x, v_first, states)
+    if fused is not None:
+        return fused
+    new_states = []
+    for w, s in zip(weights, states):
+        x, v_first, s = block(ops, w, x, v_first, s)
+        new_states.append(s)
+    return x, v_first, new_states
 
 
 def head(ops: Backend, w: HeadWeights, x: torch.Tensor) -> torch.Tensor:
     """Final norm and vocabulary projection: ``[..., C] -> [..., V]``."""
-    return ops.linear(ops.layer_norm(x, w.ln_out_weight, w.ln_out_bias), w.head)
+    return ops.linear(ops.layer_norm(x, w.ln_out_weight, w.ln_out_bias, LN_EPS), w.head)
