@@ -1,12 +1,17 @@
-// Fused kernels for decoding one token per sequence through an RWKV-7 block (rwkvkit/models/rwkv7.py
-// is the math they implement). A decode step of a small model is bound by kernel launches, not
-// by arithmetic or bandwidth: the unfused block is ~60 kernels, this path 8 (two of these, and the
-// grouped matrix-vector products of matvec.cu), all of which a CUDA graph can capture.
+// Fused kernels for two of the backend ops (rwkvkit/backend.py) when decoding one token per
+// sequence; the ops' plain-torch defaults there are the math they implement. A decode step of a
+// small model is bound by kernel launches, not by arithmetic or bandwidth: the unfused block is ~60
+// kernels, the cuda backend's ops 9 (these two, and the grouped matrix-vector products of
+// matvec.cu), all of which a CUDA graph can capture.
 //
-//   ln_mix       layer norm of x, then the token-shift mixes x + (x_prev - x) * m for n vectors m
-//   wkv7_decode  per (sequence, head): decay, in-context rate a, removal key kk, modified k, value
-//                residual, the WKV-7 state update, GroupNorm (ln_x), the bonus term and the gate
+//   ln_mix       layer norm of x, then the token-shift mixes x + (x_prev - x) * m, one per vector m
+//                in the order the caller passes them (the kernel knows no names)
+//   wkv7_decode  Backend.time_mix_core for T = 1: per (sequence, head) decay, in-context rate a,
+//                removal key kk, modified k, value residual, the WKV-7 state update, GroupNorm
+//                (ln_x), the bonus term and the gate
 //
+// Every constant of the math (norm epsilons, the decay scale, the removal key's norm floor) is an
+// argument, passed down from the architecture module (rwkv7.constants()), never typed here.
 // Everything is computed in float32 from the stored activations; outputs are rounded once.
 #include <cstdint>
 
@@ -20,7 +25,6 @@ constexpr int N = kHeadSize;
 constexpr int kThreads = 256;             // every kernel here; block_sum assumes it
 constexpr int kSplit = kThreads / N;      // threads per state row in wkv7_decode (4)
 constexpr int kGroups = N / 4 / kSplit;   // float4 column groups per thread (4)
-constexpr float kDecayScale = 0.6065306597126334f;  // e^-0.5: decay = exp(-e^-0.5 sigmoid(z))
 static_assert(kThreads % N == 0 && N % (4 * kSplit) == 0 && kThreads % 32 == 0, "tile shape");
 
 // Sum of x over the whole block; every thread gets the total. `scratch` holds kThreads / 32 floats;
@@ -74,7 +78,7 @@ struct DecodeArgs {
   const float* kv_in;
   float* kv_out;
   T* out;  // [B, C]: ((GroupNorm(y) + bonus) * gate), the output projection's input
-  float eps;
+  float group_norm_eps, decay_scale, kk_eps;
 };
 
 template <typename T>
@@ -91,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
   if (lane_owns_channel) {
     r = to_float(p.r[idx]);
     const float k_raw = to_float(p.k[idx]), v_raw = to_float(p.v[idx]);
-    decay = __expf(-kDecayScale * sigmoid(to_float(p.w0[c]) + to_float(p.w_lora[idx])));
+    decay = __expf(-p.decay_scale * sigmoid(to_float(p.w0[c]) + to_float(p.w_lora[idx])));
     a = sigmoid(to_float(p.a0[c]) + to_float(p.a_lora[idx]));
     kk = k_raw * to_float(p.k_k[c]);
     k = k_raw * fmaf(a - 1.f, to_float(p.k_a[c]), 1.f);
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
       v = fmaf(to_float(p.v_first[idx]) - v_raw, mix, v_raw);
     }
   }
-  kk /= fmaxf(sqrtf(block_sum(kk * kk, scratch)), 1e-12f);  // F.normalize over the head
+  kk /= fmaxf(sqrtf(block_sum(kk * kk, scratch)), p.kk_eps);  // F.normalize over the head
   const float bonus = block_sum(r * k * (lane_owns_channel ? to_float(p.r_k[c]) : 0.f), scratch);
   if (lane_owns_channel) s_r[tid] = r, s_w[tid] = decay, s_k[tid] = k, s_kk[tid] = kk, s_b[tid] = kk * a, s_v[tid] = v;
   __syncthreads();
@@ -142,7 +146,7 @@ __global__ void __launch_bounds__(kThreads) wkv7_decode_kernel(int B, int H, Dec
   const float yc = lane_owns_channel ? s_y[tid] : 0.f;
   const float mean = block_sum(yc, scratch) / N;
   const float d = lane_owns_channel ? yc - mean : 0.f;
-  const float rstd = rsqrtf(block_sum(d * d, scratch) / N + p.eps);
+  const float rstd = rsqrtf(block_sum(d * d, scratch) / N + p.group_norm_eps);
   if (lane_owns_channel) {
     const float normed = fmaf(d * rstd, to_float(p.ln_w[c]), to_float(p.ln_b[c]));
     p.out[idx] = from_float<T>(fmaf(bonus, v, normed) * to_float(p.g[idx]));
@@ -163,7 +167,7 @@ cudaError_t launch_decode(int B, int H, const DecodeInputs& in, cudaStream_t str
   const DecodeArgs<T> args{cast(in.r),      cast(in.k),    cast(in.v),    cast(in.w_lora), cast(in.a_lora),  cast(in.v_lora),
                            cast(in.g),      cast(in.w0),   cast(in.a0),   cast(in.v0),     cast(in.k_k),     cast(in.k_a),
                            cast(in.r_k),    cast(in.ln_w), cast(in.ln_b), cast(in.v_first), in.kv_in,        in.kv_out,
-                           static_cast<T*>(in.out), in.eps};
+                           static_cast<T*>(in.out), in.group_norm_eps, in.decay_scale, in.kk_eps};
   wkv7_decode_kernel<T><<<B * H, kThreads, 0, stream>>>(B, H, args);
   return cudaGetLastError();
 }

@@ -42,19 +42,21 @@ struct MatvecGroup {
 
 cudaError_t matvec(Dtype dtype, int rows, const MatvecGroup& group, cudaStream_t stream);
 
-// ---- decode.cu: one token per sequence through a block (rwkvkit/plugins/cuda_backend.py)
+// ---- decode.cu: the ops ln_mix and time_mix_core for one token per sequence (plugins/cuda_backend.py)
 
 struct MixVectors {
   const void* vector[kMaxMixes];  // [C] each, activation dtype
   int count;
 };
 
-// x_ln = LayerNorm(x) (weight, bias, eps); mixed[i] = x_ln + (x_prev - x_ln) * mixes.vector[i].
+// x_ln = LayerNorm(x) (weight, bias, eps); mixed[i] = x_ln + (x_prev - x_ln) * mixes.vector[i], in the
+// caller's order.
 // x, x_prev and x_ln are [B, C], mixed [mixes.count, B, C], all in `dtype`.
 cudaError_t ln_mix(Dtype dtype, int B, int C, const void* x, const void* ln_w, const void* ln_b, const void* x_prev,
                    MixVectors mixes, float eps, void* x_ln, void* mixed, cudaStream_t stream);
 
 // Everything of a time mix between its projections, for T = 1 and head size kHeadSize: see decode.cu.
+// The constants come from the architecture (rwkv7.constants()), never from a copy here.
 struct DecodeInputs {
   const void *r, *k, *v;  // [B, C]: the receptance, key and value projections
   const void *w_lora, *a_lora, *v_lora, *g;  // [B, C]: LoRA outputs (decay, in-context rate, value residual, gate); v_lora null in layer 0
@@ -63,7 +65,9 @@ struct DecodeInputs {
   const float* kv_in;     // [B, H, N, N] float, 16-byte aligned; only read
   float* kv_out;          // [B, H, N, N] float, 16-byte aligned
   void* out;              // [B, C]: (GroupNorm(y) + bonus) * gate
-  float eps;              // GroupNorm epsilon
+  float group_norm_eps;   // ln_x's epsilon
+  float decay_scale;      // decay = exp(-decay_scale * sigmoid(w0 + w_lora))
+  float kk_eps;           // floor on the removal key's norm (F.normalize's eps)
 };
 cudaError_t wkv7_decode(Dtype dtype, int B, int H, const DecodeInputs& in, cudaStream_t stream);
 

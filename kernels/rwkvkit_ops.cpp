@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
                                                   const std::optional<at::Tensor>& v_lora, const at::Tensor& g, const at::Tensor& w0,
                                                   const at::Tensor& a0, const std::optional<at::Tensor>& v0, const at::Tensor& k_k,
                                                   const at::Tensor& k_a, const at::Tensor& r_k, const at::Tensor& ln_w,
-                                                  const at::Tensor& ln_b, const at::Tensor& v_first, double eps) {
+                                                  const at::Tensor& ln_b, const at::Tensor& v_first, double group_norm_eps,
+                                                  double decay_scale, double kk_eps) {
   TORCH_CHECK(r.is_cuda() && r.dim() == 2 && r.size(1) % kHeadSize == 0, "wkv7_decode: r must be a CUDA tensor [B, H * ",
               kHeadSize, "], got ", r.sizes(), " on ", r.device());
   const int64_t B = r.size(0), C = r.size(1), H = C / kHeadSize;
@@ -159,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
                           a_lora.data_ptr(), v_lora ? v_lora->data_ptr() : nullptr, g.data_ptr(),
                           w0.data_ptr(),     a0.data_ptr(),     v0 ? v0->data_ptr() : nullptr,   k_k.data_ptr(),
                           k_a.data_ptr(),    r_k.data_ptr(),    ln_w.data_ptr(), ln_b.data_ptr(), v_first.data_ptr(),
-                          kv.data_ptr<float>(), kv_out.data_ptr<float>(), out.data_ptr(), static_cast<float>(eps)};
+                          kv.data_ptr<float>(), kv_out.data_ptr<float>(), out.data_ptr(), static_cast<float>(group_norm_eps),
+                          static_cast<float>(decay_scale), static_cast<float>(kk_eps)};
     C10_CUDA_CHECK(wkv7_decode(dtype_of(r), B, H, in, c10::cuda::getCurrentCUDAStream()));
   }
   return {out, kv_out};
@@ -174,7 +176,8 @@ TORCH_LIBRARY(rwkvkit, m) {
   m.def("ln_mix(Tensor x, Tensor weight, Tensor bias, Tensor x_prev, Tensor[] mixes, float eps) -> (Tensor, Tensor)");
   m.def(
       "wkv7_decode(Tensor kv, Tensor r, Tensor k, Tensor v, Tensor w_lora, Tensor a_lora, Tensor? v_lora, Tensor g, Tensor w0, "
-      "Tensor a0, Tensor? v0, Tensor k_k, Tensor k_a, Tensor r_k, Tensor ln_w, Tensor ln_b, Tensor v_first, float eps) -> (Tensor, Tensor)");
+      "Tensor a0, Tensor? v0, Tensor k_k, Tensor k_a, Tensor r_k, Tensor ln_w, Tensor ln_b, Tensor v_first, float group_norm_eps, "
+      "float decay_scale, float kk_eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(rwkvkit, CUDA, m) {

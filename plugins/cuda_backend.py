@@ -1,52 +1,65 @@
-"""The ``cuda`` backend: rwkvkit's own CUDA kernels (``kernels/``) for the WKV-7 scan and int8 weights.
+"""The ``cuda`` backend: rwkvkit's own CUDA kernels (``kernels/``) behind the backend ops.
 
-Everything else is the ``torch`` backend's code on the GPU (cuBLAS linears, torch norms). The
-kernels are built on first use (``rwkvkit.kernels_build``), never at import; where they cannot be
-built, ``unavailable_reason`` says why and backend ``auto`` falls back to ``torch``.
+Everything the kernels do not cover is the ``torch`` backend's code on the GPU (cuBLAS linears,
+torch norms). The kernels are built on first use (``rwkvkit.kernels_build``), never at import;
+where they cannot be built, ``unavailable_reason`` says why and backend ``auto`` falls back to ``torch``.
 
 With ``cuda fp16i8`` (``Placement.quant == "i8"``) every projection matrix is stored as int8 with
 per-output-channel scales: decoding (≤ 8 rows) streams the int8 weights through ``matvec``;
 prefill dequantizes a matrix per call and runs a cuBLAS GEMM, which is compute-bound anyway.
 
-Decoding (one token per sequence, ≤ 8 sequences) is launch-bound on a GPU: the unfused block is
-~60 kernels. The ``block`` hook runs it as 8 (``kernels/decode.cu``, ``kernels/matvec.cu``):
+Decoding (one token per sequence) is launch-bound on a GPU: the ops' torch defaults are ~60
+kernels per layer. The overrides here run a decoded layer (``rwkv7.block`` over these ops, the
+one place the block is sequenced) as 9 launches (``kernels/decode.cu``, ``kernels/matvec.cu``):
 
-1. layer norm + the six token-shift mixes;
-2. one grouped product: receptance, key and value projections, and the four LoRA down-projections
-   with their activations (tanh, sigmoid) as epilogues;
-3. the four LoRA up-projections;
-4. everything between the projections and the output (decay, kk, the state update, GroupNorm,
-   bonus, gate);
-5. the output projection plus the residual;
-6.–8. layer norm + mix, the FFN key with relu² as epilogue, the FFN value plus the residual.
+1. ``ln_mix``: layer norm + the six token-shift mixes;
+2. ``project``: receptance, key and value in one grouped matvec;
+3. ``lora``: the four LoRA down-projections, their activations (tanh, sigmoid) as epilogues;
+4. ``lora``: the four LoRA up-projections;
+5. ``time_mix_core``: decay, kk, the state update, GroupNorm, bonus and gate (``wkv7_decode``);
+6. ``project``: the output projection plus the residual;
+7.–9. ``ln_mix``, the FFN key with relu² as epilogue, the FFN value plus the residual.
+
+When this backend sequenced the block itself, receptance/key/value and the LoRA downs shared one
+launch (8 per layer); with the contract's separate ``project`` and ``lora`` calls that is one
+launch more per layer, the price of the block's sequence existing once. Matvec needs ≤ 8 rows,
+≤ 8 products per launch and 16-byte-aligned inputs whose width is a multiple of 16; other shapes
+take the torch defaults (prefill, wide batches).
 """
 
 from __future__ import annotations
 
-from enum import IntEnum
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rwkvkit import kernels_build
-from rwkvkit.backend import Backend, Role
+from rwkvkit.backend import Epilogue, Role
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.models.rwkv7 import GROUP_NORM_EPS, BlockWeights, TimeMixWeights
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.quant import Int8Weight, quantize_per_channel
-from rwkvkit.state import LayerState
 from rwkvkit.strategy import Placement
 
-HEAD_SIZE = 64  # the scan kernel's head size (kHeadSize in kernels/rwkvkit_cuda.h); others use the torch scan
-MAX_MATVEC_ROWS = 8  # kMaxMatvecRows in kernels/rwkvkit_cuda.h: beyond it, dequantize + GEMM
+# Limits of the kernels, mirrored from kernels/rwkvkit_cuda.h (a test reads them there).
+HEAD_SIZE = 64  # kHeadSize: the scan kernels' head size; others use the torch scan
+MAX_MATVEC_ROWS = 8  # kMaxMatvecRows: beyond it, cuBLAS (int8: dequantize + GEMM)
+MAX_MATVEC_GROUP = 8  # kMaxMatvecGroup: products per matvec launch
+MAX_MIXES = 6  # kMaxMixes: mix vectors per ln_mix launch
 LORA_ALIGN = 16  # LoRA ranks are zero-padded to this: matvec reads 16 bytes (8 fp16 values) per load
+MATVEC_ALIGN = 16  # matvec loads 16 bytes at a time: inputs 16-byte aligned, widths a multiple of 16 values
+
+LoraPair = tuple[torch.Tensor, torch.Tensor, Epilogue]
 
 
-class Epilogue(IntEnum):  # enum class Epilogue in kernels/rwkvkit_cuda.h
-    NONE = 0
-    TANH = 1
-    SIGMOID = 2
-    RELU_SQUARE = 3
+def lora_layout(factor: torch.Tensor, role: Role) -> torch.Tensor:
+    """A LoRA factor as matvec reads it, ``[out, in]``: ``[in, rank]`` (``LORA_IN``) becomes
+    ``[rank, in]`` and ``[rank, out]`` (``LORA_OUT``) ``[out, rank]``, the rank zero-padded to a
+    multiple of LORA_ALIGN. Padding adds nothing: a padded down row gives ``act(0)``, which meets a
+    zero column of the up factor."""
+    rank_dim = 1 if role is Role.LORA_IN else 0
+    pad = -factor.shape[rank_dim] % LORA_ALIGN
+    return F.pad(factor, (0, pad) if rank_dim == 1 else (0, 0, 0, pad)).t().contiguous()
 
 
 class CudaBackend(TorchBackend):
@@ -64,77 +77,110 @@ class CudaBackend(TorchBackend):
         super().__init__(placement)
         self.ops = kernels_build.ops()
         self._no_scale = torch.empty(0, device=placement.device)  # matvec's marker for a weight in the activation dtype
-        self._loras: dict[int, tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]] = {}  # id(w1) -> (w1, downs, ups)
 
     def prepare(self, tensor: torch.Tensor, role: Role) -> torch.Tensor | Int8Weight:
+        """Int8 matrices under ``i8``; LoRA factors laid out once for matvec (:func:`lora_layout`)."""
         if role is Role.MATRIX and self.placement.quant == "i8":
             return quantize_per_channel(tensor.to(self.placement.device, torch.float32))
+        if role in (Role.LORA_IN, Role.LORA_OUT):
+            return lora_layout(super().prepare(tensor, role), role)
         return super().prepare(tensor, role)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
         if not isinstance(weight, Int8Weight):
             return super().linear(x, weight)
-        rows = x.numel() // x.shape[-1]
-        if rows > MAX_MATVEC_ROWS:
+        flat = self._matvec_inputs([x])
+        if flat is None:
             return F.linear(x, weight.dequantize(x.dtype))
-        return self._matvec([x.reshape(rows, -1).contiguous()], [weight])[0].view(*x.shape[:-1], -1)
+        return self._matvec(flat, [weight])[0].view(*x.shape[:-1], -1)
 
-    def _matvec(
-        self, xs: list[torch.Tensor], weights: list[torch.Tensor | Int8Weight], epilogues: list[Epilogue] | None = None, residual: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """``[epilogue(x @ w.T) (+ residual)]`` for each pair, in one launch (inputs ``[rows, in]``)."""
-        ws = [w.q if isinstance(w, Int8Weight) else w for w in weights]
-        scales = [w.scale if isinstance(w, Int8Weight) else self._no_scale for w in weights]
-        return self.ops.matvec(xs, ws, scales, [int(e) for e in epilogues or [Epilogue.NONE] * len(xs)], residual)
-
-    def block(self, weights: BlockWeights, x: torch.Tensor, v_first: torch.Tensor | None, state: LayerState):
+    def ln_mix(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One kernel per decode step (any batch: one block per sequence); prefill takes the default."""
         B, T, C = x.shape
-        if T != 1 or B > MAX_MATVEC_ROWS or C != state.att_kv.shape[1] * HEAD_SIZE:
-            return super().block(weights, x, v_first, state)
-        att, ffn, ops = weights.att, weights.ffn, self.ops
-        x = x.reshape(B, C).contiguous()
-        state = LayerState(*(t.contiguous() for t in state.tensors()))
-        downs, ups = self._lora_factors(att)
-        residual = att.v0 is not None  # the value residual (every layer but the first)
-        att_x, mixed = ops.ln_mix(x, weights.ln1_weight, weights.ln1_bias, state.att_x_prev, [att.x_r, att.x_k, att.x_v, att.x_w, att.x_a, att.x_g], 1e-5)
-        xr, xk, xv, xw, xa, xg = mixed.unbind(0)
-        act = [Epilogue.NONE] * 3 + [Epilogue.TANH, Epilogue.NONE, Epilogue.SIGMOID, Epilogue.NONE][: len(downs)]
-        r, k, v, *hidden = self._matvec([xr, xk, xv, xw, xa, xg, xv][: 3 + len(downs)], [att.receptance, att.key, att.value, *downs], act)
-        w_lora, a_lora, g, *v_lora = self._matvec(hidden, ups)
-        v_first = v_first.reshape(B, C).contiguous() if residual else v
-        y, kv = ops.wkv7_decode(
-            state.att_kv, r, k, v, w_lora, a_lora, v_lora[0] if residual else None, g,
-            att.w0, att.a0, att.v0, att.k_k, att.k_a, att.r_k, att.ln_x_weight, att.ln_x_bias, v_first, GROUP_NORM_EPS,
-        )  # fmt: skip
-        x = self._matvec([y], [att.output], residual=x)[0]
-        ffn_x, mixed = ops.ln_mix(x, weights.ln2_weight, weights.ln2_bias, state.ffn_x_prev, [ffn.x_k], 1e-5)
-        hidden = self._matvec([mixed[0]], [ffn.key], [Epilogue.RELU_SQUARE])[0]
-        x = self._matvec([hidden], [ffn.value], residual=x)[0]
-        return x.view(B, 1, C), v_first.view(B, 1, C), LayerState(att_x, kv, ffn_x)
+        if T != 1 or not 1 <= len(mixes) <= MAX_MIXES:
+            return super().ln_mix(x, weight, bias, x_prev, mixes, eps)
+        x_ln, mixed = self.ops.ln_mix(x.reshape(B, C).contiguous(), weight, bias, x_prev.contiguous(), list(mixes), eps)
+        return x_ln, [m.view(B, 1, C) for m in mixed.unbind(0)]
 
-    def _lora_factors(self, att: TimeMixWeights) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The LoRA factors as matvec reads them, ``[out, in]``, in the order decay, in-context rate,
-        gate, value residual (absent in layer 0): down-projections ``[R, C]`` and up-projections
-        ``[C, R]``, the rank zero-padded to a multiple of LORA_ALIGN (padded rows of a down factor
-        meet zero columns of its up factor, so they add nothing). Built once per layer (a second
-        copy of the small LoRA weights) and keyed by the resident ``w1`` tensor, kept alive in the
-        entry so its id is never reused; streamed layers, rebuilt per call, hit the same entry."""
-        entry = self._loras.get(id(att.w1))
-        if entry is None:
-            downs, ups = [], []
-            for first, second in [(att.w1, att.w2), (att.a1, att.a2), (att.g1, att.g2), (att.v1, att.v2)]:
-                if first is None:
-                    continue
-                rank = -(-first.shape[1] // LORA_ALIGN) * LORA_ALIGN
-                downs.append(F.pad(first.t(), (0, 0, 0, rank - first.shape[1])).contiguous())
-                ups.append(F.pad(second.t(), (0, rank - first.shape[1])).contiguous())
-            entry = self._loras[id(att.w1)] = (att.w1, downs, ups)
-        return entry[1], entry[2]
+    def project(
+        self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """All products in one matvec launch (epilogues and the residual applied there) for decode shapes."""
+        flat = self._matvec_inputs(xs, residual)
+        if flat is None:
+            return super().project(xs, weights, epilogues, residual)
+        rows = flat[0].shape[0]
+        ys = self._matvec(flat, weights, epilogues, None if residual is None else residual.reshape(rows, -1).contiguous())
+        return [y.view(*x.shape[:-1], -1) for x, y in zip(xs, ys)]
+
+    def lora(self, xs: Sequence[torch.Tensor], pairs: Sequence[LoraPair]) -> list[torch.Tensor]:
+        """Two matvec launches for decode shapes (every down-projection with its activation, then
+        every up-projection); cuBLAS on the same prepared factors otherwise."""
+        flat = self._matvec_inputs(xs)
+        if flat is None:
+            return [F.linear(act.apply(F.linear(x, down)), up) for x, (down, up, act) in zip(xs, pairs)]
+        downs, ups, acts = zip(*pairs)
+        hidden = self._matvec(flat, downs, acts)
+        return [y.view(*x.shape[:-1], -1) for x, y in zip(xs, self._matvec(hidden, ups))]
+
+    def time_mix_core(
+        self,
+        w: Any,
+        kv: torch.Tensor,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        w_lora: torch.Tensor,
+        a_lora: torch.Tensor,
+        g: torch.Tensor,
+        v_lora: torch.Tensor | None,
+        v_first: torch.Tensor | None,
+        c: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One ``wkv7_decode`` launch for a decode step of head size 64, the constants from ``c``."""
+        B, T, C = r.shape
+        if T != 1 or kv.shape[-1] != HEAD_SIZE:
+            return super().time_mix_core(w, kv, r, k, v, w_lora, a_lora, g, v_lora, v_first, c)
+
+        def flat(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, C).contiguous()
+
+        residual = v_first is not None  # every layer but the first mixes in layer 0's values
+        y, kv = self.ops.wkv7_decode(
+            kv.contiguous(), flat(r), flat(k), flat(v), flat(w_lora), flat(a_lora), flat(v_lora) if residual else None, flat(g),
+            w.w0, w.a0, w.v0 if residual else None, w.k_k, w.k_a, w.r_k, w.ln_x_weight, w.ln_x_bias,
+            flat(v_first if residual else v), c.group_norm_eps, c.decay_scale, c.kk_eps,
+        )  # fmt: skip
+        return y.view(B, 1, C), kv, v_first if residual else v
 
     def wkv(self, kv, r, decay, k, v, kk, a):
         if r.shape[-1] != HEAD_SIZE:
             return super().wkv(kv, r, decay, k, v, kk, a)
         return self.ops.wkv7(*(t.contiguous() for t in (kv, r, decay, k, v, kk, a)))
+
+    def _matvec_inputs(self, xs: Sequence[torch.Tensor], residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
+        """``xs`` as matvec's ``[rows, in]`` operands, or None where the kernel does not take them
+        (too many rows or products, inputs of differing rows or another dtype, a width that is not a
+        multiple of 16 values, a misaligned view): then the torch default runs."""
+        if not 1 <= len(xs) <= MAX_MATVEC_GROUP or (residual is not None and (len(xs) != 1 or residual.dtype != self.placement.dtype)):
+            return None
+        lead = xs[0].shape[:-1]
+        rows = lead.numel()
+        if not 1 <= rows <= MAX_MATVEC_ROWS or any(x.shape[:-1] != lead or x.dtype != self.placement.dtype for x in xs):
+            return None
+        flat = [x.reshape(rows, -1).contiguous() for x in xs]
+        fits = all(x.shape[1] % MATVEC_ALIGN == 0 and x.data_ptr() % MATVEC_ALIGN == 0 for x in flat)
+        return flat if fits else None
+
+    def _matvec(
+        self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """``[epilogue(x @ w.T) (+ residual)]`` for each pair, in one launch (inputs ``[rows, in]``)."""
+        ws = [w.q if isinstance(w, Int8Weight) else w for w in weights]
+        scales = [w.scale if isinstance(w, Int8Weight) else self._no_scale for w in weights]
+        return self.ops.matvec(list(xs), ws, scales, [int(e) for e in epilogues or [Epilogue.NONE] * len(xs)], residual)
 
 
 @hookimpl
