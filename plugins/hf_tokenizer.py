@@ -12,8 +12,7 @@ from tokenizers import decoders
 
 from rwkvkit.errors import TokenizerError
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.interfaces import Tokenizer
-from rwkvkit.plugins.rwkv_world import check_ids, utf8_bytes
+from rwkvkit.interfaces import Tokenizer, check_ids, utf8_bytes
 
 
 class HfTokenizer(Tokenizer):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import ctypes
 import functools
-import operator
 import os
 import warnings
 import weakref
@@ -25,9 +24,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rwkvkit.errors import InputError, TokenizerError
+from rwkvkit.errors import TokenizerError
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.interfaces import Tokenizer
+from rwkvkit.interfaces import Tokenizer, check_ids, utf8_bytes
 from rwkvkit.native import load_library
 
 VOCAB_FILE = Path(__file__).with_name("rwkv_vocab_v20230424.txt")
@@ -68,28 +67,6 @@ class RwkvWorldTokenizer(Tokenizer):
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         tokens, defined = self._tokens, len(self._tokens)
         return b"".join([tokens[i] if i < defined else b"" for i in check_ids(ids, self._vocab_size)])
-
-
-def utf8_bytes(text: object) -> bytes:
-    """``text`` as UTF-8, or InputError for a non-str or a str with lone surrogates."""
-    if not isinstance(text, str):
-        raise InputError(f"text to encode must be a str, got {type(text).__name__}")
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InputError(f"text to encode has a lone surrogate {text[exc.start]!r} at index {exc.start}") from None
-
-
-def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
-    """``ids`` as a list of ints, or InputError naming the first one that is not in [0, vocab_size)."""
-    try:
-        checked = [operator.index(i) for i in ids]
-    except TypeError:
-        raise InputError(f"token ids must be a sequence of integers, got {ids!r:.100}") from None
-    for i in checked:
-        if not 0 <= i < vocab_size:
-            raise InputError(f"token id {i} is out of range: this tokenizer's ids are 0..{vocab_size - 1}")
-    return checked
 
 
 @functools.cache

@@ -12,25 +12,12 @@ import signal
 import sys
 from dataclasses import asdict
 from types import FrameType
-from typing import NoReturn
 
 from rwkvkit import __version__
-from rwkvkit.errors import RwkvkitError, Terminated, stop_of
+from rwkvkit.errors import EXIT_ERROR, RwkvkitError, Terminated, report, stop_of
 
-EXIT_ERROR = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program stopped by `| head`
 COMMANDS = ["run", "info", "plugins", "build-kernels"]
-
-
-def report(error: RwkvkitError) -> int:
-    """Show a user error the way every one is shown: one line on stderr. Returns the exit code, 2."""
-    print(f"rwkvkit: error: {error}", file=sys.stderr)
-    return EXIT_ERROR
-
-
-def fail(error: RwkvkitError) -> NoReturn:
-    """report() and exit, from code that Hydra runs (the exit passes through it to _run)."""
-    sys.exit(report(error))
 
 
 def _info(args: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@ Every message names the offending file/option/value and what was expected, so ca
 """
 
 import signal
+import sys
+from typing import NoReturn
 
 
 class RwkvkitError(Exception):
@@ -58,3 +60,17 @@ class Terminated(KeyboardInterrupt):
 def stop_of(exc: KeyboardInterrupt) -> tuple[str, int]:
     """(stop reason, exit code) of a stop: ``("interrupted", 130)`` for Ctrl-C, Terminated's own."""
     return getattr(exc, "stop_reason", "interrupted"), getattr(exc, "exit_code", 128 + signal.SIGINT)
+
+
+EXIT_ERROR = 2  # the exit status of a user error (argparse's too)
+
+
+def report(error: RwkvkitError) -> int:
+    """Show a user error the way every one is shown: one line on stderr. Returns the exit code, 2."""
+    print(f"rwkvkit: error: {error}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+def fail(error: RwkvkitError) -> NoReturn:
+    """report() and exit, from code that Hydra runs (the exit passes through it to the CLI)."""
+    sys.exit(report(error))

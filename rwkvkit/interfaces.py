@@ -3,13 +3,14 @@ callbacks. Backends have their own module, :mod:`rwkvkit.backend`."""
 
 from __future__ import annotations
 
+import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
-from rwkvkit.errors import TokenizerError
+from rwkvkit.errors import InputError, TokenizerError
 
 
 class Tokenizer(ABC):
@@ -39,6 +40,28 @@ class Tokenizer(ABC):
                 f"token ids decode to invalid UTF-8 at byte {exc.start} of {len(data)} (a token holds part of a "
                 "character); use decode(ids, errors='replace'), or decode_bytes when streaming"
             ) from None
+
+
+def utf8_bytes(text: object) -> bytes:
+    """``text`` as UTF-8, or InputError for a non-str or a str with lone surrogates."""
+    if not isinstance(text, str):
+        raise InputError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"text to encode has a lone surrogate {text[exc.start]!r} at index {exc.start}") from None
+
+
+def check_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints, or InputError naming the first one that is not in [0, vocab_size)."""
+    try:
+        checked = [operator.index(i) for i in ids]
+    except TypeError:
+        raise InputError(f"token ids must be a sequence of integers, got {ids!r:.100}") from None
+    for i in checked:
+        if not 0 <= i < vocab_size:
+            raise InputError(f"token id {i} is out of range: this tokenizer's ids are 0..{vocab_size - 1}")
+    return checked
 
 
 @dataclass

@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import rwkvkit
 from rwkvkit.argv import shown
-from rwkvkit.cli import fail, report
+from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of

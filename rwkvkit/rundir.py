@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rwkvkit.errors import RunDirError
+from rwkvkit.errors import RunDirError, fail
 
 SHOWN = 5  # names listed when refusing a directory
 
@@ -55,7 +55,6 @@ class RunDirGuard(Callback):
     @staticmethod
     def _claim(config: DictConfig, key: str) -> None:
         from rwkvkit.argv import hydra_error
-        from rwkvkit.cli import fail
 
         try:
             claim(OmegaConf.select(config, key, throw_on_missing=True), key)

@@ -9,18 +9,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Protocol
 
 import torch
 
 from rwkvkit.errors import StateError
 from rwkvkit.native import write_atomically
 
-if TYPE_CHECKING:
-    from rwkvkit.model import Model
-
 STATE_FORMAT = "rwkvkit-state/1"
 _FIELDS = ("att_x_prev", "att_kv", "ffn_x_prev")
+
+
+class StateOwner(Protocol):
+    """What :meth:`State.load` needs of a model (``rwkvkit.model.Model``, which imports this module)."""
+
+    fingerprint: str
+    checkpoint_path: Any
+    spec: Any
+
+    def adopt_state(self, state: State) -> State: ...
 
 
 @dataclass
@@ -134,7 +141,7 @@ class State:
             raise StateError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
 
     @staticmethod
-    def load(path: str | Path, model: Model) -> State:
+    def load(path: str | Path, model: StateOwner) -> State:
         """Read a state saved by :meth:`save`, refusing one that belongs to another model."""
         from safetensors import safe_open
 

@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from rwkvkit.argv import shown
-from rwkvkit.errors import SweepError
+from rwkvkit.errors import SweepError, fail
 from rwkvkit.rundir import read_json
 
 METRICS = ("generated_tokens", "time_to_first_token_s", "prefill_tok_per_s", "decode_tok_per_s", "peak_memory_mb")
@@ -61,6 +61,5 @@ class SweepSummary(Callback):
         print(f"\nsweep summary ({sweep_dir}):\n{format_table(rows)}")
         failed = [str(r["job"]) for r in rows if r["status"] != "completed"]
         if failed:
-            from rwkvkit.cli import fail
 
             fail(SweepError(f"{len(failed)} of {len(rows)} jobs did not complete (job {', '.join(failed)}); see {sweep_dir / 'summary.csv'}"))
