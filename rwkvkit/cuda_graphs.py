@@ -1,6 +1,6 @@
 """Single-token decoding replayed from one CUDA graph.
 
-A decode step of a small model is ~100 tiny kernels (8 per layer with the ``cuda`` backend, about
+A decode step of a small model is ~100 tiny kernels (9 per layer with the ``cuda`` backend, about
 60 with ``torch``); launched one by one from Python, the GPU waits on the CPU. ``GraphedDecoder`` captures a whole step (embedding,
 every layer, head) once, over static buffers for the token ids, the state and the logits, and then
 replays it with a single launch per token. Any backend whose ops are capturable works (``cuda``

@@ -1,35 +1,39 @@
 """The ``cuda`` backend (kernels/), int8 quantization and CUDA-graph decoding.
 
-The first half runs anywhere: Python glue, fallbacks and messages. The ``gpu`` half checks the
-kernels against the ``torch`` backend on a CUDA device and is skipped with a reason elsewhere;
-``benchmarks/gpu_check.sh`` runs it on a lent GPU machine.
+The first half runs anywhere: Python glue, fallbacks and messages, and the backend's ops on
+``ReferenceOps`` (the kernels' contract in torch). The ``gpu`` half checks every op against its
+torch default on a CUDA device (the kernels' own tests), then whole models; it is skipped with a
+reason elsewhere, and ``benchmarks/gpu_check.sh`` runs it on a lent GPU machine.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from importlib import resources
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from rwkvkit import RWKV, StrategyError, kernels_build
-from rwkvkit.backend import Role
+from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.cli import main
 from rwkvkit.cuda_graphs import GraphedDecoder
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.kernels_build import KernelBuildError, build_dir, ops, toolchain_problem
 from rwkvkit.model import select_backend
-from rwkvkit.plugins.cuda_backend import HEAD_SIZE, MAX_MATVEC_ROWS, CudaBackend
+from rwkvkit.models import rwkv7
+from rwkvkit.plugins.cuda_backend import HEAD_SIZE, LORA_ALIGN, MAX_MATVEC_GROUP, MAX_MATVEC_ROWS, MAX_MIXES, CudaBackend
 from rwkvkit.plugins.torch_backend import TorchBackend
-from rwkvkit.quant import QMAX, quantize_per_channel
+from rwkvkit.quant import QMAX, Int8Weight, quantize_per_channel
 from rwkvkit.registry import registry
 from rwkvkit.strategy import Placement
+from rwkvkit.testing import make_checkpoint
 
 HAS_CUDA = torch.cuda.is_available()
 no_cuda_here = pytest.mark.skipif(HAS_CUDA, reason="checks the messages of a machine without a CUDA device")
@@ -40,9 +44,16 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ULP = {"fp32": 1e-5, "fp16": 2**-10, "bf16": 2**-7}
 
 
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device on this machine; GPU paths are exercised on a lent GPU machine (benchmarks/gpu_check.sh)"),
+]
+
+
 def gpu_test(fn):
-    reason = "no CUDA device on this machine; GPU paths are exercised on a lent GPU machine (benchmarks/gpu_check.sh)"
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason=reason)(fn))
+    for mark in GPU:
+        fn = mark(fn)
+    return fn
 
 
 def placement(device: str = "cuda", dtype: torch.dtype = torch.float16, quant: str | None = None) -> Placement:
@@ -99,10 +110,19 @@ def test_importing_and_selecting_builds_nothing(tmp_path):
     assert not (tmp_path / "torch_extensions").exists()
 
 
-def test_head_and_matvec_limits_match_the_kernels():
+def test_the_kernels_limits_match_the_backends_copy():
     header = resources.files("rwkvkit.kernels").joinpath("rwkvkit_cuda.h").read_text()
-    assert int(re.search(r"kHeadSize = (\d+);", header)[1]) == HEAD_SIZE
-    assert int(re.search(r"kMaxMatvecRows = (\d+);", header)[1]) == MAX_MATVEC_ROWS
+    limits = {"kHeadSize": HEAD_SIZE, "kMaxMatvecRows": MAX_MATVEC_ROWS, "kMaxMatvecGroup": MAX_MATVEC_GROUP, "kMaxMixes": MAX_MIXES}
+    assert {name: int(re.search(rf"{name} = (\d+);", header)[1]) for name in limits} == limits
+
+
+def test_the_kernels_hold_no_constant_of_the_math():
+    """Norm epsilons, the decay scale and the removal key's floor reach the kernels as arguments
+    from rwkv7.constants(); a literal copy in a CUDA source would not follow a change there."""
+    kernels = resources.files("rwkvkit.kernels")
+    sources = {name: kernels.joinpath(name).read_text() for name in ("decode.cu", "matvec.cu", "wkv7.cu", "rwkvkit_ops.cpp", "rwkvkit_cuda.h")}
+    for name, text in sources.items():
+        assert not re.search(r"0\.6065|1e-12|64e-5|1e-5|exp\(-0\.5|expf\(-0\.5", text), name
 
 
 def test_quantize_per_channel_error_is_half_a_step():
@@ -151,11 +171,12 @@ class ReferenceOps:
 
     @staticmethod
     def matvec(xs, ws, scales, epilogues, residual):
-        assert 1 <= len(xs) == len(ws) == len(scales) == len(epilogues) <= 8 and (residual is None or len(xs) == 1)
+        assert 1 <= len(xs) == len(ws) == len(scales) == len(epilogues) <= MAX_MATVEC_GROUP and (residual is None or len(xs) == 1)
         rows = xs[0].shape[0]
         ys = []
         for x, w, scale, epilogue in zip(xs, ws, scales, epilogues):
             assert x.dim() == 2 and x.shape == (rows, w.shape[1]) and 1 <= rows <= MAX_MATVEC_ROWS and x.is_contiguous()
+            assert x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and w.is_contiguous()  # 16-byte loads
             int8 = scale.numel() > 0
             assert w.dtype == (torch.int8 if int8 else x.dtype) and (not int8 or (scale.dtype == torch.float32 and scale.shape == w.shape[:1]))
             assert w.shape[1] % (16 if int8 else 16 // x.element_size()) == 0
@@ -166,24 +187,25 @@ class ReferenceOps:
 
     @staticmethod
     def ln_mix(x, weight, bias, x_prev, mixes, eps):
-        assert x.dim() == 2 and x.is_contiguous() and x_prev.shape == x.shape and x_prev.is_contiguous() and 1 <= len(mixes) <= 6
+        assert x.dim() == 2 and x.is_contiguous() and x_prev.shape == x.shape and x_prev.is_contiguous() and 1 <= len(mixes) <= MAX_MIXES
         assert all(t.shape == (x.shape[1],) and t.dtype == x.dtype for t in (weight, bias, *mixes))
         x_ln = F.layer_norm(x.float(), x.shape[1:], weight.float(), bias.float(), eps).to(x.dtype)
         base = x_ln.float()
         return x_ln, torch.stack([base + (x_prev.float() - base) * m.float() for m in mixes]).to(x.dtype)
 
     @staticmethod
-    def wkv7_decode(kv, r, k, v, w_lora, a_lora, v_lora, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, eps):
-        """The time mix between its projections (rwkv7.time_mix) for one token, in float32."""
+    def wkv7_decode(kv, r, k, v, w_lora, a_lora, v_lora, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, group_norm_eps, decay_scale, kk_eps):
+        """Backend.time_mix_core for one token, in float32, the constants as passed."""
         B, C = r.shape
         H, N = C // HEAD_SIZE, HEAD_SIZE
         assert kv.shape == (B, H, N, N) and kv.dtype == torch.float32 and (v_lora is None) == (v0 is None)
         assert all(t.shape == (B, C) and t.dtype == r.dtype and t.is_contiguous() for t in (r, k, v, w_lora, a_lora, g, v_first))
+        assert all(isinstance(c, float) for c in (group_norm_eps, decay_scale, kk_eps))
         f = lambda t: t.float()  # noqa: E731
         r, k, v = f(r), f(k), f(v)
-        decay = torch.exp(-math.exp(-0.5) * torch.sigmoid(f(w0) + f(w_lora)))
+        decay = torch.exp(-decay_scale * torch.sigmoid(f(w0) + f(w_lora)))
         a = torch.sigmoid(f(a0) + f(a_lora))
-        kk = F.normalize((k * f(k_k)).view(B, H, N), dim=-1)
+        kk = F.normalize((k * f(k_k)).view(B, H, N), dim=-1, eps=kk_eps)
         k = k * (1 + (a - 1) * f(k_a))
         if v0 is not None:
             v = torch.lerp(v, f(v_first), torch.sigmoid(f(v0) + f(v_lora)))
@@ -191,20 +213,44 @@ class ReferenceOps:
         y, kv = TorchBackend(Placement(r.device, torch.float32)).wkv(
             kv, r.view(heads), decay.view(heads), k.view(heads), v.view(heads), kk.view(heads), a.view(heads)
         )
-        y = F.group_norm(y.view(B, C), H, f(ln_w), f(ln_b), eps)
+        y = F.group_norm(y.view(B, C), H, f(ln_w), f(ln_b), group_norm_eps)
         bonus = (r * k * f(r_k)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
         return ((y + bonus.view(B, C)) * f(g)).to(r_k.dtype), kv
 
-@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
-def test_backend_glue_with_reference_ops(model_paths, monkeypatch, dequantized_torch_backend, strategy):
-    monkeypatch.setattr(kernels_build, "ops", lambda: ReferenceOps)
+
+class CountingOps:
+    """``ReferenceOps`` counting the calls (kernel launches) of each op."""
+
+    def __init__(self) -> None:
+        self.launches: Counter[str] = Counter()
+
+    def __getattr__(self, name: str):
+        op = getattr(ReferenceOps, name)
+
+        def launch(*args):
+            self.launches[name] += 1
+            return op(*args)
+
+        return launch
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch) -> CountingOps:
+    """The cuda backend on ``ReferenceOps`` for any placement, so its glue runs on this machine."""
+    counting = CountingOps()
+    monkeypatch.setattr(kernels_build, "ops", lambda: counting)
     monkeypatch.setattr(CudaBackend, "unavailable_reason", classmethod(lambda cls, placement: None))
+    return counting
+
+
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+def test_backend_glue_with_reference_ops(model_paths, reference_kernels, dequantized_torch_backend, strategy):
     model = RWKV(model_paths["tiny"], strategy, backend="cuda")
     reference = RWKV(model_paths["tiny"], "cpu fp32", backend="torch" if strategy == "cpu fp32" else dequantized_torch_backend)
     assert isinstance(model.stages[0].ops, CudaBackend)
     seq = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(7))
     outs = []
-    for m in (model, reference):  # a prefill (GEMM path for int8), then batch-2 decode steps (matvec path)
+    for m in (model, reference):  # a prefill (the torch defaults; GEMM for int8), then batch-2 decode steps (the kernels)
         out, state = m.forward(seq[:, :20], None)
         for t in range(20, 24):
             out, state = m.forward(seq[:, t : t + 1], state)
@@ -213,9 +259,46 @@ def test_backend_glue_with_reference_ops(model_paths, monkeypatch, dequantized_t
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("strategy, head", [("cpu fp32", 0), ("cpu fp32i8", 1)])
+def test_a_decoded_layer_is_nine_launches(model_paths, reference_kernels, strategy, head):
+    """ln_mix, R/K/V, LoRA downs, LoRA ups, wkv7_decode, output + residual, ln_mix, FFN key, FFN
+    value + residual (as the module docstring counts them); an int8 head is one matvec more."""
+    model = RWKV(model_paths["tiny"], strategy, backend="cuda")
+    _, state = model.forward(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
+    reference_kernels.launches.clear()
+    model.forward(torch.tensor([[7], [8]]), state)
+    layers = model.spec.n_layer
+    assert reference_kernels.launches == {"ln_mix": 2 * layers, "matvec": 6 * layers + head, "wkv7_decode": layers}
+
+
+@pytest.mark.parametrize("rows", [2, 32])
+def test_lora_factors_are_laid_out_once_for_matvec(reference_kernels, rows):
+    """Prepared ``[rank padded, in]`` / ``[out, rank padded]`` with zero padding that adds nothing
+    (a padded sigmoid row gives 0.5, which meets a zero column): the two matvec launches (2 rows)
+    and the torch fallback (32 rows) on that layout equal the torch default on the checkpoint's."""
+    cpu = Placement(torch.device("cpu"), torch.float32)
+    cuda, reference = CudaBackend(cpu), TorchBackend(cpu)
+    g = torch.Generator().manual_seed(2)
+    ranks = [56, 60, 120, 24]  # decay, rate, gate, value residual: each one padded
+    factors = [(torch.randn(768, rank, generator=g), torch.randn(rank, 768, generator=g)) for rank in ranks]
+    acts = [Epilogue.TANH, Epilogue.NONE, Epilogue.SIGMOID, Epilogue.NONE]
+    ours = [(cuda.prepare(a, Role.LORA_IN), cuda.prepare(b, Role.LORA_OUT), e) for (a, b), e in zip(factors, acts)]
+    for (down, up, _), rank in zip(ours, ranks):
+        padded = -(-rank // LORA_ALIGN) * LORA_ALIGN
+        assert down.shape == (padded, 768) and up.shape == (768, padded) and down.is_contiguous() and up.is_contiguous()
+        assert not down[rank:].any() and not up[:, rank:].any()
+    xs = [torch.randn(rows, 1, 768, generator=g) for _ in ranks]
+    got = cuda.lora(xs, ours)
+    want = Backend.lora(reference, xs, [(reference.prepare(a, Role.LORA_IN), reference.prepare(b, Role.LORA_OUT), e) for (a, b), e in zip(factors, acts)])
+    assert reference_kernels.launches["matvec"] == (2 if rows <= MAX_MATVEC_ROWS else 0)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
+
+
 def test_graphed_decoder_needs_one_cuda_device(model_paths):
     with pytest.raises(StrategyError, match="one CUDA device"):
-        GraphedDecoder(RWKV(model_paths["tiny"], "cpu fp32"))
+        GraphedDecoder(RWKV(model_paths["tiny"], "cpu fp32", backend="torch"))
 
 
 # ---------------------------------------------------------------- GPU: kernels vs the torch backend
@@ -232,7 +315,7 @@ def _wkv_inputs(B: int, T: int, H: int, dtype: torch.dtype, seed: int = 0):
     r, k, v = randn(*shape), randn(*shape), randn(*shape)
     kk = torch.nn.functional.normalize(randn(*shape), dim=-1)
     a = torch.sigmoid(randn(*shape))
-    decay = torch.exp(-0.6065 * torch.sigmoid(randn(*shape) * 2))
+    decay = torch.exp(-rwkv7.DECAY_SCALE * torch.sigmoid(randn(*shape) * 2))
     kv = randn(B, H, HEAD_SIZE, HEAD_SIZE) * 0.3
     return kv, r.to(dtype), decay, k.to(dtype), v.to(dtype), kk.to(dtype), a.to(dtype)
 
@@ -269,6 +352,159 @@ def test_int8_linear_matches_dequantized_reference(dtype, rows):
     tol = 2 * ULP[dtype]
     assert y.shape == (rows, 1, 1000) and y.dtype == DTYPES[dtype]
     torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------- GPU: each op against its torch default
+
+C, H, F_DIM = 768, 12, 3072  # the 0.1B shape (12 heads of 64); LoRA ranks 64/64/32/128
+OP_STRATEGIES = ["cuda fp32", "cuda fp16", "cuda bf16"]
+
+
+@pytest.fixture(scope="module")
+def shape_0_1b(tmp_path_factory):
+    """``load(strategy, backend)``: two layers of the 0.1B shape (layer 1 with the value-residual
+    LoRA) and a small vocabulary, each model loaded once per module."""
+    path = make_checkpoint(tmp_path_factory.mktemp("ops") / "m.pth", n_layer=2, n_embd=C, vocab_size=1024, seed=5)
+    models: dict[tuple[str, str], RWKV] = {}
+
+    def load(strategy: str, backend: str = "cuda") -> RWKV:
+        if (strategy, backend) not in models:
+            models[strategy, backend] = RWKV(path, strategy, backend=backend)
+        return models[strategy, backend]
+
+    return load
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference relative to the reference's scale."""
+    return float((a.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+
+
+def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to("cuda", dtype)
+
+
+def _defaults(fn, dtype: torch.dtype) -> tuple:
+    """``fn(ops, cast)`` on the torch defaults in ``dtype``, and in float32 on the same (rounded) values."""
+    cuda = torch.device("cuda")
+    return fn(TorchBackend(Placement(cuda, dtype)), lambda t: t), fn(TorchBackend(Placement(cuda, torch.float32)), lambda t: None if t is None else t.float())
+
+
+def _assert_like_default(got, ref, exact, dtype: torch.dtype, tol32: float) -> None:
+    """Each output against the op's torch default, shape and dtype exactly. fp32: the same math in
+    another summation order (and fast exp/sigmoid): ``tol32`` of the output's scale. fp16/bf16: the
+    kernels compute in float32 and round once, where the default rounds after every torch op, so
+    both are held to the default run in float32 on the same rounded inputs (``exact``): the kernel
+    must be no less accurate than the default (1.5x its error) plus one ulp of the dtype for its own
+    rounding. A wrong constant, mix or layout is off by O(1) either way."""
+    assert len(got) == len(ref) == len(exact)
+    ulp = torch.finfo(dtype).eps  # one ulp at 1: 2^-10 (fp16), 2^-7 (bf16)
+    for a, b, e in zip(got, ref, exact):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, a.dtype, b.shape, b.dtype)
+        if dtype == torch.float32:
+            assert _rel(a, b) < tol32
+        else:
+            assert _rel(a, e) <= 1.5 * _rel(b, e) + ulp, (_rel(a, e), _rel(b, e))
+
+
+def _weights(model: RWKV, layer: int):
+    """``(ops, block weights)`` of a layer of a one-stage model."""
+    return model.stages[0].ops, model.stages[0].blocks[layer]
+
+
+@gpu_test
+@pytest.mark.parametrize("strategy", OP_STRATEGIES)
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (3, 16)])
+def test_ln_mix_op(shape_0_1b, strategy, B, T):
+    """The time mix's six vectors in the architecture's order and the channel mix's one."""
+    ops, w = _weights(shape_0_1b(strategy), 1)
+    dtype = ops.placement.dtype
+    x, prev = _randn(B, T, C, dtype=dtype, seed=B + T, scale=2.0), _randn(B, C, dtype=dtype, seed=7, scale=2.0)
+    for mixes in ([getattr(w.att, m) for m in rwkv7.ATT_MIXES], [w.ffn.x_k]):
+        last, mixed = ops.ln_mix(x, w.ln1_weight, w.ln1_bias, prev, mixes, rwkv7.LN_EPS)
+
+        def default(ref, cast, mixes=mixes):
+            last, mixed = Backend.ln_mix(ref, cast(x), cast(w.ln1_weight), cast(w.ln1_bias), cast(prev), [cast(m) for m in mixes], rwkv7.LN_EPS)
+            return [last, *mixed]
+
+        _assert_like_default([last, *mixed], *_defaults(default, dtype), dtype, 2e-5)
+
+
+@gpu_test
+@pytest.mark.parametrize("strategy", [*OP_STRATEGIES, "cuda fp16i8"])
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (3, 16)])
+def test_project_op(shape_0_1b, strategy, B, T):
+    """R/K/V in one group with three epilogues, the FFN key (relu²), the FFN value with the
+    residual; int8 weights against the defaults on their dequantized values."""
+    ops, w = _weights(shape_0_1b(strategy), 1)
+    dtype = ops.placement.dtype
+    xr, xk, xv, res = (_randn(B, T, C, dtype=dtype, seed=10 * i + B + T) for i in range(4))
+    hidden = _randn(B, T, F_DIM, dtype=dtype, seed=B + T, scale=0.5)
+    mats = [w.att.receptance, w.att.key, w.att.value, w.ffn.key, w.ffn.value]
+    epilogues = [Epilogue.NONE, Epilogue.TANH, Epilogue.SIGMOID]
+    got = [
+        *ops.project([xr, xk, xv], mats[:3], epilogues),
+        *ops.project([xk], mats[3:4], [Epilogue.RELU_SQUARE]),
+        *ops.project([hidden], mats[4:], residual=res),
+    ]
+
+    def default(ref, cast):
+        plain = [cast(m.dequantize() if isinstance(m, Int8Weight) else m).to(ref.placement.dtype) for m in mats]
+        return [
+            *Backend.project(ref, [cast(xr), cast(xk), cast(xv)], plain[:3], epilogues),
+            *Backend.project(ref, [cast(xk)], plain[3:4], [Epilogue.RELU_SQUARE]),
+            *Backend.project(ref, [cast(hidden)], plain[4:], residual=cast(res)),
+        ]
+
+    _assert_like_default(got, *_defaults(default, dtype), dtype, 2e-5)
+
+
+def _lora_pairs(att, layer: int) -> list[tuple]:
+    """The LoRA pairs rwkv7.time_mix passes (decay, rate, gate; the value residual after layer 0)."""
+    pairs = [(att.w1, att.w2, Epilogue.TANH), (att.a1, att.a2, Epilogue.NONE), (att.g1, att.g2, Epilogue.SIGMOID)]
+    return pairs + [(att.v1, att.v2, Epilogue.NONE)] if layer else pairs
+
+
+@gpu_test
+@pytest.mark.parametrize("strategy", OP_STRATEGIES)
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (3, 16)])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_lora_op(shape_0_1b, strategy, B, T, layer):
+    """The cuda backend's factors (transposed, rank padded) against the torch backend's, same values."""
+    ops, w = _weights(shape_0_1b(strategy), layer)
+    _, plain = _weights(shape_0_1b(strategy, "torch"), layer)
+    dtype = ops.placement.dtype
+    xs = [_randn(B, T, C, dtype=dtype, seed=10 * i + B + T + layer) for i in range(3 + layer)]
+    got = ops.lora(xs, _lora_pairs(w.att, layer))
+
+    def default(ref, cast):
+        return Backend.lora(ref, [cast(x) for x in xs], [(cast(a), cast(b), e) for a, b, e in _lora_pairs(plain.att, layer)])
+
+    _assert_like_default(got, *_defaults(default, dtype), dtype, 2e-5)
+
+
+@gpu_test
+@pytest.mark.parametrize("strategy", OP_STRATEGIES)
+@pytest.mark.parametrize("B, T", [(1, 1), (3, 1), (3, 16)])
+@pytest.mark.parametrize("layer", [0, 1])
+def test_time_mix_core_op(shape_0_1b, strategy, B, T, layer):
+    """wkv7_decode (T = 1) and the scan kernel under the default (T = 16), at the scales a run
+    sees (projections and LoRA outputs ~1, a carried state); the input state is only read. fp32:
+    5e-5, as GroupNorm divides each head by its own spread."""
+    ops, w = _weights(shape_0_1b(strategy), layer)
+    dtype = ops.placement.dtype
+    r, k, v, wl, al, g, vl, vf = (_randn(B, T, C, dtype=dtype, seed=10 * i + B + T + layer) for i in range(8))
+    vl, vf = (vl, vf) if layer else (None, None)
+    kv = _randn(B, H, HEAD_SIZE, HEAD_SIZE, dtype=torch.float32, seed=T, scale=0.3)
+    kv_before, c = kv.clone(), rwkv7.constants()
+    got = ops.time_mix_core(w.att, kv, r, k, v, wl, al, g, vl, vf, c)
+
+    def default(ref, cast):
+        vectors = SimpleNamespace(**{n: cast(getattr(w.att, n)) for n in ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")})
+        return Backend.time_mix_core(ref, vectors, kv, *(cast(t) for t in (r, k, v, wl, al, g, vl, vf)), c)
+
+    _assert_like_default(list(got), *map(list, _defaults(default, dtype)), dtype, 5e-5)
+    assert torch.equal(kv, kv_before), "the input state was modified"
 
 
 # Whole model, 200 tokens in two calls, cuda vs torch backend in the same dtype. Per op the two
@@ -338,38 +574,6 @@ def test_graphed_decode_matches_eager_forward(model_paths, strategy, backend, ba
 
 @gpu_test
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
-@pytest.mark.parametrize("B, layer0", [(1, True), (3, False)])
-def test_decode_kernels_match_reference_ops(dtype, B, layer0):
-    """Kernel and reference read the same rounded inputs and compute in float32 (the kernel with
-    fast exp/sigmoid, ~2 float32 ulp): outputs agree to an ulp or two of the output dtype."""
-    ops, dt, g = kernels_build.ops(), DTYPES[dtype], torch.Generator().manual_seed(8)
-    H, C = 4, 4 * HEAD_SIZE
-
-    def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to("cuda", dt)
-
-    def close(got, want, ulps=4):
-        tol = ulps * ULP[dtype]
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
-
-    mixes = [torch.rand(C, generator=g).to("cuda", dt) for _ in range(6)]
-    x, weight, bias, x_prev = rnd(B, C), rnd(C), rnd(C), rnd(B, C)
-    for got, want in zip(ops.ln_mix(x, weight, bias, x_prev, mixes, 1e-5), ReferenceOps.ln_mix(x, weight, bias, x_prev, mixes, 1e-5)):
-        close(got, want)
-
-    kv = torch.randn(B, H, HEAD_SIZE, HEAD_SIZE, generator=g).cuda() * 0.1
-    vectors = [rnd(C) for _ in range(8)]  # w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b
-    vectors[2] = None if layer0 else vectors[2]
-    loras = [rnd(B, C), rnd(B, C), None if layer0 else rnd(B, C), rnd(B, C)]  # w, a, v, g
-    args = (kv, rnd(B, C), rnd(B, C), rnd(B, C), *loras, *vectors, rnd(B, C), 64e-5)
-    (y, kv_out), (y_ref, kv_ref) = ops.wkv7_decode(*args), ReferenceOps.wkv7_decode(*args)
-    close(y, y_ref, ulps=8)  # GroupNorm divides by the head's spread: a few more ulps
-    torch.testing.assert_close(kv_out, kv_ref, rtol=1e-5, atol=1e-5 * kv_ref.abs().max().item())
-    assert torch.equal(kv, args[0]) and y.dtype == dt  # the state passed in is only read
-
-
-@gpu_test
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("rows", [1, 3, MAX_MATVEC_ROWS])
 def test_grouped_matvec_matches_reference_ops(dtype, rows):
     """One launch over mixed weight formats (int8 with scales, and the activation dtype), every
@@ -393,20 +597,63 @@ def test_grouped_matvec_matches_reference_ops(dtype, rows):
     got, want = ops.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0], ReferenceOps.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0]
     torch.testing.assert_close(got.float(), want.float(), rtol=4 * ULP[dtype], atol=4 * ULP[dtype] * want.float().abs().max().item())
 
+
 @gpu_test
 @pytest.mark.parametrize("strategy", ["cuda fp32", "cuda fp16", "cuda bf16", "cuda fp16i8"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_fused_decode_matches_reference_backend(model_paths, dequantized_torch_backend, strategy, batch):
-    """30 decode steps through the fused block vs the unfused torch math on the same (int8-rounded
+def test_decoding_matches_reference_backend(model_paths, dequantized_torch_backend, strategy, batch):
+    """30 decode steps through the kernels' ops vs the torch defaults on the same (int8-rounded
     for fp16i8) weights, each side carrying its own state from the same prefill."""
     reference_backend = dequantized_torch_backend if strategy.endswith("i8") else "torch"
-    fused = RWKV(model_paths["world"], strategy, backend="cuda")
+    cuda = RWKV(model_paths["world"], strategy, backend="cuda")
     reference = RWKV(model_paths["world"], strategy.removesuffix("i8"), backend=reference_backend)
     prompt = torch.randint(0, 65536, (batch, 16), generator=torch.Generator().manual_seed(9))
-    (_, state), (_, ref_state) = fused.forward(prompt, None), reference.forward(prompt, None)
+    (_, state), (_, ref_state) = cuda.forward(prompt, None), reference.forward(prompt, None)
     tol = MODEL_TOLERANCE[strategy.split()[1].removesuffix("i8")]
     for ids in torch.randint(0, 65536, (30, batch, 1), generator=torch.Generator().manual_seed(10)):
-        (out, state), (ref, ref_state) = fused.forward(ids, state), reference.forward(ids, ref_state)
+        (out, state), (ref, ref_state) = cuda.forward(ids, state), reference.forward(ids, ref_state)
         assert _close(out, ref, tol)
     for layer, ref_layer in zip(state.layers, ref_state.layers):
         assert all(_close(t, r, tol * 5) for t, r in zip(layer.tensors(), ref_layer.tensors()))
+
+
+# ---------------------------------------------------------------- constants passed down
+
+PATCHES = {  # far from the trained values, so each moves the logits clearly
+    "GROUP_NORM_EPS": 1.0,
+    "DECAY_SCALE": 3.0,
+    "LN_EPS": 0.1,
+    "ATT_MIXES": ("x_k", "x_w", "x_r", "x_v", "x_a", "x_g"),  # x_r and x_k trade places
+}
+
+
+def _prefill_and_decode(path, strategy: str, backend: str) -> torch.Tensor:
+    """Every position's logits of a 12-token prefill of a batch of 2, then those of 6 single-token
+    steps of the batch (the kernels' decode shapes)."""
+    model = RWKV(path, strategy, backend=backend)
+    tokens = torch.randint(0, 2048, (2, 18), generator=torch.Generator().manual_seed(1))
+    logits, state = model.forward(tokens[:, :12], None, full_output=True)
+    outs = [logits.flatten()]
+    for t in range(12, 18):
+        logits, state = model.forward(tokens[:, t : t + 1], state)
+        outs.append(logits.flatten())
+    return torch.cat(outs).cpu()
+
+
+@pytest.mark.parametrize("constant", PATCHES)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=GPU)])
+def test_patched_constants_reach_the_kernels(model_paths, request, monkeypatch, device, constant):
+    """The architecture's constants and mix order patched before the load: the cuda backend follows
+    the torch backend under the patch, in fp32 to 2e-5 of the logits' scale (as the whole-model
+    test: summation order and fast exp over 2 layers and 18 tokens), while the patch itself moves
+    the logits by far more (> 1e-2; 6-15% on this model), so a kernel with its own copy of a constant would fail. On
+    ``cpu`` the kernels are ReferenceOps, which use the constants they are passed: the backend's
+    glue passes the architecture's."""
+    if device == "cpu":
+        request.getfixturevalue("reference_kernels")
+    strategy, path = f"{device} fp32", model_paths["tiny"]
+    unpatched = _prefill_and_decode(path, strategy, "torch")
+    monkeypatch.setattr(rwkv7, constant, PATCHES[constant])
+    ref = _prefill_and_decode(path, strategy, "torch")
+    got = _prefill_and_decode(path, strategy, "cuda")
+    assert _rel(got, ref) < 2e-5 and _rel(ref, unpatched) > 1e-2, (_rel(got, ref), _rel(ref, unpatched))

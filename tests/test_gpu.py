@@ -1,4 +1,5 @@
-"""The pure-torch backend on CUDA (``cuda fp32/fp16/bf16``) against our CPU fp32 path.
+"""CUDA placements (``cuda fp32/fp16/bf16``) against the torch backend's CPU fp32 math: the
+``torch`` backend on the GPU, and the ``cuda`` backend (its kernels behind the same ops).
 
 Skipped with a reason where no CUDA device exists (the development machines); run on a GPU box.
 """
@@ -21,11 +22,12 @@ pytestmark = [
 TOLERANCE = {"fp32": 2e-5, "fp16": 1e-2, "bf16": 5e-2}
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
 @pytest.mark.parametrize("dtype", sorted(TOLERANCE))
-def test_cuda_matches_cpu_fp32(model_paths, dtype):
+def test_cuda_matches_cpu_fp32(model_paths, dtype, backend):
     seq = torch.randint(0, 65536, (200,), generator=torch.Generator().manual_seed(3)).tolist()
-    ref, ref_state = RWKV(model_paths["world"], "cpu fp32").forward(seq, None)
-    gpu = RWKV(model_paths["world"], f"cuda {dtype}")
+    ref, ref_state = RWKV(model_paths["world"], "cpu fp32", backend="torch").forward(seq, None)
+    gpu = RWKV(model_paths["world"], f"cuda {dtype}", backend=backend)
     out, state = gpu.forward(seq[:150], None)
     out, state = gpu.forward(seq[150:], state)
     assert out.device.type == "cuda"
