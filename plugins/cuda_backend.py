@@ -126,19 +126,9 @@ class CudaBackend(TorchBackend):
         return [y.view(*x.shape[:-1], -1) for x, y in zip(xs, self._matvec(hidden, ups))]
 
     def time_mix_core(
-        self,
-        w: Any,
-        kv: torch.Tensor,
-        r: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        w_lora: torch.Tensor,
-        a_lora: torch.Tensor,
-        g: torch.Tensor,
-        v_lora: torch.Tensor | None,
-        v_first: torch.Tensor | None,
-        c: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, w: Any, kv: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_lora: torch.Tensor, a_lora: torch.Tensor,
+        g: torch.Tensor, v_lora: torch.Tensor | None, v_first: torch.Tensor | None, c: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """One ``wkv7_decode`` launch for a decode step of head size 64, the constants from ``c``."""
         B, T, C = r.shape
         if T != 1 or kv.shape[-1] != HEAD_SIZE:

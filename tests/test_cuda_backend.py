@@ -289,7 +289,8 @@ def test_lora_factors_are_laid_out_once_for_matvec(reference_kernels, rows):
         assert not down[rank:].any() and not up[:, rank:].any()
     xs = [torch.randn(rows, 1, 768, generator=g) for _ in ranks]
     got = cuda.lora(xs, ours)
-    want = Backend.lora(reference, xs, [(reference.prepare(a, Role.LORA_IN), reference.prepare(b, Role.LORA_OUT), e) for (a, b), e in zip(factors, acts)])
+    plain = [(reference.prepare(a, Role.LORA_IN), reference.prepare(b, Role.LORA_OUT), e) for (a, b), e in zip(factors, acts)]
+    want = Backend.lora(reference, xs, plain)
     assert reference_kernels.launches["matvec"] == (2 if rows <= MAX_MATVEC_ROWS else 0)
     for a, b in zip(got, want):
         assert a.shape == b.shape
@@ -387,7 +388,9 @@ def _randn(*shape: int, dtype: torch.dtype, seed: int, scale: float = 1.0) -> to
 def _defaults(fn, dtype: torch.dtype) -> tuple:
     """``fn(ops, cast)`` on the torch defaults in ``dtype``, and in float32 on the same (rounded) values."""
     cuda = torch.device("cuda")
-    return fn(TorchBackend(Placement(cuda, dtype)), lambda t: t), fn(TorchBackend(Placement(cuda, torch.float32)), lambda t: None if t is None else t.float())
+    ref = fn(TorchBackend(Placement(cuda, dtype)), lambda t: t)
+    exact = fn(TorchBackend(Placement(cuda, torch.float32)), lambda t: None if t is None else t.float())
+    return ref, exact
 
 
 def _assert_like_default(got, ref, exact, dtype: torch.dtype, tol32: float) -> None:
