@@ -39,6 +39,20 @@ void check(const at::Tensor& t, const char* name, const at::Tensor& like, at::Sc
   TORCH_CHECK(!vector_loads || reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, name, " must be 16-byte aligned");
 }
 
+// `sizes` with its last entry replaced: a token tensor [..., n] of the same rows, another width.
+std::vector<int64_t> with_width(at::IntArrayRef sizes, int64_t width) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.back() = width;
+  return out;
+}
+
+// The rows of a token tensor [..., n] (n > 0): the product of its leading sizes.
+int64_t rows_of(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.is_cuda() && t.dim() >= 1 && t.size(-1) > 0, op, ": expected a CUDA tensor [..., n] with n > 0, got ", t.sizes(),
+              " on ", t.device());
+  return t.numel() / t.size(-1);
+}
+
 std::tuple<at::Tensor, at::Tensor> wkv7_op(const at::Tensor& kv, const at::Tensor& r, const at::Tensor& w,
                                            const at::Tensor& k, const at::Tensor& v, const at::Tensor& kk,
                                            const at::Tensor& a) {
@@ -64,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor> wkv7_op(const at::Tensor& kv, const at::Tenso
 }
 
 // One launch for a group of products; scale[g] is an empty tensor for a weight in the activation
-// dtype, else the int8 weight's per-row scales. Returns y_g [rows, n_out_g] for each g.
+// dtype, else the int8 weight's per-row scales. Inputs x_g [..., in_g] share their leading sizes
+// (1 to kMaxMatvecRows rows in all); returns y_g [..., out_g] for each g.
 std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::TensorList scale, at::IntArrayRef epilogue,
                                   const std::optional<at::Tensor>& residual) {
   const size_t count = x.size();
@@ -73,9 +88,8 @@ std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::Tensor
               "matvec: 1 to ", kMaxMatvecGroup, " products, with as many weights, scales and epilogues; got ", count, " inputs, ",
               w.size(), " weights, ", scale.size(), " scales, ", epilogue.size(), " epilogues");
   const at::Tensor& first = x[0];
-  TORCH_CHECK(first.is_cuda() && first.dim() == 2 && first.size(0) >= 1 && first.size(0) <= kMaxMatvecRows,
-              "matvec: inputs must be CUDA tensors [rows, in] with 1 <= rows <= ", kMaxMatvecRows, ", got ", first.sizes());
-  const int64_t rows = first.size(0);
+  const int64_t rows = rows_of(first, "matvec");
+  TORCH_CHECK(rows >= 1 && rows <= kMaxMatvecRows, "matvec: 1 to ", kMaxMatvecRows, " rows, got ", first.sizes());
   MatvecGroup group{};
   group.count = static_cast<int>(count);
   std::vector<at::Tensor> y;
@@ -85,11 +99,11 @@ std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::Tensor
     TORCH_CHECK(w[g].dim() == 2, "matvec: weight ", g, " must be [out, in], got ", w[g].sizes());
     const int64_t n_out = w[g].size(0), n_in = w[g].size(1), per_load = int8 ? 16 : 16 / first.element_size();
     TORCH_CHECK(n_in % per_load == 0, "matvec: weight ", g, " has ", n_in, " inputs, not a multiple of ", per_load);
-    check(x[g], "x", first, first.scalar_type(), {rows, n_in}, true);
+    check(x[g], "x", first, first.scalar_type(), with_width(first.sizes(), n_in), true);
     check(w[g], "weight", first, int8 ? at::kChar : first.scalar_type(), {n_out, n_in}, true);
     if (int8) check(scale[g], "scale", first, at::kFloat, {n_out});
     TORCH_CHECK(epilogue[g] >= 0 && epilogue[g] <= static_cast<int64_t>(Epilogue::relu_square), "matvec: unknown epilogue ", epilogue[g]);
-    y.push_back(at::empty({rows, n_out}, first.options()));
+    y.push_back(at::empty(with_width(first.sizes(), n_out), first.options()));
     group.op[g] = MatvecOperand{w[g].data_ptr(), int8 ? scale[g].data_ptr<float>() : nullptr, x[g].data_ptr(), y.back().data_ptr(),
                                 static_cast<int>(n_in), static_cast<int>(n_out), static_cast<int>(epilogue[g])};
   }
@@ -102,14 +116,14 @@ std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::Tensor
   return y;
 }
 
+// One token per sequence: x [B, C] or [B, 1, C], x_prev [B, C]. Returns (x_ln [B, C], mixed [n, *x.sizes()]).
 std::tuple<at::Tensor, at::Tensor> ln_mix_op(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                               const at::Tensor& x_prev, at::TensorList mixes, double eps) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "ln_mix: x must be a CUDA tensor [B, C], got ", x.sizes(), " on ", x.device());
+  const int64_t B = rows_of(x, "ln_mix"), C = x.size(-1);
   TORCH_CHECK(!mixes.empty() && mixes.size() <= static_cast<size_t>(kMaxMixes), "ln_mix: 1 to ", kMaxMixes, " mix vectors, got ",
               mixes.size());
-  const int64_t B = x.size(0), C = x.size(1);
   check(x, "x", x, x.scalar_type(), x.sizes());
-  check(x_prev, "x_prev", x, x.scalar_type(), x.sizes());
+  check(x_prev, "x_prev", x, x.scalar_type(), {B, C});
   check(weight, "weight", x, x.scalar_type(), {C});
   check(bias, "bias", x, x.scalar_type(), {C});
   MixVectors vectors{};
@@ -119,8 +133,10 @@ std::tuple<at::Tensor, at::Tensor> ln_mix_op(const at::Tensor& x, const at::Tens
     vectors.vector[i] = mixes[i].data_ptr();
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor x_ln = at::empty_like(x);
-  at::Tensor mixed = at::empty({static_cast<int64_t>(mixes.size()), B, C}, x.options());
+  at::Tensor x_ln = at::empty_like(x_prev);
+  std::vector<int64_t> mixed_sizes{static_cast<int64_t>(mixes.size())};
+  mixed_sizes.insert(mixed_sizes.end(), x.sizes().begin(), x.sizes().end());
+  at::Tensor mixed = at::empty(mixed_sizes, x.options());
   if (B > 0) {
     C10_CUDA_CHECK(ln_mix(dtype_of(x), B, C, x.data_ptr(), weight.data_ptr(), bias.data_ptr(), x_prev.data_ptr(), vectors,
                           static_cast<float>(eps), x_ln.data_ptr(), mixed.data_ptr(), c10::cuda::getCurrentCUDAStream()));
@@ -128,6 +144,7 @@ std::tuple<at::Tensor, at::Tensor> ln_mix_op(const at::Tensor& x, const at::Tens
   return {x_ln, mixed};
 }
 
+// One token per sequence: r and the other token tensors [B, C] or [B, 1, C] (out has r's shape).
 std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at::Tensor& r, const at::Tensor& k,
                                                   const at::Tensor& v, const at::Tensor& w_lora, const at::Tensor& a_lora,
                                                   const std::optional<at::Tensor>& v_lora, const at::Tensor& g, const at::Tensor& w0,
@@ -135,9 +152,8 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
                                                   const at::Tensor& k_a, const at::Tensor& r_k, const at::Tensor& ln_w,
                                                   const at::Tensor& ln_b, const at::Tensor& v_first, double group_norm_eps,
                                                   double decay_scale, double kk_eps) {
-  TORCH_CHECK(r.is_cuda() && r.dim() == 2 && r.size(1) % kHeadSize == 0, "wkv7_decode: r must be a CUDA tensor [B, H * ",
-              kHeadSize, "], got ", r.sizes(), " on ", r.device());
-  const int64_t B = r.size(0), C = r.size(1), H = C / kHeadSize;
+  const int64_t B = rows_of(r, "wkv7_decode"), C = r.size(-1), H = C / kHeadSize;
+  TORCH_CHECK(C % kHeadSize == 0, "wkv7_decode: r must be [..., H * ", kHeadSize, "] (one token of B sequences), got ", r.sizes());
   check(r, "r", r, r.scalar_type(), r.sizes());
   check(k, "k", r, r.scalar_type(), r.sizes());
   check(v, "v", r, r.scalar_type(), r.sizes());

@@ -23,8 +23,10 @@ one place the block is sequenced) as 9 launches (``kernels/decode.cu``, ``kernel
 When this backend sequenced the block itself, receptance/key/value and the LoRA downs shared one
 launch (8 per layer); with the contract's separate ``project`` and ``lora`` calls that is one
 launch more per layer, the price of the block's sequence existing once. Matvec needs ≤ 8 rows,
-≤ 8 products per launch and 16-byte-aligned inputs whose width is a multiple of 16; other shapes
-take the torch defaults (prefill, wide batches).
+≤ 8 products per launch and contiguous 16-byte-aligned inputs whose width is a multiple of 16;
+other shapes take the torch defaults (prefill, wide batches). The kernels take and return the
+ops' own ``[B, 1, n]`` token tensors, so the overrides add little Python per op: an eager decode
+step of a small model pays for every microsecond of it.
 """
 
 from __future__ import annotations
@@ -89,89 +91,83 @@ class CudaBackend(TorchBackend):
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
         if not isinstance(weight, Int8Weight):
             return super().linear(x, weight)
-        flat = self._matvec_inputs([x])
-        if flat is None:
+        if not self._matvec_takes([x]):
             return F.linear(x, weight.dequantize(x.dtype))
-        return self._matvec(flat, [weight])[0].view(*x.shape[:-1], -1)
+        return self._matvec([x], [weight])[0]
 
     def ln_mix(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One kernel per decode step (any batch: one block per sequence); prefill takes the default."""
-        B, T, C = x.shape
-        if T != 1 or not 1 <= len(mixes) <= MAX_MIXES:
+        if x.shape[1] != 1 or not 1 <= len(mixes) <= MAX_MIXES:
             return super().ln_mix(x, weight, bias, x_prev, mixes, eps)
-        x_ln, mixed = self.ops.ln_mix(x.reshape(B, C).contiguous(), weight, bias, x_prev.contiguous(), list(mixes), eps)
-        return x_ln, [m.view(B, 1, C) for m in mixed.unbind(0)]
+        x_ln, mixed = self.ops.ln_mix(x.contiguous(), weight, bias, x_prev.contiguous(), mixes, eps)
+        return x_ln, list(mixed.unbind(0))
 
     def project(
         self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
         """All products in one matvec launch (epilogues and the residual applied there) for decode shapes."""
-        flat = self._matvec_inputs(xs, residual)
-        if flat is None:
+        if not self._matvec_takes(xs, residual):
             return super().project(xs, weights, epilogues, residual)
-        rows = flat[0].shape[0]
-        ys = self._matvec(flat, weights, epilogues, None if residual is None else residual.reshape(rows, -1).contiguous())
-        return [y.view(*x.shape[:-1], -1) for x, y in zip(xs, ys)]
+        return self._matvec(xs, weights, epilogues, residual)
 
     def lora(self, xs: Sequence[torch.Tensor], pairs: Sequence[LoraPair]) -> list[torch.Tensor]:
         """Two matvec launches for decode shapes (every down-projection with its activation, then
         every up-projection); cuBLAS on the same prepared factors otherwise."""
-        flat = self._matvec_inputs(xs)
-        if flat is None:
+        if not self._matvec_takes(xs):
             return [F.linear(act.apply(F.linear(x, down)), up) for x, (down, up, act) in zip(xs, pairs)]
         downs, ups, acts = zip(*pairs)
-        hidden = self._matvec(flat, downs, acts)
-        return [y.view(*x.shape[:-1], -1) for x, y in zip(xs, self._matvec(hidden, ups))]
+        return self._matvec(self._matvec(xs, downs, acts), ups)
 
     def time_mix_core(
         self, w: Any, kv: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_lora: torch.Tensor, a_lora: torch.Tensor,
         g: torch.Tensor, v_lora: torch.Tensor | None, v_first: torch.Tensor | None, c: Any,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """One ``wkv7_decode`` launch for a decode step of head size 64, the constants from ``c``."""
-        B, T, C = r.shape
-        if T != 1 or kv.shape[-1] != HEAD_SIZE:
+        if r.shape[1] != 1 or kv.shape[-1] != HEAD_SIZE:
             return super().time_mix_core(w, kv, r, k, v, w_lora, a_lora, g, v_lora, v_first, c)
-
-        def flat(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(B, C).contiguous()
-
         residual = v_first is not None  # every layer but the first mixes in layer 0's values
         y, kv = self.ops.wkv7_decode(
-            kv.contiguous(), flat(r), flat(k), flat(v), flat(w_lora), flat(a_lora), flat(v_lora) if residual else None, flat(g),
-            w.w0, w.a0, w.v0 if residual else None, w.k_k, w.k_a, w.r_k, w.ln_x_weight, w.ln_x_bias,
-            flat(v_first if residual else v), c.group_norm_eps, c.decay_scale, c.kk_eps,
+            kv.contiguous(), r.contiguous(), k.contiguous(), v.contiguous(), w_lora.contiguous(), a_lora.contiguous(),
+            v_lora.contiguous() if residual else None, g.contiguous(), w.w0, w.a0, w.v0 if residual else None, w.k_k, w.k_a, w.r_k,
+            w.ln_x_weight, w.ln_x_bias, (v_first if residual else v).contiguous(), c.group_norm_eps, c.decay_scale, c.kk_eps,
         )  # fmt: skip
-        return y.view(B, 1, C), kv, v_first if residual else v
+        return y, kv, v_first if residual else v
 
     def wkv(self, kv, r, decay, k, v, kk, a):
         if r.shape[-1] != HEAD_SIZE:
             return super().wkv(kv, r, decay, k, v, kk, a)
         return self.ops.wkv7(*(t.contiguous() for t in (kv, r, decay, k, v, kk, a)))
 
-    def _matvec_inputs(self, xs: Sequence[torch.Tensor], residual: torch.Tensor | None = None) -> list[torch.Tensor] | None:
-        """``xs`` as matvec's ``[rows, in]`` operands, or None where the kernel does not take them
-        (too many rows or products, inputs of differing rows or another dtype, a width that is not a
-        multiple of 16 values, a misaligned view): then the torch default runs."""
-        if not 1 <= len(xs) <= MAX_MATVEC_GROUP or (residual is not None and (len(xs) != 1 or residual.dtype != self.placement.dtype)):
-            return None
+    def _matvec_takes(self, xs: Sequence[torch.Tensor], residual: torch.Tensor | None = None) -> bool:
+        """Whether matvec runs these inputs: 1 to MAX_MATVEC_GROUP products of 1 to MAX_MATVEC_ROWS
+        rows, all of the same leading sizes, in the activation dtype, contiguous, 16-byte aligned,
+        widths a multiple of 16 values (and a residual only for one product). Otherwise (prefill,
+        wide batches, a view) the torch default runs. Written as a plain loop: it runs ~6 times per
+        layer of a decode step, whose Python time is a visible share of an eager token."""
+        if not 1 <= len(xs) <= MAX_MATVEC_GROUP:
+            return False
+        if residual is not None and (len(xs) != 1 or residual.dtype != self.placement.dtype or not residual.is_contiguous()):
+            return False
         lead = xs[0].shape[:-1]
-        rows = lead.numel()
-        if not 1 <= rows <= MAX_MATVEC_ROWS or any(x.shape[:-1] != lead or x.dtype != self.placement.dtype for x in xs):
-            return None
-        flat = [x.reshape(rows, -1).contiguous() for x in xs]
-        fits = all(x.shape[1] % MATVEC_ALIGN == 0 and x.data_ptr() % MATVEC_ALIGN == 0 for x in flat)
-        return flat if fits else None
+        if not 1 <= lead.numel() <= MAX_MATVEC_ROWS:
+            return False
+        for x in xs:
+            if (
+                x.shape[:-1] != lead or x.dtype != self.placement.dtype or x.shape[-1] % MATVEC_ALIGN
+                or not x.is_contiguous() or x.data_ptr() % MATVEC_ALIGN
+            ):  # fmt: skip
+                return False
+        return True
 
     def _matvec(
         self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        """``[epilogue(x @ w.T) (+ residual)]`` for each pair, in one launch (inputs ``[rows, in]``)."""
+        """``[epilogue(x @ w.T) (+ residual)]`` for each pair, in one launch (inputs ``[..., in]``)."""
         ws = [w.q if isinstance(w, Int8Weight) else w for w in weights]
         scales = [w.scale if isinstance(w, Int8Weight) else self._no_scale for w in weights]
-        return self.ops.matvec(list(xs), ws, scales, [int(e) for e in epilogues or [Epilogue.NONE] * len(xs)], residual)
-
+        return self.ops.matvec(xs, ws, scales, epilogues or [Epilogue.NONE] * len(xs), residual)
 
 @hookimpl
 def register_backends(register) -> None:

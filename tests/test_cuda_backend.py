@@ -172,36 +172,45 @@ class ReferenceOps:
     @staticmethod
     def matvec(xs, ws, scales, epilogues, residual):
         assert 1 <= len(xs) == len(ws) == len(scales) == len(epilogues) <= MAX_MATVEC_GROUP and (residual is None or len(xs) == 1)
-        rows = xs[0].shape[0]
+        lead = xs[0].shape[:-1]
+        assert 1 <= lead.numel() <= MAX_MATVEC_ROWS
         ys = []
         for x, w, scale, epilogue in zip(xs, ws, scales, epilogues):
-            assert x.dim() == 2 and x.shape == (rows, w.shape[1]) and 1 <= rows <= MAX_MATVEC_ROWS and x.is_contiguous()
-            assert x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0 and w.is_contiguous()  # 16-byte loads
+            assert x.shape == (*lead, w.shape[1]) and x.is_contiguous() and w.is_contiguous()
+            assert x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0  # 16-byte loads
             int8 = scale.numel() > 0
             assert w.dtype == (torch.int8 if int8 else x.dtype) and (not int8 or (scale.dtype == torch.float32 and scale.shape == w.shape[:1]))
             assert w.shape[1] % (16 if int8 else 16 // x.element_size()) == 0
             y = x.float() @ w.float().T * (scale if int8 else 1)
             y = [y, torch.tanh(y), torch.sigmoid(y), torch.relu(y) ** 2][epilogue]
-            ys.append((y + residual.float() if residual is not None else y).to(x.dtype))
+            if residual is not None:
+                assert residual.shape == y.shape and residual.dtype == x.dtype and residual.is_contiguous()
+                y = y + residual.float()
+            ys.append(y.to(x.dtype))
         return ys
 
     @staticmethod
     def ln_mix(x, weight, bias, x_prev, mixes, eps):
-        assert x.dim() == 2 and x.is_contiguous() and x_prev.shape == x.shape and x_prev.is_contiguous() and 1 <= len(mixes) <= MAX_MIXES
-        assert all(t.shape == (x.shape[1],) and t.dtype == x.dtype for t in (weight, bias, *mixes))
-        x_ln = F.layer_norm(x.float(), x.shape[1:], weight.float(), bias.float(), eps).to(x.dtype)
+        """One token per sequence: x [B, C] or [B, 1, C], x_prev [B, C]."""
+        B, C = x_prev.shape
+        assert x.numel() == B * C and x.shape[-1] == C and x.is_contiguous() and x_prev.is_contiguous() and 1 <= len(mixes) <= MAX_MIXES
+        assert all(t.shape == (C,) and t.dtype == x.dtype for t in (weight, bias, *mixes))
+        x_ln = F.layer_norm(x.reshape(B, C).float(), (C,), weight.float(), bias.float(), eps).to(x.dtype)
         base = x_ln.float()
-        return x_ln, torch.stack([base + (x_prev.float() - base) * m.float() for m in mixes]).to(x.dtype)
+        mixed = torch.stack([base + (x_prev.float() - base) * m.float() for m in mixes]).to(x.dtype)
+        return x_ln, mixed.view(len(mixes), *x.shape)
 
     @staticmethod
     def wkv7_decode(kv, r, k, v, w_lora, a_lora, v_lora, g, w0, a0, v0, k_k, k_a, r_k, ln_w, ln_b, v_first, group_norm_eps, decay_scale, kk_eps):
-        """Backend.time_mix_core for one token, in float32, the constants as passed."""
-        B, C = r.shape
-        H, N = C // HEAD_SIZE, HEAD_SIZE
+        """Backend.time_mix_core for one token, in float32, the constants as passed: r and the other
+        token tensors [B, C] or [B, 1, C]."""
+        shape, C = r.shape, r.shape[-1]
+        B, H, N = r.numel() // C, C // HEAD_SIZE, HEAD_SIZE
         assert kv.shape == (B, H, N, N) and kv.dtype == torch.float32 and (v_lora is None) == (v0 is None)
-        assert all(t.shape == (B, C) and t.dtype == r.dtype and t.is_contiguous() for t in (r, k, v, w_lora, a_lora, g, v_first))
+        tokens = [t for t in (r, k, v, w_lora, a_lora, v_lora, g, v_first) if t is not None]
+        assert all(t.shape == shape and t.dtype == r.dtype and t.is_contiguous() for t in tokens)
         assert all(isinstance(c, float) for c in (group_norm_eps, decay_scale, kk_eps))
-        f = lambda t: t.float()  # noqa: E731
+        f = lambda t: t.float().reshape(-1, C) if t.dim() > 1 else t.float()  # noqa: E731
         r, k, v = f(r), f(k), f(v)
         decay = torch.exp(-decay_scale * torch.sigmoid(f(w0) + f(w_lora)))
         a = torch.sigmoid(f(a0) + f(a_lora))
@@ -215,7 +224,7 @@ class ReferenceOps:
         )
         y = F.group_norm(y.view(B, C), H, f(ln_w), f(ln_b), group_norm_eps)
         bonus = (r * k * f(r_k)).view(B, H, N).sum(-1, keepdim=True) * v.view(B, H, N)
-        return ((y + bonus.view(B, C)) * f(g)).to(r_k.dtype), kv
+        return ((y + bonus.view(B, C)) * f(g)).to(r_k.dtype).view(shape), kv
 
 
 class CountingOps:
