@@ -94,7 +94,7 @@ def _inputs(B: int, T: int, dtype: torch.dtype, seed: int, n: int, scale: float 
 @pytest.mark.parametrize("strategy, backend", CASES)
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 16), (2, 16)])
 def test_ln_mix(models, strategy, backend, B, T):
-    model = models[strategy, backend].model
+    model = models[strategy, backend]
     ops, w, dtype = model.stages[0].ops, model.stages[0].blocks[1], model.stages[0].ops.placement.dtype
     (x, prev) = _inputs(B, T, dtype, seed=B * 100 + T, n=2, scale=2.0)
     prev = prev[:, 0]
@@ -111,7 +111,7 @@ def test_ln_mix(models, strategy, backend, B, T):
 @pytest.mark.parametrize("strategy, backend", CASES)
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 16)])
 def test_project_with_every_epilogue_and_the_residual(models, strategy, backend, B, T):
-    model = models[strategy, backend].model
+    model = models[strategy, backend]
     ops, w, dtype = model.stages[0].ops, model.stages[0].blocks[1], model.stages[0].ops.placement.dtype
     xr, xk, xv, res = _inputs(B, T, dtype, seed=B * 10 + T, n=4)
     hidden = _inputs(B, T * 4, dtype, seed=7, n=1)[0].view(B, T, F)
@@ -148,7 +148,7 @@ def test_project_with_every_epilogue_and_the_residual(models, strategy, backend,
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 16)])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_lora(models, strategy, backend, B, T, layer):
-    model = models[strategy, backend].model
+    model = models[strategy, backend]
     ops, att, dtype = model.stages[0].ops, model.stages[0].blocks[layer].att, model.stages[0].ops.placement.dtype
     xs = _inputs(B, T, dtype, seed=B + T + layer, n=4)
     pairs = [(att.w1, att.w2, Epilogue.TANH), (att.a1, att.a2, Epilogue.NONE), (att.g1, att.g2, Epilogue.SIGMOID)]
@@ -167,7 +167,7 @@ def test_lora(models, strategy, backend, B, T, layer):
 @pytest.mark.parametrize("layer", [0, 1])
 def test_time_mix_core(models, strategy, backend, B, T, layer):
     """Inputs at the scales a real run sees (projections ~1, LoRA outputs ~1, a carried state)."""
-    model = models[strategy, backend].model
+    model = models[strategy, backend]
     ops, att, dtype = model.stages[0].ops, model.stages[0].blocks[layer].att, model.stages[0].ops.placement.dtype
     r, k, v, wl, al, g, vl, vf = _inputs(B, T, dtype, seed=B * 7 + T + layer, n=8)
     kv = torch.randn(B, H, N, N, generator=torch.Generator().manual_seed(T)) * 0.3
