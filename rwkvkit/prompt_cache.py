@@ -64,7 +64,7 @@ class CacheStats:
 class _Entry:
     key: bytes  # the token ids as int64 bytes: what a lookup compares, never only a hash
     length: int
-    hash: int
+    prefix_hash: int
     state: State
     logits: torch.Tensor
     nbytes: int
@@ -147,10 +147,10 @@ class PromptCache:
         x = _as_ids(ids)
         if not x.size:
             raise InputError("ids is empty: the cache keeps states after at least one token")
-        self._check_state(state)
         if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or logits.dim() != 1:
             what = f"a {logits.dtype} tensor of shape {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputError(f"logits must be the float32 [V] logits of the last token, got {what}")
+        self._check_state(state)
         key = x.tobytes()
         nbytes = sum(t.nbytes for layer in state.layers for t in layer.tensors()) + logits.nbytes + len(key)
         with self._lock:
@@ -224,7 +224,7 @@ class PromptCache:
 
     def _insert(self, entry: _Entry) -> None:
         self._entries[entry.key] = entry
-        self._buckets.setdefault((entry.length, entry.hash), []).append(entry)
+        self._buckets.setdefault((entry.length, entry.prefix_hash), []).append(entry)
         count = self._length_counts.get(entry.length, 0)
         if not count:
             bisect.insort(self._lengths, entry.length)
@@ -233,10 +233,10 @@ class PromptCache:
 
     def _evict(self, entry: _Entry) -> None:
         del self._entries[entry.key]
-        bucket = self._buckets[(entry.length, entry.hash)]
+        bucket = self._buckets[(entry.length, entry.prefix_hash)]
         bucket.remove(entry)
         if not bucket:
-            del self._buckets[(entry.length, entry.hash)]
+            del self._buckets[(entry.length, entry.prefix_hash)]
         self._length_counts[entry.length] -= 1
         if not self._length_counts[entry.length]:
             del self._length_counts[entry.length]
