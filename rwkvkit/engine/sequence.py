@@ -1,0 +1,243 @@
+"""One sequence in the engine: its checked request, sampling context, penalties, stop conditions,
+text stream and callbacks — everything about a generation that does not depend on the batch it
+runs in. :mod:`rwkvkit.engine.core` moves these through prefill and batched decode.
+
+Callbacks are called directly from a list (not through pluggy's hook relay, ~1.6 us per call).
+Every callback that started gets ``on_end`` on every way out (stop, cancel, error, Ctrl-C), so
+files they opened are closed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import random
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from rwkvkit.errors import InputError, PluginError
+from rwkvkit.interfaces import Callback, SampleContext, Sampler, Tokenizer
+from rwkvkit.model import Model
+from rwkvkit.penalties import Penalties, is_int
+from rwkvkit.state import State
+from rwkvkit.stops import StopText, split_stops
+
+
+@dataclass
+class RunInfo:
+    """What ``Callback.on_start`` learns about a generation."""
+
+    prompt_tokens: int
+    token_count: int
+    sampler: str
+    seed: int
+
+
+@dataclass
+class GenerationResult:
+    text: str  # what was streamed to on_text: decode(tokens), cut before a stop string
+    tokens: list[int]  # generated ids (a stop token is not included; the token completing a stop string is)
+    # after the prompt and every token in ``tokens``; None only for a request that ended before
+    # its first forward step without an initial state (cancelled or interrupted while waiting)
+    state: State | None
+    # "length", "stop_token", "stop_string", "cancelled" (Handle.cancel), "interrupted" (Ctrl-C),
+    # "terminated", "error"
+    stop_reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    stop: int | str | None = None  # the stop token id or stop string that ended generation
+
+
+@dataclass
+class Request:
+    """One generation for :class:`rwkvkit.engine.Engine`: up to ``token_count`` tokens after
+    ``prompt`` (text or ids), continuing ``state``.
+
+    ``stop_tokens``: token ids (stop before emitting that token, as ChatRWKV) and stop strings
+    (stop when the text contains one; it is not emitted). ``chunk_len``: prompt tokens per forward
+    call; None picks one for speed within a memory bound (:func:`auto_chunk_len`), capped by the
+    engine's prefill budget. ``seed`` seeds the sampler's generator (None: a random seed, reported
+    in ``RunInfo.seed``). ``penalties`` count this sequence's tokens: one object per request.
+    """
+
+    prompt: str | Sequence[int]
+    token_count: int
+    sampler: Sampler
+    penalties: Penalties | None = None
+    stop_tokens: Sequence[int | str] = ()
+    chunk_len: int | None = None
+    state: State | None = None
+    seed: int | None = None
+    callbacks: Sequence[Callback] = ()
+
+
+def check_chunk_len(chunk_len: int | None) -> None:
+    if chunk_len is not None and (not is_int(chunk_len) or chunk_len < 1):
+        raise InputError(f"chunk_len={chunk_len!r}: expected an integer >= 1, or None to choose it for speed")
+
+
+# The prefill chunk when the caller gives none (benchmarks/bench_prefill_chunk.py). Speed grows with
+# the chunk up to ~1-4k tokens (per-call overhead amortised, bigger GEMMs), then flattens, while
+# activation memory grows linearly: peak RSS growth measured ~5-7 x (C + dim_ffn) x dtype bytes
+# per token (0.1B fp32, 4,096 tokens: 329 MiB), so 8x is a safe bound.
+PREFILL_BUDGET_BYTES = 512 * 2**20  # activations one chunk may hold
+ACTIVATION_FACTOR = 8
+AUTO_CHUNK_RANGE = (256, 4096)
+
+
+def auto_chunk_len(model: Model) -> int:
+    """The largest multiple of 256 (within AUTO_CHUNK_RANGE) whose activations fit
+    PREFILL_BUDGET_BYTES: 4,096 for the demo and 0.1B in fp32, 1,536 for a 7B in fp16."""
+    spec = model.spec
+    dtype_bytes = max(stage.ops.placement.dtype.itemsize for stage in model.stages)
+    per_token = ACTIVATION_FACTOR * (spec.n_embd + spec.dim_ffn) * dtype_bytes
+    low, high = AUTO_CHUNK_RANGE
+    return max(low, min(high, PREFILL_BUDGET_BYTES // per_token // 256 * 256))
+
+
+class _Stream:
+    """Decoded text on its way to the callbacks: whole UTF-8 characters only, and nothing that
+    could still turn out to be (the beginning of) a stop string."""
+
+    def __init__(self, callbacks: Sequence[Callback], stop_strings: Sequence[str]) -> None:
+        self.callbacks = callbacks
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = StopText(stop_strings)
+        self.pieces: list[str] = []
+
+    def add(self, raw: bytes, final: bool = False) -> str | None:
+        """Stream a token's bytes; returns the stop string they completed, if any."""
+        piece = self.stops.feed(self.decoder.decode(raw, final=final))
+        if final and self.stops.matched is None:
+            piece += self.stops.flush()
+        if piece:
+            self.pieces.append(piece)
+            for cb in self.callbacks:
+                cb.on_text(piece)
+        return self.stops.matched
+
+
+def stop_reason_of(exc: BaseException) -> str:
+    """``interrupted`` for Ctrl-C; a KeyboardInterrupt subclass may name its own (``terminated``)."""
+    return getattr(exc, "stop_reason", "interrupted") if isinstance(exc, KeyboardInterrupt) else "error"
+
+
+def _end(callbacks: Sequence[Callback], result: GenerationResult, error: BaseException | None = None) -> None:
+    """``on_end`` for every callback even if one fails; a failure is raised afterwards, unless
+    ``error`` is already on its way out (it must not be masked: the failure becomes a note on it)."""
+    failure = None
+    for cb in callbacks:
+        try:
+            cb.on_end(result)
+        except Exception as exc:  # noqa: BLE001 - the others still need their end
+            failure = failure or exc
+            if error is not None:
+                error.add_note(f"(callback {type(cb).__name__}.on_end also failed: {exc!r})")
+    if failure is not None and error is None:
+        raise failure
+
+
+def _checked_id(token: Any, sampler: Sampler, vocab_size: int) -> int:
+    if not is_int(token) or not 0 <= token < vocab_size:
+        name = getattr(sampler, "name", "") or "?"
+        raise PluginError(
+            f"sampler {name!r} ({type(sampler).__module__}.{type(sampler).__qualname__}) returned {token!r:.80}: "
+            f"expected a token id, an int in 0..{vocab_size - 1}"
+        )
+    return int(token)
+
+
+_FLUSHED = frozenset({"length", "stop_token", "cancelled"})  # normal ends: held-back text is released
+
+
+class Generation:
+    """A checked request and what its sequence has produced so far.
+
+    While prefilling it owns its batch-1 ``state``; once prefilled, ``logits`` hold the scores of
+    its next token until the engine moves both into its batch (``row``)."""
+
+    def __init__(self, request: Request, model: Model, tokenizer: Tokenizer, default_chunk: int) -> None:
+        """Check everything that can be checked before the first forward step (InputError)."""
+        r = request
+        if not is_int(r.token_count) or r.token_count < 0:
+            raise InputError(f"token_count={r.token_count!r}: expected an integer >= 0")
+        check_chunk_len(r.chunk_len)
+        self.stop_ids, stop_strings = split_stops(r.stop_tokens)
+        self.penalties = r.penalties or Penalties()
+        self.penalties.check(model.spec.vocab_size)
+        self.ids = tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
+        if not self.ids:
+            raise InputError("the prompt is empty: generation needs at least one prompt token")
+        self.request, self.tokenizer, self.vocab_size = r, tokenizer, model.spec.vocab_size
+        self.chunk = r.chunk_len or default_chunk
+        self.seed = random.SystemRandom().randrange(2**63) if r.seed is None else r.seed
+        self.ctx = SampleContext(generator=torch.Generator().manual_seed(self.seed), occurrence=self.penalties.counts)
+        self.stream = _Stream(r.callbacks, stop_strings)
+        self.started: list[Callback] = []
+        self.prefilled = 0  # prompt tokens in the state
+        self.state: State | None = r.state
+        self.logits: torch.Tensor | None = None
+        self.row: int | None = None  # its row in the engine's batch, once there
+        self.ending: tuple[str, int | str | None] | None = None  # how it ends once its last token is fed
+        self.cancelled = False
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.result is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.ids)
+
+    def next_chunk(self) -> list[int]:
+        return self.ids[self.prefilled : self.prefilled + self.chunk]
+
+    def start(self) -> None:
+        r = self.request
+        info = RunInfo(len(self.ids), r.token_count, getattr(r.sampler, "name", type(r.sampler).__name__), self.seed)
+        for cb in r.callbacks:
+            cb.on_start(info)
+            self.started.append(cb)
+
+    def advance_prefill(self, tokens: int) -> None:
+        """``tokens`` more prompt tokens are in the state."""
+        self.prefilled += tokens
+        for cb in self.request.callbacks:
+            cb.on_prefill(self.prefilled, len(self.ids))
+
+    def accept(self, token: Any) -> bool:
+        """Take a sampled token: False if it is a stop token (the sequence ends without it), else
+        record, count and stream it, and True: it must be fed to the model (``ending`` says
+        whether that is the last step)."""
+        token = _checked_id(token, self.request.sampler, self.vocab_size)
+        if token in self.stop_ids:
+            self.ending = ("stop_token", token)
+            return False
+        self.ctx.tokens.append(token)
+        raw = self.tokenizer.decode_bytes([token])
+        self.penalties.update(token, raw.decode("utf-8", errors="replace"))
+        for cb in self.request.callbacks:
+            cb.on_token(token)
+        matched = self.stream.add(raw)
+        if matched is not None:
+            self.ending = ("stop_string", matched)
+        elif len(self.ctx.tokens) == self.request.token_count:
+            self.ending = ("length", None)
+        return True
+
+    def finish(self, reason: str, state: State | None, stop: int | str | None = None, error: BaseException | None = None) -> None:
+        """End with ``reason``: release held-back text on a normal end, then ``on_end`` for every
+        started callback. Sets ``result``, and ``error`` to what ended it or failed while ending."""
+        if reason in _FLUSHED and error is None:
+            try:
+                self.stream.add(b"", final=True)
+            except Exception as exc:  # noqa: BLE001 - a failing on_text ends this sequence only
+                reason, error = "error", exc
+        self.result = GenerationResult("".join(self.stream.pieces), self.ctx.tokens, state, reason, stop=stop)
+        self.error = error
+        try:
+            _end(self.started, self.result, error)
+        except Exception as exc:  # noqa: BLE001 - reported through the handle
+            self.error = exc
