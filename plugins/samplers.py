@@ -1,19 +1,23 @@
 """Built-in samplers: ChatRWKV's nucleus sampling (exactly), greedy, min-p and typical.
 
-All draw from the run's seeded ``torch.Generator``, so the same seed gives the same text.
+All draw from the run's seeded ``torch.Generator``, so the same seed gives the same text. Each
+filters a whole batch of logits ``[B, V]`` at once, on the logits' device; only the draw is per
+row, with that sequence's own generator, so a sequence's tokens do not depend on its batch.
 """
 
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from numbers import Real
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from rwkvkit.errors import InputError
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.interfaces import SampleContext, Sampler
+from rwkvkit.interfaces import SampleContext, Sampler, check_sample_batch
 from rwkvkit.penalties import is_int
 
 
@@ -32,32 +36,87 @@ def _check_count(name: str, value: int) -> int:
     return int(value)
 
 
-def nucleus_probs(probs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
-    """ChatRWKV's cutoff on float32 probabilities: keep every token whose probability is at least
-    that of the token where the descending cumulative sum first reaches ``top_p`` (ties at the
-    cutoff stay), then keep only the ``top_k`` most probable (0 = no limit). Returns a copy with the
-    rest zeroed.
+def nucleus_keep(probs: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
+    """ChatRWKV's cutoff on float32 probabilities ``[B, V]``, row by row: keep every token whose
+    probability is at least that of the token where the descending cumulative sum first reaches
+    ``top_p`` (ties at the cutoff stay), then keep only the ``top_k`` most probable (0 = no limit).
+    Returns a copy with the rest zeroed.
 
-    One deliberate difference: if rounding keeps the float32 cumulative sum below ``top_p``
-    (e.g. ``top_p=1.0``), ChatRWKV's ``argmax`` of an all-False array silently turns sampling into
-    greedy decoding; here every token stays allowed.
+    Two deliberate differences: if rounding keeps the float32 cumulative sum below ``top_p`` (e.g.
+    ``top_p=1.0``), ChatRWKV's ``argmax`` of an all-False array silently turns sampling into
+    greedy decoding; here every token stays allowed. And tokens tied at the ``top_k``-th place are
+    kept lowest id first, where ChatRWKV keeps whichever numpy's unstable argsort puts last.
     """
-    probs = probs.copy()
-    sorted_ids = np.argsort(probs)
-    sorted_probs = probs[sorted_ids][::-1]
-    reached = np.cumsum(sorted_probs) >= top_p
-    cutoff = float(sorted_probs[np.argmax(reached)]) if reached.any() else 0.0
-    probs[probs < cutoff] = 0
-    if 0 < top_k < len(probs):
-        probs[sorted_ids[:-top_k]] = 0
-    return probs
+    kept = torch.where(probs >= _nucleus_cutoff(probs, top_p), probs, 0.0)
+    if 0 < top_k < probs.shape[-1]:
+        kept = torch.where(_top_k_mask(probs, top_k), kept, 0.0)
+    return kept
 
 
-def _draw(probs: torch.Tensor, ctx: SampleContext) -> int:
-    return int(torch.multinomial(probs, 1, generator=ctx.generator)[0])
+def nucleus_probs(probs: np.ndarray, top_p: float, top_k: int) -> np.ndarray:
+    """:func:`nucleus_keep` of one numpy row (the form ChatRWKV's own code works in)."""
+    return nucleus_keep(torch.from_numpy(probs)[None], top_p, top_k)[0].numpy()
 
 
-class NucleusSampler(Sampler):
+def _nucleus_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``[B, 1]``: the probability where each row's descending cumulative sum first reaches
+    ``top_p``, or 0 where it never does.
+
+    The sum is numpy's float32 running sum, as ChatRWKV's is (torch's CPU cumsum accumulates in
+    double, which can move the cutoff). Only a sorted prefix holding the cutoff is summed: the top
+    64 probabilities, then 16x as many for the rows not reached yet, up to all of them, so a
+    peaked row costs a small top-k rather than a sort of the whole vocabulary.
+    """
+    batch, vocab = probs.shape
+    cutoff = np.zeros(batch, dtype=np.float32)
+    rows = np.arange(batch)
+    width = min(64, vocab)
+    while len(rows):
+        candidates = probs if len(rows) == batch else probs[torch.from_numpy(rows).to(probs.device)]
+        top = candidates.topk(width, dim=-1).values.cpu().numpy()
+        reached = np.cumsum(top, axis=-1) >= top_p
+        hit = reached.any(axis=-1)
+        cutoff[rows[hit]] = top[hit, reached[hit].argmax(axis=-1)]
+        if width == vocab:
+            break
+        rows, width = rows[~hit], min(vocab, width * 16)
+    return torch.from_numpy(cutoff).to(probs.device)[:, None]
+
+
+def _top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` most probable tokens of each row; of tokens tied at the ``k``-th place, the lowest
+    ids, so the set is the same on every machine and device."""
+    kth = probs.topk(k, dim=-1).values[:, -1:]
+    above, tied = probs > kth, probs == kth
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
+
+
+def _draw(weights: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+    """One ``torch.multinomial`` draw per row of ``weights`` with that row's generator: the very
+    call ``sample`` makes, so each generator advances as it would for the sequence alone. The
+    weights move to the generators' device (the CPU for a SampleContext's) once for the batch."""
+    weights = weights.to(ctxs[0].generator.device) if ctxs else weights
+    return [int(torch.multinomial(w.to(c.generator.device), 1, generator=c.generator)) for w, c in zip(weights, ctxs)]
+
+
+class _BatchSampler(Sampler):
+    """A built-in sampler: ``sample_batch`` does the work, vectorised over the rows, and ``sample``
+    is that on one row, so a sequence draws the same tokens alone and in any batch."""
+
+    def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
+        return self.sample_batch(logits[None], [ctx])[0]
+
+    def sample_batch(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+        check_sample_batch(logits, ctxs)
+        return self._sample_rows(logits, ctxs)
+
+    @abstractmethod
+    def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+        """``sample_batch`` once its arguments are checked."""
+
+
+class NucleusSampler(_BatchSampler):
     """ChatRWKV's ``sample_logits``: top-p cutoff, top-k, then temperature applied to the kept
     probabilities; ``temperature=0`` means greedy (as ChatRWKV: top_p becomes 0)."""
 
@@ -68,52 +127,54 @@ class NucleusSampler(Sampler):
         self.top_p = _check("top_p", top_p, 0.0, 1.0)
         self.top_k = _check_count("top_k", top_k)
 
-    def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
+    def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
         temperature, top_p = (1.0, 0.0) if self.temperature == 0 else (self.temperature, self.top_p)
-        probs = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-        kept = torch.from_numpy(nucleus_probs(probs, top_p, self.top_k)).double()
+        kept = nucleus_keep(torch.softmax(logits.float(), dim=-1), top_p, self.top_k).double()
         if temperature != 1.0:
             kept = sharpen(kept, temperature)
-        return _draw(kept, ctx)
+        return _draw(kept, ctxs)
 
 
 def sharpen(kept: torch.Tensor, temperature: float) -> torch.Tensor:
-    """ChatRWKV's ``kept ** (1 / temperature)`` (unnormalised, zeros stay zero).
+    """ChatRWKV's ``kept ** (1 / temperature)`` (unnormalised, zeros stay zero), along the last dim.
 
     At very low temperatures that power underflows (for 65,536 tokens every weight does below
-    T ~ 0.015) and ``multinomial`` would refuse an all-zero distribution; then the same
-    weights are computed in log space relative to the most probable token, which stays at 1.
+    T ~ 0.015) and ``multinomial`` would refuse an all-zero distribution; then that row's
+    weights are computed in log space relative to its most probable token, which stays at 1.
     Ordinary temperatures take the plain power, so their draws are exactly as before.
     """
     powered = kept ** (1.0 / temperature)
-    if powered.max() >= torch.finfo(powered.dtype).tiny:  # a normal double: full precision kept
+    underflowed = powered.amax(-1, keepdim=True) < torch.finfo(powered.dtype).tiny
+    if not underflowed.any():  # normal doubles: full precision kept
         return powered
-    return torch.exp((kept.log() - kept.max().log()) / temperature)
+    relative = torch.exp((kept.log() - kept.amax(-1, keepdim=True).log()) / temperature)
+    return torch.where(underflowed, relative, powered)
 
 
-class GreedySampler(Sampler):
+class GreedySampler(_BatchSampler):
     """The most probable token (lowest id on ties)."""
 
     name = "greedy"
 
-    def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
-        return int(torch.argmax(logits))
+    def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+        return logits.argmax(-1).tolist()
 
 
-class _FilteredSampler(Sampler):
+class _FilteredSampler(_BatchSampler):
     """Temperature, then a filter that keeps part of the distribution; temperature 0 is greedy."""
 
     def __init__(self, temperature: float) -> None:
         self.temperature = _check("temperature", temperature, 0.0)
 
-    def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int:
+    def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
         if self.temperature == 0:
-            return int(torch.argmax(logits))
-        return _draw(self._keep(torch.log_softmax(logits.double() / self.temperature, dim=-1)), ctx)
+            return logits.argmax(-1).tolist()
+        return _draw(self._keep(torch.log_softmax(logits.double() / self.temperature, dim=-1)), ctxs)
 
+    @abstractmethod
     def _keep(self, logp: torch.Tensor) -> torch.Tensor:
-        """Unnormalised probabilities of the kept tokens (zero elsewhere), from log-probabilities."""
-        raise NotImplementedError
+        """Unnormalised probabilities of the kept tokens (zero elsewhere), from log-probabilities
+        ``[B, V]``."""
 
 
 class MinPSampler(_FilteredSampler):
@@ -127,7 +188,14 @@ class MinPSampler(_FilteredSampler):
 
     def _keep(self, logp: torch.Tensor) -> torch.Tensor:
         probs = logp.exp()
-        return torch.where(probs >= self.min_p * probs.max(), probs, 0.0)
+        return torch.where(probs >= self.min_p * probs.amax(-1, keepdim=True), probs, 0.0)
+
+
+def row_sum(x: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` sums of the rows of ``x``, the same bits for a row alone or in any batch: a
+    running sum's last entry, where ``sum()`` splits a lone long row across threads (and so
+    rounds differently than that row in a batch, or with another thread count)."""
+    return x.cumsum(-1)[:, -1:]
 
 
 class TypicalSampler(_FilteredSampler):
@@ -142,13 +210,12 @@ class TypicalSampler(_FilteredSampler):
 
     def _keep(self, logp: torch.Tensor) -> torch.Tensor:
         probs = logp.exp()
-        entropy = -(probs * torch.nan_to_num(logp, neginf=0.0)).sum()
-        order = torch.argsort((-logp - entropy).abs(), stable=True)
-        cum = probs[order].cumsum(0)
-        n_keep = int((cum < self.typical_p).sum()) + 1  # the smallest set reaching typical_p
-        kept = torch.zeros_like(probs)
-        kept[order[:n_keep]] = probs[order[:n_keep]]
-        return kept
+        entropy = -row_sum(probs * torch.nan_to_num(logp, neginf=0.0))
+        order = torch.argsort((-logp - entropy).abs(), dim=-1, stable=True)
+        cum = probs.gather(-1, order).cumsum(-1)
+        n_keep = (cum < self.typical_p).sum(-1, keepdim=True) + 1  # the smallest set reaching typical_p
+        in_order = torch.arange(probs.shape[-1], device=probs.device) < n_keep
+        return torch.where(torch.zeros_like(in_order).scatter(-1, order, in_order), probs, 0.0)
 
 
 @hookimpl

@@ -78,12 +78,34 @@ class Sampler(ABC):
     """Picks the next token from float32 logits ``[V]`` (after bans and penalties were applied).
 
     ``sample`` returns an int id in ``0..V-1``; generation refuses anything else, naming the sampler.
+    Batched generation calls ``sample_batch``, whose default loops over ``sample``, so a sampler
+    that implements only ``sample`` works there unchanged.
     """
 
     name: str = ""
 
     @abstractmethod
     def sample(self, logits: torch.Tensor, ctx: SampleContext) -> int: ...
+
+    def sample_batch(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+        """The next token of each of ``B`` sequences: ``logits [B, V]``, ``ctxs[i]`` row i's context.
+
+        Contract: entry i is exactly ``sample(logits[i], ctxs[i])``, and ``ctxs[i].generator``
+        advances exactly as that call would advance it, so a sequence's tokens never depend on what
+        else is in the batch. Override it to filter all rows at once; keep the draws per row.
+        """
+        check_sample_batch(logits, ctxs)
+        return [self.sample(row, ctx) for row, ctx in zip(logits, ctxs)]
+
+
+def check_sample_batch(logits: object, ctxs: Sequence[SampleContext]) -> None:
+    """InputError unless ``logits`` is a float ``[B, V]`` tensor with one context per row (a
+    mismatch would pair a row with another sequence's generator)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        got = f"{logits.dtype} {list(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(f"sample_batch takes float logits [B, V], got {got}")
+    if logits.shape[0] != len(ctxs):
+        raise InputError(f"sample_batch got {logits.shape[0]} rows of logits for {len(ctxs)} sample contexts")
 
 
 class Callback:
