@@ -121,7 +121,7 @@ class PromptCache:
     state binds it, and a state of any other model is refused.
 
     :meth:`lookup` returns copies, so the caller may use and even edit them freely; a copy costs a
-    memcpy of the state (about 1 ms for 12 MB in CPU RAM, microseconds on a GPU), negligible next to
+    memcpy of the state (milliseconds for 12 MB in CPU RAM, microseconds on a GPU), negligible next to
     the prefill a hit saves, and with ``device`` it is the same copy that moves the state.
 
     Thread-safe: one lock guards the index and the LRU order; copies are made outside it.

@@ -181,6 +181,7 @@ def test_bad_input_is_refused(model):
         cache.lookup("abc")
     with pytest.raises(StateError, match="State"):
         cache.store(PROMPT[:3], "state", logits)
+    assert cache.fingerprint is None  # a refused store binds the cache to no model
     with pytest.raises(ValueError, match="max_bytes"):
         PromptCache(-1)
 
