@@ -11,10 +11,12 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from rwkvkit.checkpoint import load_checkpoint
+from rwkvkit.engine import Engine, Request
+from rwkvkit.errors import InputError
 from rwkvkit.generation import GenerationResult, check_chunk_len, generate
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
-from rwkvkit.penalties import Penalties
+from rwkvkit.penalties import Penalties, is_int
 from rwkvkit.registry import registry
 from rwkvkit.resolve import CallbackLike, as_callbacks, resolve_sampler, resolve_tokenizer
 from rwkvkit.state import State
@@ -123,7 +125,7 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
 
     def generate(
         self,
-        ctx: str,
+        ctx: str | Sequence[str | Sequence[int]],
         token_count: int = 100,
         args: PIPELINE_ARGS | None = None,
         callback: CallbackLike | Sequence[CallbackLike] | None = None,
@@ -131,26 +133,48 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         *,
         sampler: Sampler | str | None = None,
         sampler_options: dict[str, Any] | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         return_result: bool = False,
-    ) -> str | GenerationResult:
+    ) -> str | GenerationResult | list[str] | list[GenerationResult]:
         """ChatRWKV's ``generate``: returns the text. ``sampler`` (name or instance) replaces the
         nucleus sampler built from ``args``; ``return_result=True`` returns the full
-        :class:`GenerationResult` (tokens, final state, metrics)."""
+        :class:`GenerationResult` (tokens, final state, metrics).
+
+        A list of prompts (texts or token ids) runs as one batched engine run and returns a list,
+        in order. Each prompt continues ``state`` (None: a fresh start) with its own penalties and
+        its own seed, as the same calls one by one would have: ``seed=None`` draws one seed per
+        prompt from the pipeline's generator, in order; an int seeds every prompt alike; a list
+        gives one per prompt. ``callback`` applies to every prompt: a registered name becomes one
+        instance per prompt (``"metrics"`` fills each result's metrics), a Callback object or a
+        function is shared and receives the events of all prompts, interleaved.
+        """
         args = args or PIPELINE_ARGS()
         args.check()
         chosen = resolve_sampler(sampler, sampler_options) if sampler is not None else args.sampler()
-        result = generate(
-            self.model,
-            self.tokenizer,
-            ctx,
-            token_count=token_count,
-            sampler=chosen,
-            penalties=args.penalties(),
-            stop_tokens=args.token_stop,
-            chunk_len=args.chunk_len,
-            state=state,
-            seed=seed if seed is not None else int(torch.randint(2**62, (1,), generator=self._generator)),
-            callbacks=as_callbacks(callback),
-        )
-        return result if return_result else result.text
+        single = isinstance(ctx, str)
+        prompts = [ctx] if single else _prompts(ctx)
+        requests = [
+            Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback))
+            for prompt, prompt_seed in zip(prompts, self._seeds(seed, len(prompts)))
+        ]
+        if single:
+            result = generate(self.model, self.tokenizer, **vars(requests[0]))  # its fields are generate's arguments
+            return result if return_result else result.text
+        results = Engine(self.model, self.tokenizer).generate(requests)
+        return results if return_result else [r.text for r in results]
+
+    def _seeds(self, seed: int | Sequence[int] | None, n: int) -> list[int]:
+        if seed is None:
+            return [int(torch.randint(2**62, (1,), generator=self._generator)) for _ in range(n)]
+        if is_int(seed):
+            return [seed] * n
+        if isinstance(seed, Sequence) and len(seed) == n and all(is_int(s) for s in seed):
+            return list(seed)
+        raise InputError(f"seed={seed!r:.80}: expected None, an integer, or one integer per prompt ({n})")
+
+
+def _prompts(ctx: Any) -> list[str | Sequence[int]]:
+    """The prompts of the list form: texts, or token-id sequences."""
+    if not isinstance(ctx, Sequence) or any(isinstance(p, (bytes, int)) or not isinstance(p, Sequence) for p in ctx):
+        raise InputError(f"ctx={ctx!r:.80}: expected a prompt (str) or a list of prompts (texts or lists of token ids)")
+    return list(ctx)

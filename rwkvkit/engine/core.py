@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -30,17 +30,8 @@ from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.nonfinite import check_logits
 from rwkvkit.penalties import Penalties, is_int
+from rwkvkit.prompt_cache import PromptCache
 from rwkvkit.state import LayerState, State
-
-
-class PrefixCache(Protocol):
-    """What the engine needs of a prompt-state cache (:class:`rwkvkit.prompt_cache.PromptCache`):
-    ``lookup`` gives the longest cached prefix of ``ids`` (``.length`` tokens, the batch-1
-    ``.state`` after them and the float32 ``.logits [V]`` of the next token) or None."""
-
-    def lookup(self, ids: Sequence[int]) -> Any: ...
-
-    def store(self, ids: Sequence[int], state: State, logits: torch.Tensor) -> None: ...
 
 
 class Handle:
@@ -113,9 +104,9 @@ class Engine:
     ``max_batch``: sequences in flight (prefilling or decoding); the rest wait in submission order.
     ``prefill_tokens_per_step``: prompt tokens one step may prefill (None: no limit); it also caps
     the automatic prefill chunk, and a step always runs at least one chunk, so an explicit
-    ``chunk_len`` larger than the budget is honoured. ``cache``: a prompt-state cache; a prompt
-    without an initial state starts from its longest cached prefix, and its state after the whole
-    prompt is stored.
+    ``chunk_len`` larger than the budget is honoured. ``cache``: a prompt without an initial state
+    starts from its longest prefix in the cache (a whole prompt found there needs no forward
+    step), and its state after the whole prompt is stored there.
     """
 
     def __init__(
@@ -125,7 +116,7 @@ class Engine:
         *,
         max_batch: int = 64,
         prefill_tokens_per_step: int | None = 512,
-        cache: PrefixCache | None = None,
+        cache: PromptCache | None = None,
     ) -> None:
         if not is_int(max_batch) or max_batch < 1:
             raise InputError(f"max_batch={max_batch!r}: expected an integer >= 1")
