@@ -1,28 +1,473 @@
-// CPU kernels of the `cpu` backend (plugins/cpu_backend.py), called through ctypes (plain C ABI).
+// CPU kernels of the `cpu` and `int8` backends, called through ctypes (plain C ABI) from
+// rwkvkit/native/cpu.py. One translation unit with cpu_mix.cpp and cpu_decode.cpp, in that order:
+//   cpu_rwkv7.cpp  the products (`project`, `lora`) and helpers every op uses;
+//   cpu_mix.cpp    the elementwise ops around them (`ln_mix`, `time_mix_core`);
+//   cpu_decode.cpp `decode_layers`, a stage's blocks for one token composed of those ops.
+// No math constant is typed here: epsilons, the decay scale and the mix order come from
+// rwkvkit/models/rwkv7.py as arguments.
 //
-// wkv7_f32: the WKV-7 recurrence over T tokens, one (batch, head) per OpenMP task, the head's
-//   N x N state held in a local array (16 KB for N = 64: it stays in L1). Per token, row i:
-//     sa_i = sum_j S[i][j] kk_j;  S[i][j] = S[i][j] w_j - sa_i (kk_j a_j) + v_i k_j;  y_i = sum_j S[i][j] r_j
-// gemv_bf16: y = W x for bf16 weights W [rows, cols] and bf16 x (fp32 y), with AVX512-BF16 dot products
-//   (vdpbf16ps) where the CPU has them and a portable bf16->fp32 path elsewhere. Decode is bound by
-//   reading W, so halving its bytes is the point; rows are split across threads.
-// gemv_i8: y = scale * (Q x) for int8 weights Q [rows, cols] with one fp32 scale per row and fp32 x:
-//   a quarter of fp32's bytes per token. With AVX512-VNNI, x is rounded once per call to int16
-//   (x ~ xq * amax/32767: relative error 1.5e-5 of the largest entry, far below bf16's) and
-//   vpdpwssd does 32 int8*int16 products per instruction, so the kernel stays bound by reading
-//   Q rather than by widening codes to fp32 (the fallback path, 4x more instructions).
+// This file:
+//   project: y = epilogue(M x) [+ residual] for several matrices, each with its own input vector, in
+//     one parallel region (each matrix's rows split evenly over the threads). Decode reads every
+//     weight once per token, so it is bound by memory bandwidth: the row kernels stream a matrix
+//     in its stored format (fp32 AVX512; bf16 with AVX512-BF16 `vdpbf16ps`; int8 with one scale
+//     per row, through AVX512-VNNI `vpdpwssd` on activations rounded once per call to int16 steps
+//     of max|x|/32767, 1.5e-5 of the largest entry: far below bf16's error), with portable
+//     fallbacks where the CPU lacks the instructions.
+//   lora: act(x A) B for several low-rank factor pairs (fp32 or bf16), in two parallel regions.
+//   wkv7_f32: the WKV-7 scan alone (for heads the time-mix kernel cannot take).
+//   quantize_rows_i8 / rescale_i32: the int8 prefill GEMM's activations and output.
+//   relu_square: the FFN activation in place, for the GEMM path.
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
+#include <omp.h>
 #include <vector>
+
+namespace {
+
+inline float bf16_to_f32(uint16_t v) {
+    const uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline float to_f32(int16_t v) { return float(v); }
+inline float to_f32(int8_t v) { return float(v); }
+
+// 16-float vectors (GCC vector extensions: one zmm with AVX-512, portable elsewhere). Explicit
+// vectors, because GCC left `omp simd` versions of the elementwise loops scalar at run time.
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+typedef uint32_t u16v __attribute__((vector_size(64)));
+typedef uint16_t h16 __attribute__((vector_size(32)));
+constexpr int64_t kLanes = 16;
+
+inline v16 vload(const float* p) {
+    v16 r;
+    std::memcpy(&r, p, sizeof r);
+    return r;
+}
+inline v16 vload(const uint16_t* p) {  // bf16 -> fp32: the bits in the high half
+    h16 h;
+    std::memcpy(&h, p, sizeof h);
+    return (v16)(__builtin_convertvector(h, u16v) << 16);
+}
+inline void vstore(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+inline void vstore(uint16_t* p, v16 v) {  // fp32 -> bf16, round to nearest even (as to_bf16)
+    const u16v b = (u16v)v;
+    const h16 h = __builtin_convertvector((b + 0x7fff + ((b >> 16) & 1)) >> 16, h16);
+    std::memcpy(p, &h, sizeof h);
+}
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline float hsum(v16 v) {  // a tree of halves: a few shuffles instead of 15 dependent scalar adds
+    const v8 h = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 q = __builtin_shufflevector(h, h, 0, 1, 2, 3) + __builtin_shufflevector(h, h, 4, 5, 6, 7);
+    return (q[0] + q[2]) + (q[1] + q[3]);
+}
+
+// e^x to ~2 ulp: Cephes' expf polynomial, rounding by the 1.5 * 2^23 trick (no floor needed)
+inline v16 vexp(v16 x) {
+    x = x < -87.3f ? -87.3f : x;
+    x = x > 88.7f ? 88.7f : x;
+    const v16 n = (x * 1.44269504f + 12582912.f) - 12582912.f;
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    return p * (v16)((__builtin_convertvector(n, i16v) + 127) << 23);
+}
+
+inline v16 vsigmoid(v16 z) { return 1.f / (1.f + vexp(-z)); }
+
+inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+// The same values as rwkvkit.backend.Epilogue
+enum Epilogue : int32_t { NONE = 0, TANH = 1, SIGMOID = 2, RELU_SQUARE = 3 };
+
+inline float activate(float y, int32_t epilogue) {
+    switch (epilogue) {
+        case TANH: return std::tanh(y);
+        case SIGMOID: return sigmoid(y);
+        case RELU_SQUARE: return y > 0.f ? y * y : 0.f;
+        default: return y;
+    }
+}
+
+bool is_epilogue(int32_t e) { return e >= NONE && e <= RELU_SQUARE; }
+
+// Run `body(tid, nth)` on `threads` threads, or inline on the caller's thread when there is too
+// little work to pay a parallel region's wake-up and barrier (~50 us each on a busy VM).
+template <class Body>
+void parallel(bool worth_it, int threads, Body body) {
+    if (!worth_it || threads <= 1) {
+        body(0, 1);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// ---- project: matrix-vector products
+
+enum Format : int32_t { F32 = 0, BF16 = 1, I8 = 2 };
+
+struct Mat {
+    const void* w;       // [rows, cols] row-major
+    const float* scale;  // [rows], int8 only
+    int64_t rows, cols;
+    int32_t format;
+};
+
+// One product of `project`: y = epilogue(M x), plus residual when it is not null (it may be y).
+struct Product {
+    const Mat* m;
+    const float* x;  // [cols]
+    float* y;        // [rows]
+    const float* residual;
+    int32_t epilogue;
+};
+
+inline void store(const Product& p, int64_t o, float sum) {
+    const float v = activate(sum, p.epilogue);
+    p.y[o] = p.residual != nullptr ? p.residual[o] + v : v;
+}
+
+// What the CPU runs (asked on first use: __builtin_cpu_supports is not ready during static initialization)
+bool has_avx512() {
+    static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return yes;
+}
+bool has_bf16_dot() {
+    static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+    return yes;
+}
+bool has_vnni() {
+    static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
+    return yes;
+}
+
+__attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t lo, int64_t hi) {
+    const float *W = static_cast<const float*>(p.m->w), *x = p.x;
+    const int64_t cols = p.m->cols, vec = cols / 32 * 32;
+    for (int64_t o = lo; o < hi; ++o) {
+        const float* wr = W + o * cols;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < vec; c += 32) {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c), _mm512_loadu_ps(x + c), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 16), _mm512_loadu_ps(x + c + 16), acc1);
+        }
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for (int64_t c = vec; c < cols; ++c) sum += wr[c] * x[c];
+        store(p, o, sum);
+    }
+}
+
+// x: the input rounded to bf16 (as torch's bf16 linear rounds it)
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t lo, int64_t hi) {
+    const uint16_t* W = static_cast<const uint16_t*>(p.m->w);
+    const int64_t cols = p.m->cols, vec = cols / 32 * 32;
+    for (int64_t o = lo; o < hi; ++o) {
+        const uint16_t* wr = W + o * cols;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        int64_t c = 0;
+        for (; c + 64 <= vec; c += 64) {
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
+            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
+        }
+        for (; c < vec; c += 32)
+            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+        for (; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
+        store(p, o, sum);
+    }
+}
+
+// x: the input as int16 steps of `step` (see vnni_input)
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_i8_vnni(const Product& p, const int16_t* x, float step, int64_t lo, int64_t hi) {
+    const int8_t* Q = static_cast<const int8_t*>(p.m->w);
+    const int64_t cols = p.m->cols, vec = cols / 64 * 64;
+    constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
+    for (int64_t o = lo; o < hi; ++o) {
+        const int8_t* qr = Q + o * cols;
+        __m512 total = _mm512_setzero_ps();
+        for (int64_t start = 0; start < vec; start += kFlush) {
+            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+            const int64_t end = std::min(vec, start + kFlush);
+            for (int64_t c = start; c < end; c += 64) {
+                const __m512i codes = _mm512_loadu_si512(qr + c);
+                const __m512i lo16 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
+                const __m512i hi16 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+                acc0 = _mm512_dpwssd_epi32(acc0, lo16, _mm512_loadu_si512(x + c));
+                acc1 = _mm512_dpwssd_epi32(acc1, hi16, _mm512_loadu_si512(x + c + 32));
+            }
+            total = _mm512_add_ps(total, _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)));
+        }
+        float sum = _mm512_reduce_add_ps(total);
+        for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * float(x[c]);
+        store(p, o, sum * step * p.m->scale[o]);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw"))) void rows_i8_avx512(const Product& p, int64_t lo, int64_t hi) {
+    const int8_t* Q = static_cast<const int8_t*>(p.m->w);
+    const float* x = p.x;
+    const int64_t cols = p.m->cols, vec = cols / 64 * 64;
+    for (int64_t o = lo; o < hi; ++o) {
+        const int8_t* qr = Q + o * cols;
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < vec; c += 64) {
+            const __m512i codes = _mm512_loadu_si512(qr + c);
+            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 0))), _mm512_loadu_ps(x + c), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 1))), _mm512_loadu_ps(x + c + 16), acc1);
+            acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 2))), _mm512_loadu_ps(x + c + 32), acc2);
+            acc3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 3))), _mm512_loadu_ps(x + c + 48), acc3);
+        }
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
+        for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * x[c];
+        store(p, o, sum * p.m->scale[o]);
+    }
+}
+
+template <class W, class X>
+void rows_portable(const Product& p, const X* x, float factor, int64_t lo, int64_t hi) {
+    const W* M = static_cast<const W*>(p.m->w);
+    const int64_t cols = p.m->cols;
+    for (int64_t o = lo; o < hi; ++o) {
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t c = 0; c < cols; ++c) sum += float(to_f32(M[o * cols + c])) * float(to_f32(x[c]));
+        store(p, o, p.m->format == I8 ? sum * factor * p.m->scale[o] : sum);
+    }
+}
+// A product's input in the form its row kernel reads: bf16 for bf16 weights, int16 steps for int8
+// weights on a VNNI CPU, else the fp32 input itself.
+struct Input {
+    std::vector<uint16_t> bf16;
+    std::vector<int16_t> i16;
+    float step = 1.f;
+
+    explicit Input(const Product& p) {
+        const int64_t cols = p.m->cols;
+        if (p.m->format == BF16) {
+            bf16.resize(cols);
+            for (int64_t c = 0; c < cols; ++c) bf16[c] = to_bf16(p.x[c]);
+        } else if (p.m->format == I8 && has_vnni()) {
+            float amax = 0.f;
+            for (int64_t c = 0; c < cols; ++c) amax = std::fmax(amax, std::fabs(p.x[c]));
+            step = amax > 0.f ? amax / 32767.f : 1.f;
+            i16.resize(cols);
+            for (int64_t c = 0; c < cols; ++c) i16[c] = int16_t(std::lrintf(p.x[c] / step));
+        }
+    }
+};
+
+void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
+    switch (p.m->format) {
+        case BF16:
+            if (has_bf16_dot())
+                rows_bf16_avx512(p, in.bf16.data(), lo, hi);
+            else
+                rows_portable<uint16_t>(p, in.bf16.data(), 1.f, lo, hi);
+            break;
+        case I8:
+            if (has_vnni())
+                rows_i8_vnni(p, in.i16.data(), in.step, lo, hi);
+            else if (has_avx512())
+                rows_i8_avx512(p, lo, hi);
+            else
+                rows_portable<int8_t>(p, p.x, 1.f, lo, hi);
+            break;
+        default:
+            if (has_avx512())
+                rows_f32_avx512(p, lo, hi);
+            else
+                rows_portable<float>(p, p.x, 1.f, lo, hi);
+    }
+}
+
+bool valid(const Mat& m) {
+    return m.w != nullptr && m.rows >= 0 && m.cols >= 0 && m.format >= F32 && m.format <= I8 && (m.format != I8 || m.scale != nullptr);
+}
+
+// The products in one parallel region: each thread takes the same share of every matrix's rows
+// (no barrier between matrices), so a row's sum never depends on the thread count.
+void project_products(const Product* ps, int64_t n, int threads) {
+    std::vector<Input> inputs;
+    inputs.reserve(n);
+    int64_t rows = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        inputs.emplace_back(ps[i]);
+        rows += ps[i].m->rows;
+    }
+    parallel(rows >= 64, threads, [&](int64_t tid, int64_t nth) {
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t r = ps[i].m->rows;
+            product_rows(ps[i], inputs[i], r * tid / nth, r * (tid + 1) / nth);
+        }
+    });
+}
+
+// ---- lora: low-rank products
+
+// A factor pair: first [in, rank], second [rank, out], row-major, both fp32 or both bf16 (format).
+struct LoraPair {
+    const void* first;
+    const void* second;
+    int64_t in, rank, out;
+    int32_t format;
+};
+
+// One job of `lora`: y [out] = act(x [in] first) second.
+struct LoraJob {
+    const LoraPair* pair;
+    const float* x;
+    float* y;
+    int32_t act;
+};
+
+// y [D] = x [K] A for A [K, D] row-major.
+struct VecMat {
+    const float* x;
+    const void* A;
+    int64_t K, D;
+    int32_t format;
+    float* y;
+};
+
+template <class W>
+void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out) {
+    const W* A = static_cast<const W*>(job.A);
+    for (int64_t k = k0; k < k1; ++k) {
+        const float xk = job.x[k];
+        const W* row = A + k * job.D;
+        int64_t d = 0;
+        for (; d + kLanes <= job.D; d += kLanes) vstore(out + d, vload(out + d) + xk * vload(row + d));
+        for (; d < job.D; ++d) out[d] += xk * to_f32(row[d]);
+    }
+}
+
+// Several vector-matrix products in one parallel region. The factors' rows are cut into
+// kLoraParts contiguous shares, each summed into its own partial outputs by one thread (so every
+// thread streams whole rows: the factors are ~1.8 MB of fp32 per layer of the 0.1B shape, a fifth
+// of an int8 token's bytes, too much to leave to one thread, and splitting the output columns
+// instead made the threads read strided). The shares do not depend on the thread count, and
+// neither does the result: `strategy.threads` changes speed, never the generated text.
+constexpr int64_t kLoraParts = 8;
+
+void vector_products(const VecMat* jobs, int64_t n, int threads) {
+    int64_t width = 0;
+    for (int64_t i = 0; i < n; ++i) width += jobs[i].D;
+    std::vector<float> partial(size_t(kLoraParts * width), 0.f);
+    parallel(true, threads, [&](int64_t tid, int64_t nth) {
+        for (int64_t part = kLoraParts * tid / nth; part < kLoraParts * (tid + 1) / nth; ++part) {
+            float* mine = partial.data() + part * width;
+            for (int64_t i = 0; i < n; ++i) {
+                const VecMat& job = jobs[i];
+                const int64_t k0 = job.K * part / kLoraParts, k1 = job.K * (part + 1) / kLoraParts;
+                if (job.format == BF16)
+                    add_rows<uint16_t>(job, k0, k1, mine);
+                else
+                    add_rows<float>(job, k0, k1, mine);
+                mine += job.D;
+            }
+        }
+    });
+    int64_t offset = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        for (int64_t d = 0; d < jobs[i].D; ++d) {
+            float sum = 0.f;
+            for (int64_t part = 0; part < kLoraParts; ++part) sum += partial[part * width + offset + d];
+            jobs[i].y[d] = sum;
+        }
+        offset += jobs[i].D;
+    }
+}
+
+// The jobs' down products in one region, their activations, then the up products in another.
+void lora_products(const LoraJob* jobs, int64_t n, int threads) {
+    int64_t width = 0;
+    for (int64_t i = 0; i < n; ++i) width += jobs[i].pair->rank;
+    std::vector<float> hidden(width);
+    std::vector<VecMat> down(n), up(n);
+    float* h = hidden.data();
+    for (int64_t i = 0; i < n; ++i) {
+        const LoraPair& p = *jobs[i].pair;
+        down[i] = {jobs[i].x, p.first, p.in, p.rank, p.format, h};
+        up[i] = {h, p.second, p.rank, p.out, p.format, jobs[i].y};
+        h += p.rank;
+    }
+    vector_products(down.data(), n, threads);
+    for (int64_t i = 0; i < n; ++i)
+        for (int64_t d = 0; d < down[i].D; ++d) down[i].y[d] = activate(down[i].y[d], jobs[i].act);
+    vector_products(up.data(), n, threads);
+}
+
+bool valid(const LoraPair& p) {
+    return p.first != nullptr && p.second != nullptr && p.in >= 0 && p.rank >= 0 && p.out >= 0 && (p.format == F32 || p.format == BF16);
+}
+
+template <class T>
+void relu_square_typed(int64_t n, T* h, int threads) {
+    const int64_t vec = n / kLanes * kLanes;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < vec; i += kLanes) {
+        const v16 f = vload(h + i), pos = f > 0.f ? f : 0.f;
+        vstore(h + i, pos * pos);
+    }
+    if (vec < n) {  // the tail, through a padded copy
+        T tail[kLanes] = {};
+        std::memcpy(tail, h + vec, sizeof(T) * (n - vec));
+        const v16 f = vload(tail), pos = f > 0.f ? f : 0.f;
+        vstore(tail, pos * pos);
+        std::memcpy(h + vec, tail, sizeof(T) * (n - vec));
+    }
+}
+
+}  // namespace
 
 extern "C" {
 
+// y = epilogue(M x) [+ residual] for n products (see Product). Returns 0, or 1 (nothing computed)
+// for a malformed matrix or epilogue.
+int project(const Product* ps, int64_t n, int threads) {
+    for (int64_t i = 0; i < n; ++i)
+        if (ps[i].m == nullptr || !valid(*ps[i].m) || !is_epilogue(ps[i].epilogue)) return 1;
+    project_products(ps, n, threads);
+    return 0;
+}
+
+// y = act(x first) second for n jobs (see LoraJob). Returns 0, or 1 (nothing computed) for a
+// malformed pair or activation.
+int lora(const LoraJob* jobs, int64_t n, int threads) {
+    for (int64_t i = 0; i < n; ++i)
+        if (jobs[i].pair == nullptr || !valid(*jobs[i].pair) || !is_epilogue(jobs[i].act)) return 1;
+    lora_products(jobs, n, threads);
+    return 0;
+}
+
+// The WKV-7 recurrence over T tokens, one (batch, head) per OpenMP task, the head's N x N state
+// held in a local array (16 KB for N = 64: it stays in L1). Per token, row i:
+//   sa_i = sum_j S[i][j] kk_j;  S[i][j] = S[i][j] w_j - sa_i (kk_j a_j) + v_i k_j;  y_i = sum_j S[i][j] r_j
 // Returns 0, or 1 (nothing computed) when N does not fit the fixed per-head arrays.
-int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w,
-             const float* k, const float* v, const float* kk, const float* a, float* y, int threads) {
+int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w, const float* k,
+             const float* v, const float* kk, const float* a, float* y, int threads) {
     if (N < 1 || N > 64 || B < 0 || T < 0 || H < 0) return 1;
 #pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -56,126 +501,10 @@ int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const flo
     return 0;
 }
 
-int has_avx512_bf16() { return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512f"); }
-
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t bits = uint32_t(v) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-static inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
-    return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) static void gemv_bf16_avx512(
-    int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
-    const int64_t vec = cols / 32 * 32;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const uint16_t* wr = W + o * cols;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 64 <= vec; c += 64) {
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
-            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
-        }
-        for (; c < vec; c += 32)
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        for (; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
-        y[o] = sum;
-    }
-}
-
-static void gemv_bf16_portable(int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const uint16_t* wr = W + o * cols;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
-        y[o] = sum;
-    }
-}
-
-void gemv_bf16(int64_t rows, int64_t cols, const uint16_t* W, const uint16_t* x, float* y, int threads) {
-    static const bool native = has_avx512_bf16();
-    if (native)
-        gemv_bf16_avx512(rows, cols, W, x, y, threads);
-    else
-        gemv_bf16_portable(rows, cols, W, x, y, threads);
-}
-
-__attribute__((target("avx512f,avx512bw"))) static void gemv_i8_avx512(int64_t rows, int64_t cols, const int8_t* Q,
-                                                                     const float* scale, const float* x, float* y, int threads) {
-    const int64_t vec = cols / 64 * 64;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const int8_t* qr = Q + o * cols;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < vec; c += 64) {
-            __m512i codes = _mm512_loadu_si512(qr + c);
-            acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 0))), _mm512_loadu_ps(x + c), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 1))), _mm512_loadu_ps(x + c + 16), acc1);
-            acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 2))), _mm512_loadu_ps(x + c + 32), acc2);
-            acc3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(codes, 3))), _mm512_loadu_ps(x + c + 48), acc3);
-        }
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-        for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * x[c];
-        y[o] = sum * scale[o];
-    }
-}
-
-static void gemv_i8_portable(int64_t rows, int64_t cols, const int8_t* Q, const float* scale, const float* x, float* y, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const int8_t* qr = Q + o * cols;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) sum += float(qr[c]) * x[c];
-        y[o] = sum * scale[o];
-    }
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) static void gemv_i8_vnni(int64_t rows, int64_t cols, const int8_t* Q,
-                                                                               const float* scale, const float* x, float* y, int threads) {
-    float amax = 0.f;
-    for (int64_t c = 0; c < cols; ++c) amax = std::fmax(amax, std::fabs(x[c]));
-    const float step = amax > 0.f ? amax / 32767.f : 1.f;
-    std::vector<int16_t> xq(cols + 64);
-    for (int64_t c = 0; c < cols; ++c) xq[c] = int16_t(std::lrintf(x[c] / step));
-    const int64_t vec = cols / 64 * 64;
-    constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < rows; ++o) {
-        const int8_t* qr = Q + o * cols;
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t start = 0; start < vec; start += kFlush) {
-            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-            const int64_t end = std::min(vec, start + kFlush);
-            for (int64_t c = start; c < end; c += 64) {
-                __m512i codes = _mm512_loadu_si512(qr + c);
-                __m512i lo = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
-                __m512i hi = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
-                acc0 = _mm512_dpwssd_epi32(acc0, lo, _mm512_loadu_si512(xq.data() + c));
-                acc1 = _mm512_dpwssd_epi32(acc1, hi, _mm512_loadu_si512(xq.data() + c + 32));
-            }
-            total = _mm512_add_ps(total, _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)));
-        }
-        float sum = _mm512_reduce_add_ps(total);
-        for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * float(xq[c]);
-        y[o] = sum * step * scale[o];
-    }
-}
-
 // Prefill with int8 weights runs the GEMM in int8 too (torch._int_mm, VNNI): each activation row is
 // quantized symmetrically with its own scale (absmax / 127), and the int32 products are scaled back
 // by row and weight-row scales. That is ~3.6x an fp32 GEMM here; the held-out perplexity of the
-// demo model moves by < 0.1% (decode keeps 16-bit activations, see gemv_i8_vnni).
+// demo model moves by < 0.1% (decode keeps 16-bit activations, see rows_i8_vnni).
 // x [rows, cols] fp32 or (bf16 != 0) bf16 -> q [rows, cols] int8 and step [rows] fp32.
 void quantize_rows_i8(int64_t rows, int64_t cols, const void* x, int bf16, int8_t* q, float* step, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -211,15 +540,12 @@ void rescale_i32(int64_t rows, int64_t cols, const int32_t* acc, const float* st
     }
 }
 
-void gemv_i8(int64_t rows, int64_t cols, const int8_t* Q, const float* scale, const float* x, float* y, int threads) {
-    static const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw");
-    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-    if (vnni)
-        gemv_i8_vnni(rows, cols, Q, scale, x, y, threads);
-    else if (avx512)
-        gemv_i8_avx512(rows, cols, Q, scale, x, y, threads);
+// h = relu(h)^2 in place, h [n] fp32 or (bf16 != 0) bf16
+void relu_square(int64_t n, void* h, int bf16, int threads) {
+    if (bf16)
+        relu_square_typed(n, static_cast<uint16_t*>(h), threads);
     else
-        gemv_i8_portable(rows, cols, Q, scale, x, y, threads);
+        relu_square_typed(n, static_cast<float*>(h), threads);
 }
 
 }  // extern "C"

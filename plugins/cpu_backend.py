@@ -1,63 +1,45 @@
-"""The ``cpu`` backend: the torch backend's math with CPU kernels where the torch ops are slow.
+"""The ``cpu`` backend: the torch backend's ops, made fast with CPU kernels (:mod:`rwkvkit.native.cpu`).
 
-- ``wkv``: a C++ scan (``kernels/cpu_rwkv7.cpp``) over all T tokens, one (batch, head) per
-  thread, instead of a Python loop over tokens (for heads the fused prefill block cannot take).
-- ``block`` for other shapes (prefill): GEMMs through oneDNN (AVX512-BF16 for bf16; faster than
-  MKL's sgemm here for fp32) and the elementwise work between them, WKV scan included, in three
-  native kernels (``kernels/cpu_prefill.cpp``) instead of ~50 torch ops on [T, C] tensors.
-- ``blocks`` for one token (decode, batch 1): one native call per stage (:mod:`.cpu_fused`)
-  instead of ~60 torch ops per layer, with matrix-vector kernels that stream the weights (fp32 AVX512,
-  AVX512-BF16 ``vdpbf16ps``, int8): decode reads every weight once per token, so it is bound by
-  memory bandwidth, and torch's bf16 GEMV is compute-bound here (see shared/PERF_NOTES.md).
-- ``linear`` for one row (the head, and decode when not fused): the same fp32 and bf16 kernels;
-  torch's fp32 GEMV reads the 0.1B head at ~13 GB/s here, the kernel near the bandwidth limit.
-Threads follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it); decode
-results do not depend on the count. Where the kernels cannot be built (no compiler) the backend
-warns once and runs the torch backend's ops.
+- ``ln_mix`` and ``time_mix_core`` (any batch and token count): native kernels in fp32 inside,
+  instead of ~50 torch ops that each read and wrote whole [T, C] tensors.
+- ``project``, ``lora`` and ``linear`` for one row (decode, the head): matrix-vector kernels that
+  stream the weights in their stored format (fp32 AVX512, AVX512-BF16 ``vdpbf16ps``, int8 VNNI):
+  decode reads every weight once per token, so it is bound by memory bandwidth, and torch's bf16
+  GEMV is compute-bound here (see shared/PERF_NOTES.md). For many rows: GEMMs through oneDNN
+  (AVX512-BF16 for bf16; faster than MKL's sgemm here for fp32) and a native relu².
+- ``fused_stage`` for one token at batch 1: a stage's blocks in one native call composed of the
+  same kernels, instead of ~10 op calls per layer from Python.
+- ``wkv``: a C++ scan over all T tokens, for heads ``time_mix_core``'s kernel cannot take.
+Each op falls back to the torch default for shapes and dtypes its kernels do not take. Threads
+follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it); decode results do
+not depend on the count. Where the kernels cannot be built (no compiler) the backend warns once
+and runs the torch backend's ops.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import warnings
+from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 
+from rwkvkit.backend import Epilogue
 from rwkvkit.checkpoint import ModelSpec
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.models.rwkv7 import BlockWeights
-from rwkvkit.native import load_library
-from rwkvkit.plugins import cpu_fused
+from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
+from rwkvkit.native import cpu
 from rwkvkit.plugins.torch_backend import TorchBackend
+from rwkvkit.state import LayerState
 from rwkvkit.strategy import Placement
 
-KERNELS, FLAGS = ("cpu_rwkv7.cpp", "cpu_decode.cpp", "cpu_prefill.cpp"), ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+
+def _native(*ts: torch.Tensor | None) -> bool:
+    """Whether the kernels read these activations: CPU tensors, all fp32 or all bf16."""
+    present = [t for t in ts if t is not None]
+    return cpu.library() is not None and all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and present[0].dtype in cpu.DTYPES
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    try:
-        lib = load_library(KERNELS, FLAGS)
-    except OSError as exc:
-        warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
-        return None
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.wkv7_f32.argtypes = [i64, i64, i64, i64, *[ptr] * 8, c_int]
-    lib.wkv7_f32.restype = c_int
-    lib.gemv_bf16.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
-    lib.gemv_bf16.restype = None
-    lib.gemv_f32.argtypes = [i64, i64, ptr, ptr, ptr, c_int]
-    lib.gemv_f32.restype = None
-    lib.gemv_i8.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int]
-    lib.gemv_i8.restype = None
-    lib.quantize_rows_i8.argtypes = [i64, i64, ptr, c_int, ptr, ptr, c_int]
-    lib.quantize_rows_i8.restype = None
-    lib.rescale_i32.argtypes = [i64, i64, ptr, ptr, ptr, ptr, c_int, c_int]
-    lib.rescale_i32.restype = None
-    cpu_fused.declare(lib)
-    return lib
+def _one_row(xs: Sequence[torch.Tensor]) -> bool:
+    return all(x.numel() == x.shape[-1] for x in xs)
 
 
 class CpuBackend(TorchBackend):
@@ -68,58 +50,97 @@ class CpuBackend(TorchBackend):
     def unavailable_reason(cls, placement: Placement) -> str | None:
         if placement.device.type != "cpu":
             return "runs on the CPU only"
-        if placement.dtype not in (torch.float32, torch.bfloat16):
+        if placement.dtype not in cpu.DTYPES:
             return "runs fp32 and bf16 only (use bf16 rather than fp16 on a CPU)"
         return super().unavailable_reason(placement)
 
-    def prepare_block(self, weights: BlockWeights, spec: ModelSpec) -> BlockWeights:
-        """The block's weights plus their native layout (:class:`cpu_fused.FusedBlockWeights`),
-        built once here with the head count from the checkpoint's spec."""
-        if library() is None:
+    @property
+    def threads(self) -> int:
+        return torch.get_num_threads()
+
+    def prepare_block(self, weights: BlockWeights, spec: ModelSpec, constants: Constants) -> BlockWeights:
+        """The block's weights plus their native layout for the decode stage
+        (:class:`~rwkvkit.native.cpu.NativeBlockWeights`), built once here from the checkpoint's
+        head layout and the architecture's constants; the weights as they are where it cannot run them."""
+        if cpu.library() is None or not cpu.head_fits(spec.head_size) or len(constants.att_mixes) != 6:
             return weights
-        return cpu_fused.FusedBlockWeights.wrap(weights, spec.n_head, spec.head_size)
+        att, ffn = weights.att, weights.ffn
+        if not all(map(cpu.takes_matrix, (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value))):
+            return weights
+        return cpu.NativeBlockWeights.wrap(weights, spec.n_head, spec.head_size, constants)
 
-    def blocks(self, weights, x, v_first, states):
-        lib = library()
+    def fused_stage(
+        self, weights: Sequence[BlockWeights], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]] | None:
         layers = [getattr(w, "native", None) for w in weights]
-        if lib is None or x.shape[:2] != (1, 1) or None in layers:
-            return super().blocks(weights, x, v_first, states)
-        return cpu_fused.decode_blocks(lib, layers, x, v_first, states, self.placement.dtype, torch.get_num_threads())
+        if x.shape[:2] != (1, 1) or not layers or None in layers or not _native(x):
+            return None
+        return cpu.decode_stage(layers, x, v_first, states, self.placement.dtype, self.threads)
 
-    def block(self, weights, x, v_first, state):
-        lib, layer = library(), getattr(weights, "native", None)
-        if lib is None or layer is None or x.shape[:2] != (1, 1) and not layer.prefill_ok:
-            return super().block(weights, x, v_first, state)
-        if x.shape[:2] == (1, 1):
-            x, v_first, (state,) = self.blocks([weights], x, v_first, [state])
-            return x, v_first, state
-        return cpu_fused.prefill_block(lib, layer, weights, x, v_first, state, self.linear)
+    def ln_mix(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if not _native(x) or x.shape[-1] % 16:
+            return super().ln_mix(x, weight, bias, x_prev, mixes, eps)
+        return cpu.ln_mix(x, weight, bias, x_prev, mixes, eps, self.threads)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        lib = library()
-        if lib is None:
-            return F.linear(x, weight)
-        kernel = {torch.float32: lib.gemv_f32, torch.bfloat16: lib.gemv_bf16}.get(x.dtype)
-        if kernel is None or x.numel() != x.shape[-1] or weight.dtype != x.dtype:
-            return cpu_fused.gemm(x, weight)
-        xc = x.contiguous()
-        cpu_fused.expect(xc, (*x.shape[:-1], weight.shape[1]), "x")
-        y = torch.empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
-        kernel(weight.shape[0], weight.shape[1], weight.data_ptr(), xc.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y.to(x.dtype)
+    def project(
+        self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        epilogues = epilogues or [Epilogue.NONE] * len(xs)
+        if residual is not None and len(xs) != 1:
+            raise ValueError("project: a residual goes with exactly one product")
+        if not _native(*xs):
+            return super().project(xs, weights, epilogues, residual)
+        if _one_row(xs) and all(map(cpu.takes_matrix, weights)):
+            return cpu.project(xs, weights, epilogues, residual, self.threads)
+        ys = [self._activate(self.linear(x, w), e) for x, w, e in zip(xs, weights, epilogues)]
+        return ys if residual is None else [residual + ys[0].to(residual.dtype)]
 
-    def wkv(self, kv, r, decay, k, v, kk, a):
-        lib = library()
-        B, T, H, N = r.shape
-        if lib is None or N > cpu_fused.MAX_HEAD_SIZE:
+    @staticmethod
+    def _activate(y: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
+        """The epilogue on a fresh GEMM output: relu² in place natively (one pass instead of two ops)."""
+        return cpu.relu_square_(y) if epilogue is Epilogue.RELU_SQUARE and y.is_contiguous() else epilogue.apply(y)
+
+    def lora(self, xs: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.Tensor, Epilogue]]) -> list[torch.Tensor]:
+        if not _native(*xs, *(t for first, second, _ in pairs for t in (first, second))):
+            return super().lora(xs, pairs)
+        if _one_row(xs) and all(first.dim() == 2 and first.is_contiguous() and second.is_contiguous() for first, second, _ in pairs):
+            return cpu.lora(xs, pairs, self.threads)
+        return [cpu.lora_gemm(x, first, second, act) for x, (first, second, act) in zip(xs, pairs)]
+
+    def time_mix_core(
+        self,
+        w: TimeMixWeights,
+        kv: torch.Tensor,
+        r: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        w_lora: torch.Tensor,
+        a_lora: torch.Tensor,
+        g: torch.Tensor,
+        v_lora: torch.Tensor | None,
+        v_first: torch.Tensor | None,
+        c: Constants,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        args = (w, kv, r, k, v, w_lora, a_lora, g, v_lora, v_first, c)
+        if not _native(r, k, v, w_lora, a_lora, g, v_lora, v_first) or not cpu.head_fits(kv.shape[-1]):
+            return super().time_mix_core(*args)
+        return cpu.time_mix_core(*args, self.threads)
+
+    def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        if not _native(x) or getattr(weight, "dtype", x.dtype) != x.dtype:
+            return super().linear(x, weight)
+        if _one_row([x]) and cpu.takes_matrix(weight):
+            return cpu.project([x], [weight], [Epilogue.NONE], None, self.threads)[0]
+        return cpu.gemm(x, weight)
+
+    def wkv(
+        self, kv: torch.Tensor, r: torch.Tensor, decay: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if cpu.library() is None or r.shape[-1] > cpu.MAX_HEAD_SIZE:
             return super().wkv(kv, r, decay, k, v, kk, a)
-        for name, t in zip(("r", "decay", "k", "v", "kk", "a"), (r, decay, k, v, kk, a)):
-            cpu_fused.expect(t, (B, T, H, N), name)
-        cpu_fused.expect(kv, (B, H, N, N), "kv")
-        state = kv.to(torch.float32, copy=True).contiguous()
-        r, decay, k, v, kk, a = (t.to(torch.float32).contiguous() for t in (r, decay, k, v, kk, a))
-        y = torch.empty(B, T, H * N, dtype=torch.float32)
-        cpu_fused.checked(lib.wkv7_f32)(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), torch.get_num_threads())
+        y, state = cpu.wkv(kv, r, decay, k, v, kk, a, self.threads)
         return y.to(self.placement.dtype), state
 
 

@@ -7,8 +7,10 @@ token reads one row, but the table is as large as the head, so keeping it in fp3
 resident memory at ~0.45x fp32's instead of ~0.25x. LoRA factors and per-channel vectors stay in
 the activation dtype: small, and sensitive.
 
-Decode (one row) reads a quarter of fp32's bytes per token through an int8 GEMV kernel that rounds
-the activation vector to 16 bits (AVX512-VNNI ``vpdpwssd``). Prefill is compute-bound, so it rounds
+Decode (one row) reads a quarter of fp32's bytes per token through the ``cpu`` backend's
+matrix-vector kernel for int8, which rounds the activation vector to 16 bits (AVX512-VNNI
+``vpdpwssd``); ``project``, ``fused_stage`` and the rest are the ``cpu`` backend's, which read
+int8 matrices as they read fp32 and bf16 ones. Prefill is compute-bound, so it rounds
 each activation row to int8 with its own scale and runs one int8 GEMM (``torch._int_mm``): ~3.6x
 an fp32 GEMM here, for < 0.1% held-out perplexity (tests/test_int8.py holds both paths to fp32).
 
@@ -31,8 +33,8 @@ import torch.nn.functional as F
 from rwkvkit.backend import Role
 from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.plugins import cpu_fused
-from rwkvkit.plugins.cpu_backend import CpuBackend, library
+from rwkvkit.native import cpu
+from rwkvkit.plugins.cpu_backend import CpuBackend
 from rwkvkit.plugins.int8_cache import StageCache
 from rwkvkit.quant import Int8Weight, quantize_per_channel, quantize_source
 from rwkvkit.strategy import Placement
@@ -81,32 +83,15 @@ class Int8Backend(CpuBackend):
         return table.q[ids].to(self.placement.dtype) * table.scale[ids].unsqueeze(-1).to(self.placement.dtype)
 
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        """One row: the int8 matrix-vector kernel (``CpuBackend``'s ``project``); many rows (prefill):
+        an int8 GEMM on per-row quantized activations (:func:`rwkvkit.native.cpu.int8_gemm`)."""
         if not isinstance(weight, Int8Weight):
             return super().linear(x, weight)
-        lib = library()
-        if lib is None:
+        if cpu.library() is None:
             return F.linear(x, weight.dequantize(x.dtype))
-        if x.numel() != x.shape[-1]:  # prefill: an int8 GEMM on per-row quantized activations
-            return _int8_gemm(lib, x, weight)
-        xf = x.to(torch.float32).contiguous()
-        cpu_fused.expect(xf, (*x.shape[:-1], weight.q.shape[1]), "x")
-        y = torch.empty(*x.shape[:-1], weight.q.shape[0], dtype=torch.float32)
-        lib.gemv_i8(*weight.q.shape, weight.q.data_ptr(), weight.scale.data_ptr(), xf.data_ptr(), y.data_ptr(), torch.get_num_threads())
-        return y.to(x.dtype)
-
-
-def _int8_gemm(lib: Any, x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
-    """``x @ w.T`` for ``x [..., in]`` (fp32 or bf16) with activations rounded to int8 per row
-    (``quantize_rows_i8``) and one ``torch._int_mm`` (VNNI): ~3.6x an fp32 GEMM on this machine's
-    AVX512-VNNI cores, and the demo model's held-out perplexity moves by < 0.1%."""
-    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
-    xc, bf16, threads = x.contiguous(), int(x.dtype == torch.bfloat16), torch.get_num_threads()
-    xq, step = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
-    lib.quantize_rows_i8(rows, cols, xc.data_ptr(), bf16, xq.data_ptr(), step.data_ptr(), threads)
-    acc = torch._int_mm(xq, weight.q.t())
-    y = torch.empty(rows, weight.q.shape[0], dtype=x.dtype)
-    lib.rescale_i32(rows, weight.q.shape[0], acc.data_ptr(), step.data_ptr(), weight.scale.data_ptr(), y.data_ptr(), bf16, threads)
-    return y.view(*x.shape[:-1], -1)
+        if x.numel() == x.shape[-1]:
+            return super().linear(x, weight)
+        return cpu.int8_gemm(x, weight)
 
 
 @hookimpl

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from rwkvkit import RWKV, InputError, State, StateError
 from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.errors import CheckpointError, StrategyError, TokenizerError
-from rwkvkit.plugins import cpu_backend, cpu_fused
+from rwkvkit.models import rwkv7
+from rwkvkit.native import cpu
 from rwkvkit.plugins.rwkv_world import RwkvWorldTokenizer
 from rwkvkit.state import STATE_FORMAT, LayerState
 from rwkvkit.strategy import parse_strategy
@@ -159,19 +160,18 @@ def test_random_states_and_tokens_never_crash(model_paths):
 
 
 def test_native_calls_refuse_wrong_sizes(model):
-    lib = cpu_backend.library()
-    assert lib is not None, "the kernels must build here"
+    assert cpu.library() is not None, "the kernels must build here"
     ops = model.stages[0].ops
     weights = model.stages[0].blocks[0]
     layer = weights.native
     state = model.zero_state(1)
     bad = LayerState(torch.zeros(1, 128), torch.zeros(1, 1, 2, 2), torch.zeros(1, 128))
     with pytest.raises(InputError, match=r"native kernel input att_kv: got torch.float32 \[1, 1, 2, 2\] on cpu, expected \[1, 2, 64, 64\] torch.float32"):
-        cpu_fused.decode_blocks(lib, [layer], torch.zeros(1, 1, 128), None, [bad], torch.float32, 1)
+        cpu.decode_stage([layer], torch.zeros(1, 1, 128), None, [bad], torch.float32, 1)
     with pytest.raises(InputError, match=r"native kernel input x: got torch.float32 \[1, 1, 64\]"):
-        ops.blocks([weights], torch.zeros(1, 1, 64), None, state.layers[:1])
-    with pytest.raises(InputError, match=r"native kernel input ffn_x_prev"):
-        ops.block(weights, torch.zeros(2, 3, 128), None, LayerState(torch.zeros(2, 128), torch.zeros(2, 2, 64, 64), torch.zeros(1, 128)))
+        ops.fused_stage([weights], torch.zeros(1, 1, 64), None, state.layers[:1])
+    with pytest.raises(InputError, match=r"native kernel input x_prev: got torch.float32 \[1, 128\]"):  # the channel mix's
+        rwkv7.block(ops, weights, torch.zeros(2, 3, 128), None, LayerState(torch.zeros(2, 128), torch.zeros(2, 2, 64, 64), torch.zeros(1, 128)))
     with pytest.raises(InputError, match=r"native kernel input x: got torch.float32 \[1, 64\]"):
         ops.linear(torch.zeros(1, 64), weights.att.key)
     r = torch.zeros(1, 2, 2, 64)
@@ -188,16 +188,16 @@ def test_int8_matrix_vector_kernel_refuses_a_wrong_width(model_paths):
 
 def test_native_scan_refuses_a_head_size_beyond_its_arrays():
     """The C entry point itself checks N against its fixed per-head arrays (N <= 64)."""
-    lib = cpu_backend.library()
+    lib = cpu.library()
     t = torch.zeros(128)
     with pytest.raises(InputError, match="native kernel wkv7_f32 refused its arguments"):
-        cpu_fused.checked(lib.wkv7_f32)(1, 1, 1, 128, *(t.data_ptr() for _ in range(8)), 1)
+        cpu.checked(lib.wkv7_f32)(1, 1, 1, 128, *(t.data_ptr() for _ in range(8)), 1)
 
 
 def test_fused_layout_is_prepared_at_load_from_the_checkpoint(model):
     """The native layer is built once per block from the spec, not from the first state seen."""
     for block in model.stages[0].blocks:
-        assert (block.native.struct.H, block.native.struct.N) == (model.spec.n_head, model.spec.head_size)
+        assert (block.native.struct.tm.H, block.native.struct.tm.N) == (model.spec.n_head, model.spec.head_size)
 
 
 # ---- tokens
@@ -269,12 +269,12 @@ def test_strategy_counts_and_devices_are_ascii(strategy):
 def test_ctypes_layer_struct_is_checked_against_the_native_one(monkeypatch):
     """The Python mirror of ``struct Layer`` is compared with the library's own layout at load; a
     field added on one side only is an error, not misread weights."""
-    lib = cpu_backend.library()
-    cpu_fused.check_layout(lib)  # the shipped pair matches
+    lib = cpu.library()
+    cpu.check_layout(lib)  # the shipped pair matches
 
     class Shifted(ctypes.Structure):
-        _fields_ = [("extra", ctypes.c_int64), *cpu_fused._Layer._fields_]
+        _fields_ = [("extra", ctypes.c_int64), *cpu._Layer._fields_]
 
-    monkeypatch.setattr(cpu_fused, "_Layer", Shifted)
+    monkeypatch.setattr(cpu, "_Layer", Shifted)
     with pytest.raises(RuntimeError, match="does not match struct Layer"):
-        cpu_fused.check_layout(lib)
+        cpu.check_layout(lib)

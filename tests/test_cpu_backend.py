@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from rwkvkit import RWKV
+from rwkvkit.backend import Backend
 from rwkvkit.models import rwkv7
-from rwkvkit.plugins import cpu_backend
+from rwkvkit.native import cpu
 from rwkvkit.plugins.cpu_backend import CpuBackend
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.state import LayerState
@@ -67,14 +68,21 @@ def test_bf16_gemv_matches_fp32_product_of_bf16_values(rows, cols):
 
 def test_without_a_compiler_it_falls_back_to_torch_ops(model_paths, monkeypatch):
     ref, _ = RWKV(model_paths["tiny"], "cpu fp32", backend="torch").forward([1, 2, 3], None)
-    monkeypatch.setattr(cpu_backend, "library", lambda: None)
+    monkeypatch.setattr(cpu, "library", lambda: None)
     out, _ = RWKV(model_paths["tiny"], "cpu fp32", backend="cpu").forward([1, 2, 3], None)
     assert torch.equal(out, ref)
 
 
+def use_the_torch_ops(monkeypatch) -> None:
+    """CpuBackend (and Int8Backend) without its fused stage and fused ops: rwkv7.block over the
+    torch defaults, with only ``linear`` and ``wkv`` native."""
+    for op in ("fused_stage", "ln_mix", "project", "lora", "time_mix_core"):
+        monkeypatch.setattr(CpuBackend, op, getattr(Backend, op))
+
+
 @pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 1e-4), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
 def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, backend, tol):
-    """The native one-token block against rwkv7.block on the same prepared weights. fp32: same
+    """The native one-token stage against rwkv7.block over the torch ops on the same prepared weights. fp32: same
     math, only summation order differs (2e-5 as for the oracle). int8: both paths share the int8
     kernel, which rounds x to int16 steps of max|x|/32767; fp32-level differences in x can move an
     element across a step, so 1e-4 (measured 3e-5). bf16: the
@@ -92,8 +100,7 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
         return torch.stack(outs), state
 
     fused, fused_state = run()
-    monkeypatch.setattr(CpuBackend, "blocks", TorchBackend.blocks)  # the default: `block` per layer
-    monkeypatch.setattr(CpuBackend, "block", TorchBackend.block)
+    use_the_torch_ops(monkeypatch)
     ref, ref_state = run()
     assert float((fused - ref).abs().max() / ref.abs().max()) < tol
     kv, ref_kv = fused_state.layers[-1].att_kv, ref_state.layers[-1].att_kv
@@ -104,7 +111,7 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
 def _block_inputs(model: RWKV, layer: int, B: int, T: int, seed: int):
     """A block's inputs at the scale a real run sees: x and v_first ~ unit, a state carried from
     earlier tokens (non-zero kv and x_prev), so that the token shift and the scan's start count."""
-    assert cpu_backend.library() is not None, "the kernels must build here, else the fallback is tested"
+    assert cpu.library() is not None, "the kernels must build here, else the fallback is tested"
     g = torch.Generator().manual_seed(seed)
     spec, dtype = model.spec, model.stages[0].ops.placement.dtype
     C, H, N = spec.n_embd, spec.n_head, spec.head_size
@@ -131,7 +138,7 @@ def test_fused_prefill_block_matches_the_python_math_fp32(model_paths, B, T, lay
     model = RWKV(model_paths["world"], "cpu fp32", backend="cpu")
     ops = model.stages[0].ops
     weights, x, v_first, state = _block_inputs(model, layer, B, T, seed=T + layer)
-    got = ops.block(weights, x, v_first, state)
+    got = rwkv7.block(ops, weights, x, v_first, state)
     ref = rwkv7.block(TorchBackend(ops.placement), weights, x, v_first, state)
     for a, b in zip((got[0], got[1], *got[2].tensors()), (ref[0], ref[1], *ref[2].tensors())):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -141,14 +148,14 @@ def test_fused_prefill_block_matches_the_python_math_fp32(model_paths, B, T, lay
 @pytest.mark.parametrize("B, T", [(1, 3), (1, 64), (2, 300)])
 @pytest.mark.parametrize("layer", [0, 1])
 def test_fused_prefill_block_bf16_is_as_accurate_as_the_python_math(model_paths, B, T, layer):
-    """bf16: the kernels keep activations in fp32 between the GEMMs, where the Python path rounds
-    every op to bf16, so the two differ by bf16 noise. Both are measured against the fp32 math on
+    """bf16: the kernels keep activations in fp32 inside each op, where the torch ops round every
+    step to bf16, so the two differ by bf16 noise. Both are measured against the fp32 math on
     the same (bf16-valued) weights and inputs: the fused path must be no less accurate (1.5x, as
     the oracle parity test allows) plus 2e-3 of slack for the GEMM inputs' rounding."""
     model = RWKV(model_paths["world"], "cpu bf16", backend="cpu")
     ops = model.stages[0].ops
     weights, x, v_first, state = _block_inputs(model, layer, B, T, seed=T + layer)
-    got = ops.block(weights, x, v_first, state)
+    got = rwkv7.block(ops, weights, x, v_first, state)
     ref16 = rwkv7.block(TorchBackend(ops.placement), weights, x, v_first, state)
     f32 = Placement(CPU, torch.float32)
     vf32 = None if v_first is None else v_first.float()
@@ -179,8 +186,7 @@ def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatc
         return torch.cat(outs, dim=1), state
 
     fused, fused_state = run()
-    monkeypatch.setattr(CpuBackend, "blocks", TorchBackend.blocks)  # the default: `block` per layer
-    monkeypatch.setattr(CpuBackend, "block", TorchBackend.block)
+    use_the_torch_ops(monkeypatch)
     ref, ref_state = run()
     assert _rel(fused, ref) < tol
     for a, b in zip((t for layer in fused_state.layers for t in layer.tensors()), (t for layer in ref_state.layers for t in layer.tensors())):

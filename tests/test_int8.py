@@ -74,10 +74,10 @@ def test_mixed_stages_equal_each_stage_alone(model_paths):
     zero = int8.zero_state()
     i8 = int8.stages[0]
     x = i8.ops.embed(int8.emb, tokens)
-    x, v_first, layer0 = i8.ops.block(i8.blocks[0], x, None, zero.layers[0])  # the backend's block, fused or not
+    x, v_first, layer0 = rwkv7.block(i8.ops, i8.blocks[0], x, None, zero.layers[0])  # over the backend's ops
     f = fp32.stages[0]
     for i in range(1, fp32.spec.n_layer):
-        x, v_first, _ = f.ops.block(f.blocks[i], x, v_first, zero.layers[i])
+        x, v_first, _ = rwkv7.block(f.ops, f.blocks[i], x, v_first, zero.layers[i])
     expected = rwkv7.head(f.ops, fp32.head, x[:, -1]).float()
     assert torch.equal(state.layers[0].att_kv, layer0.att_kv)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))

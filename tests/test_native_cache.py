@@ -1,4 +1,4 @@
-"""The native build cache (rwkvkit/native.py): a damaged, foreign or unrecorded library in the cache
+"""The native build cache (rwkvkit/native/__init__.py): a damaged, foreign or unrecorded library in the cache
 is rebuilt before anything loads it. Each load runs in a fresh subprocess, so a crash (SIGBUS from
 a truncated library) fails the test instead of killing pytest."""
 
@@ -24,7 +24,7 @@ import sys, warnings
 warnings.simplefilter("error", RuntimeWarning)
 import torch
 from rwkvkit import RWKV
-from rwkvkit.plugins.cpu_backend import library
+from rwkvkit.native.cpu import library
 assert library() is not None
 def run(backend):
     model = RWKV(sys.argv[1], "cpu fp32", backend=backend)

@@ -1,4 +1,5 @@
-"""Small C++ kernels from ``kernels/``, compiled on first use and called through ctypes.
+"""Small C++ kernels from ``kernels/``, compiled on first use and called through ctypes (the CPU
+backends' ops: :mod:`rwkvkit.native.cpu`).
 
 A plain C ABI needs no Python or torch headers, so a build takes a few seconds. Builds go to the
 user cache (never at import time: a compiler may be slow or missing), keyed by a hash of the

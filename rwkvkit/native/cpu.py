@@ -1,127 +1,347 @@
-"""Fused blocks for the ``cpu`` and ``int8`` backends.
+"""The CPU kernels (``kernels/cpu_*.cpp``) as the ``cpu`` and ``int8`` backends call them: loading
+the library, the ctypes mirrors of its structs (checked against the library's own layout when it
+loads), the native layer prepared once per block, and one wrapper per op.
 
-Decode: one native call per stage for one token (``decode_layers`` in ``kernels/cpu_decode.cpp``)
-instead of ~60 torch ops per layer. Prefill (any other shape): the GEMMs in torch (oneDNN: AVX512-BF16 for
-bf16) and the elementwise work between them in three native kernels (``kernels/cpu_prefill.cpp``)
-instead of ~50 torch ops that each read and wrote whole [T, C] tensors.
+Ops (each for any batch and token count its backend routes to it):
 
-The kernel computes in fp32; it reads the big matrices in their stored format (fp32, bf16, or
-int8 with row scales) and fp32 copies of the small vectors and LoRA factors, made once per layer
-at load time (:class:`FusedBlockWeights`). Native code trusts the sizes it is given, so every
-call checks each tensor's shape, dtype and layout against the layer first (:func:`expect`): a
-wrong size is an error here, never an out-of-bounds access there. The Python math in :mod:`rwkvkit.models.rwkv7` stays the reference; the tests hold
-this path to it.
+- :func:`ln_mix` and :func:`time_mix_core`: the elementwise work around the products, in fp32
+  inside, activations read and written in fp32 or bf16;
+- :func:`project` and :func:`lora`: one-row products (decode) that stream each weight once in its
+  stored format (fp32, bf16 or int8 with row scales); many rows go through :func:`gemm` (oneDNN)
+  or :func:`int8_gemm` instead;
+- :func:`decode_stage`: a stage's blocks for one token in one native call (``decode_layers``),
+  composed in C++ of the very functions the op entry points call.
+
+Native code trusts the sizes it is given, so every wrapper checks each tensor's shape, dtype and
+device first (:func:`expect`): a wrong size is an error here, never an out-of-bounds access there.
+The torch defaults in :mod:`rwkvkit.backend` stay the reference; the tests hold these ops to them.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
+import warnings
 from dataclasses import fields
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.backend import Epilogue
 from rwkvkit.errors import InputError
-from rwkvkit.models.rwkv7 import BlockWeights
+from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
+from rwkvkit.native import load_library
 from rwkvkit.quant import Int8Weight
 from rwkvkit.state import LayerState
 
-Linear = Callable[[torch.Tensor, Any], torch.Tensor]  # a backend's ``linear``
-_F32, _BF16, _I8 = 0, 1, 2
-MAX_HEAD_SIZE = 64  # the prefill and scan kernels keep a head's N x N state in fixed local arrays
-_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "w1", "w2", "a0", "a1", "a2", "v0", "v1", "v2", "g1", "g2", "k_k", "k_a", "r_k")
+KERNELS = ("cpu_rwkv7.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
+DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels read and write
+MAX_HEAD_SIZE = 64  # the scans keep a head's N x N state in fixed local arrays
+_F32, _BF16, _I8 = 0, 1, 2  # enum Format
+_FORMATS = {torch.float32: _F32, torch.bfloat16: _BF16}
+_LORA_ACTS = (Epilogue.TANH, Epilogue.NONE, Epilogue.SIGMOID, Epilogue.NONE)  # the decay, rate, gate, value-residual LoRAs (rwkv7.time_mix)
+
+_ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("rows", ctypes.c_int64), ("cols", ctypes.c_int64), ("format", ctypes.c_int32)]
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("format", _i32)]
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("m", ctypes.POINTER(_Mat)), ("x", _ptr), ("y", _ptr), ("residual", _ptr), ("epilogue", _i32)]
+
+
+class _LoraPair(ctypes.Structure):
+    _fields_ = [("first", _ptr), ("second", _ptr), ("in_", _i64), ("rank", _i64), ("out", _i64), ("format", _i32)]
+
+
+class _LoraJob(ctypes.Structure):
+    _fields_ = [("pair", ctypes.POINTER(_LoraPair)), ("x", _ptr), ("y", _ptr), ("act", _i32)]
+
+
+_TM_VECTORS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")
+
+
+class _TimeMix(ctypes.Structure):
+    _fields_ = [*((name, _ptr) for name in _TM_VECTORS), ("H", _i64), ("N", _i64), ("group_norm_eps", _f32), ("decay_scale", _f32), ("kk_eps", _f32)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = (
-        [(name, ctypes.c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b", *_VECTORS, "lnx_w", "lnx_b", "ffn_x_k")]
-        + [(name, _Mat) for name in ("R", "K", "V", "O", "FK", "FV")]
-        + [(name, ctypes.c_int64) for name in ("C", "H", "N", "Dw", "Da", "Dv", "Dg", "F")]
-    )
+    _fields_ = [
+        *((name, _ptr) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
+        ("att_mixes", _ptr * 6),
+        ("ffn_mix", _ptr),
+        *((name, _LoraPair) for name in ("w", "a", "g", "v")),
+        *((name, _Mat) for name in ("R", "K", "V", "O", "FK", "FV")),
+        ("tm", _TimeMix),
+        ("C", _i64),
+        ("F", _i64),
+        ("ln_eps", _f32),
+    ]
 
 
-def _mat(weight: Any, keep: list[torch.Tensor]) -> _Mat:
-    if isinstance(weight, Int8Weight):
-        keep += [weight.q, weight.scale]
-        return _Mat(weight.q.data_ptr(), weight.scale.data_ptr(), *weight.q.shape, _I8)
-    formats = {torch.float32: _F32, torch.bfloat16: _BF16}
-    if weight.dtype not in formats or not weight.is_contiguous():
-        raise TypeError(f"fused decode reads fp32/bf16/int8 matrices, not {weight.dtype}")
-    keep.append(weight)
-    return _Mat(weight.data_ptr(), None, *weight.shape, formats[weight.dtype])
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernels, built on first use; None (after a warning) where they cannot be built."""
+    try:
+        lib = load_library(KERNELS, FLAGS)
+    except OSError as exc:
+        warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
+        return None
+    _declare(lib)
+    return lib
 
 
-class FusedLayer:
-    """A block's weights as the kernel reads them (holding every tensor it points to)."""
+def _declare(lib: ctypes.CDLL) -> None:
+    c_int = ctypes.c_int
+    signatures = {
+        "layer_layout": ([_ptr], None),
+        "project": ([_ptr, _i64, c_int], c_int),
+        "lora": ([_ptr, _i64, c_int], c_int),
+        "ln_mix": ([_i64, _i64, _i64, *[_ptr] * 5, _i64, _f32, _ptr, _ptr, c_int, c_int], c_int),
+        "time_mix_core": ([_ptr, _i64, _i64, *[_ptr] * 11, c_int, c_int], c_int),
+        "decode_layers": ([_i64, _ptr, c_int, *[_ptr] * 8, c_int], c_int),
+        "wkv7_f32": ([_i64, _i64, _i64, _i64, *[_ptr] * 8, c_int], c_int),
+        "quantize_rows_i8": ([_i64, _i64, _ptr, c_int, _ptr, _ptr, c_int], None),
+        "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
+        "relu_square": ([_i64, _ptr, c_int, c_int], None),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, restype
+    check_layout(lib)
 
-    def __init__(self, w: BlockWeights, n_head: int, head_size: int) -> None:
-        self._keep: list[torch.Tensor] = []
 
-        def f32(t: torch.Tensor | None) -> int | None:
-            if t is None:
-                return None
-            t = t.to(torch.float32).contiguous()
-            self._keep.append(t)
-            return t.data_ptr()
+def _layout() -> tuple[int, ...]:
+    """What ``layer_layout`` reports, computed from the ctypes mirrors."""
+    sizes = tuple(ctypes.sizeof(s) for s in (_Mat, _Product, _LoraPair, _LoraJob, _TimeMix, _Layer))
+    return (*sizes, *(getattr(_Layer, f).offset for f in ("att_mixes", "w", "R", "tm", "C", "ln_eps")), _TimeMix.H.offset, _TimeMix.kk_eps.offset)
 
-        att, ffn = w.att, w.ffn
-        C = att.x_r.numel()
-        if n_head * head_size != C:
-            raise ValueError(f"fused layer: {n_head} heads of {head_size} do not make {C} channels")
-        self.struct = _Layer(
-            f32(w.ln1_weight), f32(w.ln1_bias), f32(w.ln2_weight), f32(w.ln2_bias),
-            *(f32(getattr(att, name)) for name in _VECTORS),
-            f32(att.ln_x_weight), f32(att.ln_x_bias), f32(ffn.x_k),
-            *(_mat(m, self._keep) for m in (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)),
-            C, n_head, head_size, att.w1.shape[1], att.a1.shape[1], att.v1.shape[1] if att.v1 is not None else 0,
-            att.g1.shape[1], ffn.key.shape[0],
-        )  # fmt: skip
-        st = self.struct
-        self.att_mixes = (ctypes.c_void_p * 6)(st.x_r, st.x_w, st.x_k, st.x_v, st.x_a, st.x_g)  # prefill_mix's lists
-        self.ffn_mixes = (ctypes.c_void_p * 1)(st.ffn_x_k)
-        self.prefill_ok = head_size <= MAX_HEAD_SIZE and head_size % 16 == 0  # prefill_wkv: 16-float vectors per head
 
-    def check_state(self, s: LayerState, batch: int) -> None:
-        """A layer state as the kernels read it: fp32 ``att_kv [B, H, N, N]``, ``x_prev [B, C]``."""
-        st = self.struct
-        expect(s.att_kv, (batch, st.H, st.N, st.N), "att_kv", torch.float32)
-        expect(s.att_x_prev, (batch, st.C), "att_x_prev")
-        expect(s.ffn_x_prev, (batch, st.C), "ffn_x_prev")
+def check_layout(lib: ctypes.CDLL) -> None:
+    """The ctypes mirrors must match the structs in kernels/cpu_*.cpp byte for byte (the kernels
+    read the structs Python fills): compared once, when the library loads."""
+    mirror = _layout()
+    native = (ctypes.c_int64 * len(mirror))()
+    lib.layer_layout(native)
+    if tuple(native) != mirror:
+        raise RuntimeError(f"the ctypes mirror _Layer does not match struct Layer in kernels/cpu_decode.cpp (sizes and offsets {mirror} vs {tuple(native)})")
+
+
+def checked(fn: Callable[..., int]) -> Callable[..., None]:
+    """Call a native entry point that returns nonzero when it refuses its sizes."""
+
+    def call(*args: Any) -> None:
+        if fn(*args):
+            raise InputError(f"native kernel {fn.__name__} refused its arguments (inconsistent dimensions)")
+
+    return call
 
 
 def expect(t: torch.Tensor, shape: tuple[int, ...], name: str, dtype: torch.dtype | None = None) -> None:
     """Refuse a tensor whose shape, dtype or device differs from what a native call will read
     (``Model.adopt_state`` checks states first; this guards every other way in)."""
-    if tuple(t.shape) != shape or t.device.type != "cpu" or (dtype is not None and t.dtype != dtype):
+    if t.shape != shape or not t.is_cpu or (dtype is not None and t.dtype != dtype):
         want = f"{list(shape)}" + (f" {dtype}" if dtype else "")
         raise InputError(f"native kernel input {name}: got {t.dtype} {list(t.shape)} on {t.device}, expected {want} on the CPU")
 
 
-class FusedBlockWeights(BlockWeights):
+def head_fits(head_size: int) -> bool:
+    """Whether time_mix_core (and so the decode stage) takes this head size."""
+    return head_size % 16 == 0 and 16 <= head_size <= MAX_HEAD_SIZE
+
+
+def takes_matrix(weight: Any) -> bool:
+    """Whether the one-row products read this weight as it is (fp32, bf16 or int8, contiguous, on the CPU)."""
+    t = weight.q if isinstance(weight, Int8Weight) else weight
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.device.type == "cpu" and t.is_contiguous() and (isinstance(weight, Int8Weight) or t.dtype in _FORMATS)
+
+
+def _mat(weight: Any) -> _Mat:
+    if isinstance(weight, Int8Weight):
+        expect(weight.scale, (weight.q.shape[0],), "scale", torch.float32)
+        return _Mat(weight.q.data_ptr(), weight.scale.data_ptr(), *weight.q.shape, _I8)
+    if not takes_matrix(weight):
+        raise TypeError(f"the native products read contiguous fp32/bf16/int8 matrices on the CPU, not {weight.dtype} {list(weight.shape)}")
+    return _Mat(weight.data_ptr(), None, *weight.shape, _FORMATS[weight.dtype])
+
+
+def _vector(t: torch.Tensor, size: int, name: str, dtype: torch.dtype, keep: list[torch.Tensor]) -> int:
+    """A per-channel vector ``[size]`` in ``dtype`` as the kernels read it: the tensor itself where
+    it is one already (the usual case: weights and activations share the placement's dtype), else
+    a copy kept alive in ``keep``."""
+    if not (t.dtype == dtype and t.is_contiguous() and t.numel() == size and t.is_cpu):
+        t = t.reshape(-1)
+        expect(t, (size,), name)
+        t = t.to(dtype).contiguous()
+        keep.append(t)
+    return t.data_ptr()
+
+
+def _lora_pair(first: torch.Tensor, second: torch.Tensor) -> _LoraPair:
+    """A factor pair as the kernels read it: both fp32 or both bf16, contiguous ``[in, rank]``, ``[rank, out]``."""
+    if first.dim() != 2 or first.dtype not in _FORMATS or not first.is_contiguous():
+        raise TypeError(f"the native LoRA reads contiguous fp32/bf16 factors, not {first.dtype} {list(first.shape)}")
+    expect(second, (first.shape[1], second.shape[-1]), "LoRA second factor", first.dtype)
+    if not second.is_contiguous():
+        raise TypeError("the native LoRA reads contiguous factors")
+    return _LoraPair(first.data_ptr(), second.data_ptr(), *first.shape, second.shape[1], _FORMATS[first.dtype])
+
+
+def _time_mix(w: TimeMixWeights, H: int, N: int, c: Constants, dtype: torch.dtype, keep: list[torch.Tensor]) -> _TimeMix:
+    """What time_mix_core reads besides its activations: ``w``'s vectors in ``dtype``, the head layout, ``c``'s constants."""
+    ptrs = [None if getattr(w, name) is None else _vector(getattr(w, name), H * N, name, dtype, keep) for name in _TM_VECTORS]
+    return _TimeMix(*ptrs, H, N, c.group_norm_eps, c.decay_scale, c.kk_eps)
+
+
+class NativeLayer:
+    """A block's weights as ``decode_layers`` reads them, with the constants it was prepared with;
+    holds every tensor it points to. Matrices and LoRA factors are read in place; the per-channel
+    vectors are fp32 copies where the weights are bf16 (decode computes in fp32)."""
+
+    def __init__(self, w: BlockWeights, n_head: int, head_size: int, c: Constants) -> None:
+        att, ffn = w.att, w.ffn
+        C, keep, f32 = n_head * head_size, [], torch.float32
+        if len(c.att_mixes) != 6:
+            raise ValueError(f"the native decode takes six attention mixes (rwkv7.time_mix), not {len(c.att_mixes)}")
+        vectors = ((w.ln1_weight, "ln1.weight"), (w.ln1_bias, "ln1.bias"), (w.ln2_weight, "ln2.weight"), (w.ln2_bias, "ln2.bias"))
+        matrices = (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value)
+        self.struct = _Layer(
+            *(_vector(t, C, name, f32, keep) for t, name in vectors),
+            (_ptr * 6)(*(_vector(getattr(att, name), C, name, f32, keep) for name in c.att_mixes)),
+            _vector(ffn.x_k, C, "ffn.x_k", f32, keep),
+            _lora_pair(att.w1, att.w2), _lora_pair(att.a1, att.a2), _lora_pair(att.g1, att.g2),
+            _LoraPair() if att.v1 is None or att.v2 is None else _lora_pair(att.v1, att.v2),  # none in the model's first layer
+            *(_mat(m) for m in matrices),
+            _time_mix(att, n_head, head_size, c, f32, keep),
+            C, ffn.key.shape[0], c.ln_eps,
+        )  # fmt: skip
+        keep += [t for t in (att.w1, att.w2, att.a1, att.a2, att.g1, att.g2, att.v1, att.v2) if t is not None]
+        keep += [t for m in matrices for t in ((m.q, m.scale) if isinstance(m, Int8Weight) else (m,))]
+        self._keep = keep
+
+    def check_state(self, s: LayerState, batch: int) -> None:
+        """A layer state as the kernels read it: fp32 ``att_kv [B, H, N, N]``, ``x_prev [B, C]``."""
+        tm = self.struct.tm
+        expect(s.att_kv, (batch, tm.H, tm.N, tm.N), "att_kv", torch.float32)
+        expect(s.att_x_prev, (batch, self.struct.C), "att_x_prev")
+        expect(s.ffn_x_prev, (batch, self.struct.C), "ffn_x_prev")
+
+
+class NativeBlockWeights(BlockWeights):
     """``BlockWeights`` plus the layer's native layout, built once at load (``CpuBackend.prepare_block``).
     ``native`` is a plain attribute, not a field: copies made with ``dataclasses.replace`` (or any
-    other way) lose it, and the backend then runs them through the Python math."""
+    other way) lose it, and the backend then runs them op by op."""
 
-    native: FusedLayer | None = None
+    native: NativeLayer | None = None
 
     @classmethod
-    def wrap(cls, w: BlockWeights, n_head: int, head_size: int) -> FusedBlockWeights:
+    def wrap(cls, w: BlockWeights, n_head: int, head_size: int, c: Constants) -> NativeBlockWeights:
         out = cls(**{f.name: getattr(w, f.name) for f in fields(w)})
-        out.native = FusedLayer(w, n_head, head_size)
+        out.native = NativeLayer(w, n_head, head_size, c)
         return out
 
 
-def decode_blocks(
-    lib: ctypes.CDLL, layers: Sequence[FusedLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
-):
+# ---- ops
+
+
+def _bf16(dtype: torch.dtype) -> int:
+    return int(dtype == torch.bfloat16)
+
+
+def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float, threads: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``Backend.ln_mix`` for ``x [B, T, C]`` in fp32 or bf16 (C a multiple of 16)."""
+    B, T, C = x.shape
+    expect(x, (B, T, C), "x")
+    expect(x_prev, (B, C), "x_prev")
+    keep: list[torch.Tensor] = []
+    w, b = _vector(weight, C, "ln weight", x.dtype, keep), _vector(bias, C, "ln bias", x.dtype, keep)
+    ptrs = (_ptr * max(1, len(mixes)))(*(_vector(m, C, "mix", x.dtype, keep) for m in mixes))
+    xc, prev = x.contiguous(), x_prev.to(x.dtype).contiguous()
+    last, out = torch.empty(B, C, dtype=x.dtype), torch.empty(len(mixes), B, T, C, dtype=x.dtype)
+    checked(library().ln_mix)(B, T, C, xc.data_ptr(), w, b, prev.data_ptr(), ptrs, len(mixes), eps, last.data_ptr(), out.data_ptr(), _bf16(x.dtype), threads)
+    return last, list(out.unbind(0))
+
+
+def _row(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The one row of ``x [..., width]`` as a contiguous fp32 vector (what the one-row kernels read)."""
+    expect(x, (*x.shape[:-1], width), "x")
+    return x.reshape(width).to(torch.float32).contiguous()
+
+
+def project(xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue], residual: torch.Tensor | None, threads: int) -> list[torch.Tensor]:
+    """``Backend.project`` for one row per input (``x [..., in]``), in one native call: the products
+    share one parallel region. Outputs in each input's dtype (``residual``'s with one)."""
+    mats = [_mat(w) for w in weights]
+    rows = [_row(x, mat.cols) for x, mat in zip(xs, mats)]
+    if residual is None:
+        ys = [torch.empty(mat.rows) for mat in mats]
+    else:
+        expect(residual, (*xs[0].shape[:-1], mats[0].rows), "residual")
+        ys = [residual.reshape(-1).to(torch.float32, copy=True)]  # y = residual + ..., in place
+    products = (_Product * len(xs))(
+        *(_Product(ctypes.pointer(m), x.data_ptr(), y.data_ptr(), None if residual is None else y.data_ptr(), int(e)) for m, x, y, e in zip(mats, rows, ys, epilogues))
+    )
+    checked(library().project)(products, len(xs), threads)
+    dtypes = [x.dtype for x in xs] if residual is None else [residual.dtype]
+    return [y.view(*x.shape[:-1], -1).to(dtype) for x, y, dtype in zip(xs, ys, dtypes)]
+
+
+def lora(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.Tensor, Epilogue]], threads: int) -> list[torch.Tensor]:
+    """``Backend.lora`` for one row per input, in one native call (two parallel regions for all pairs)."""
+    factors = [_lora_pair(first, second) for first, second, _ in pairs]
+    rows = [_row(x, pair.in_) for x, pair in zip(xs, factors)]
+    ys = [torch.empty(pair.out) for pair in factors]
+    jobs = (_LoraJob * len(xs))(*(_LoraJob(ctypes.pointer(p), x.data_ptr(), y.data_ptr(), int(act)) for p, x, y, (_, _, act) in zip(factors, rows, ys, pairs)))
+    checked(library().lora)(jobs, len(xs), threads)
+    return [y.view(*x.shape[:-1], -1).to(x.dtype) for x, y in zip(xs, ys)]
+
+
+def time_mix_core(
+    w: TimeMixWeights,
+    kv: torch.Tensor,
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w_lora: torch.Tensor,
+    a_lora: torch.Tensor,
+    g: torch.Tensor,
+    v_lora: torch.Tensor | None,
+    v_first: torch.Tensor | None,
+    c: Constants,
+    threads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Backend.time_mix_core`` for inputs ``[B, T, C]``, all fp32 or all bf16 (head size:
+    :func:`head_fits`), with ``c``'s constants."""
+    B, T, C = r.shape
+    H, N = kv.shape[1], kv.shape[-1]
+    expect(kv, (B, H, N, N), "kv", torch.float32)
+    residual = v_first is not None
+    if residual and (v_lora is None or w.v0 is None):
+        raise InputError("time_mix_core: a value residual needs its LoRA output and v0")
+    named = {"r": r, "k": k, "v": v, "w_lora": w_lora, "a_lora": a_lora, "g": g, "v_lora": v_lora if residual else None, "v_first": v_first}
+    for name, t in named.items():
+        if t is not None:
+            expect(t, (B, T, C), name, r.dtype)
+    keep: list[torch.Tensor] = []
+    tm = _time_mix(w, H, N, c, r.dtype, keep)
+    ptrs = [None if t is None else t.contiguous() for t in named.values()]
+    keep += [t for t in ptrs if t is not None]
+    r_, k_, v_, wl, al, g_, vl, vf = (None if t is None else t.data_ptr() for t in ptrs)
+    kv_in, state, y = kv.contiguous(), torch.empty_like(kv), torch.empty(B, T, C, dtype=r.dtype)
+    checked(library().time_mix_core)(ctypes.byref(tm), B, T, r_, k_, v_, wl, al, vl, g_, vf, kv_in.data_ptr(), state.data_ptr(), y.data_ptr(), _bf16(r.dtype), threads)
+    return y, state, v_first if residual else v
+
+
+def decode_stage(
+    layers: Sequence[NativeLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
+) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]]:
     """``rwkv7.block`` on each layer in turn for ``x [1, 1, C]``, in one native call
-    (``decode_layers``); returns ``(x, v_first, new LayerStates)``. The new states are rows of
-    three stacked buffers (one allocation each instead of three per layer)."""
+    (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``. The new states are
+    rows of three stacked buffers (one allocation each instead of three per layer)."""
     n, C = len(layers), layers[0].struct.C
     if len(states) != n:
         raise InputError(f"native decode: {n} layers but {len(states)} layer states")
@@ -131,18 +351,21 @@ def decode_blocks(
     for layer, s in zip(layers, states):
         layer.check_state(s, 1)
     x32 = x.reshape(C).to(torch.float32, copy=True)
-    vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32, copy=True)  # read, or written by layer 0
+    vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32, copy=True)  # read, or written by the first layer
     att_in, ffn_in = (torch.stack([getattr(s, name).reshape(C) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
     kv_in = [s.att_kv.contiguous() for s in states]
-    att_out, ffn_out, kv_out = torch.empty(n, C), torch.empty(n, C), torch.empty(n, *kv_in[0].shape)
-    checked(lib.decode_layers)(
-        n, (ctypes.c_void_p * n)(*(ctypes.addressof(layer.struct) for layer in layers)), x32.data_ptr(), vf.data_ptr(), att_in.data_ptr(),
-        (ctypes.c_void_p * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(), ffn_out.data_ptr(),
-        threads,
+    att_out, ffn_out, kv_out = torch.empty(n, C), torch.empty(n, C), torch.empty(n, *kv_in[0].shape[1:])
+    checked(library().decode_layers)(
+        n, (_ptr * n)(*(ctypes.addressof(layer.struct) for layer in layers)), int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
+        att_in.data_ptr(), (_ptr * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(),
+        ffn_out.data_ptr(), threads,
     )  # fmt: skip
     att_out, ffn_out = att_out.to(dtype), ffn_out.to(dtype)
-    new_states = [LayerState(att_out[i : i + 1], kv_out[i], ffn_out[i : i + 1]) for i in range(n)]
+    new_states = [LayerState(att_out[i : i + 1], kv_out[i : i + 1], ffn_out[i : i + 1]) for i in range(n)]
     return x32.view(1, 1, C).to(dtype), vf.view(1, 1, C).to(dtype), new_states
+
+
+# ---- many rows, and the scan alone
 
 
 def gemm(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torch.Tensor:
@@ -159,84 +382,43 @@ def gemm(x: torch.Tensor, weight: torch.Tensor, act: str = "none") -> torch.Tens
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 
 
-def _lora(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, act: str = "none") -> torch.Tensor:
-    """``act(x @ first) @ second`` for LoRA factors stored ``[in, rank]`` and ``[rank, out]``."""
-    return gemm(gemm(x, first.t(), act), second.t())
+def lora_gemm(x: torch.Tensor, first: torch.Tensor, second: torch.Tensor, act: Epilogue) -> torch.Tensor:
+    """``act(x @ first) @ second`` for many rows, the activation fused into the first GEMM where oneDNN has it."""
+    fused = {Epilogue.NONE: "none", Epilogue.TANH: "tanh", Epilogue.SIGMOID: "sigmoid"}.get(act)
+    hidden = gemm(x, first.t(), fused) if fused else act.apply(gemm(x, first.t()))
+    return gemm(hidden, second.t())
 
 
-def prefill_block(
-    lib: ctypes.CDLL, layer: FusedLayer, w: BlockWeights, x: torch.Tensor, v_first: torch.Tensor | None, s: LayerState, linear: Linear
-) -> tuple[torch.Tensor, torch.Tensor, LayerState]:
-    """``rwkv7.block`` for ``x [B, T, C]``: the big projections through ``linear`` (the backend's:
-    an int8 GEMM for int8 weights), the LoRAs through :func:`gemm`, the rest in native kernels. GEMM inputs
-    and outputs are in x's dtype, as in the reference; the residual stream stays fp32 inside the
-    block. Returns ``(x, v_first, new LayerState)``."""
-    B, T, C = x.shape
-    dtype, att, ffn, st = x.dtype, w.att, w.ffn, layer.struct
-    expect(x, (B, T, st.C), "x")
-    if v_first is not None:
-        expect(v_first, (B, T, st.C), "v_first")
-    layer.check_state(s, B)
-    bf16, threads, ref = int(dtype == torch.bfloat16), torch.get_num_threads(), ctypes.byref(st)
-    x32 = x.to(torch.float32, copy=True).view(B * T, C)  # updated in place by the kernels
-    xn, mixed = torch.empty(B * T, C), torch.empty(6, B * T, C, dtype=dtype)
-
-    def mix(ln_w: int, ln_b: int, prev: torch.Tensor, mixes: ctypes.Array, add: torch.Tensor | None) -> torch.Tensor:
-        """Fill ``mixed[:len(mixes)]``; returns the state's new x_prev (the last normed row)."""
-        prev32 = prev.to(torch.float32).contiguous()
-        add_ptr = None if add is None else add.data_ptr()
-        lib.prefill_mix(
-            ref, B, T, x32.data_ptr(), add_ptr, ln_w, ln_b, prev32.data_ptr(), ctypes.addressof(mixes), len(mixes), xn.data_ptr(), mixed.data_ptr(), bf16, threads
-        )
-        return xn.view(B, T, C)[:, -1].to(dtype, copy=True)  # a copy: xn is reused
-
-    att_x_prev = mix(st.ln1_w, st.ln1_b, s.att_x_prev, layer.att_mixes, None)
-    xr, xw, xk, xv, xa, xg = mixed
-    r, k, v = linear(xr, att.receptance), linear(xk, att.key), linear(xv, att.value)
-    wl, al, g = _lora(xw, att.w1, att.w2, "tanh"), _lora(xa, att.a1, att.a2), _lora(xg, att.g1, att.g2, "sigmoid")
-    vl = None if v_first is None else _lora(xv, att.v1, att.v2)
-    vf = None if v_first is None else v_first.to(dtype).reshape(B * T, C).contiguous()
-    y, kv = torch.empty(B * T, C, dtype=dtype), torch.empty_like(s.att_kv)
-    ptrs = [None if t is None else t.data_ptr() for t in (r, k, v, wl, al, vl, g, vf)]
-    checked(lib.prefill_wkv)(ref, B, T, *ptrs, s.att_kv.contiguous().data_ptr(), kv.data_ptr(), y.data_ptr(), bf16, threads)
-
-    ffn_x_prev = mix(st.ln2_w, st.ln2_b, s.ffn_x_prev, layer.ffn_mixes, linear(y, att.output))  # x += att out first
-    hidden = linear(mixed[0], ffn.key)
-    lib.relu_square(hidden.numel(), hidden.data_ptr(), bf16, threads)
-    x32 += linear(hidden, ffn.value)
-    return x32.view(B, T, C).to(dtype), v.view(B, T, C) if v_first is None else v_first, LayerState(att_x_prev, kv, ffn_x_prev)
+def int8_gemm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """``x @ w.T`` for ``x [..., in]`` (fp32 or bf16) with activations rounded to int8 per row
+    (``quantize_rows_i8``) and one ``torch._int_mm`` (VNNI): ~3.6x an fp32 GEMM on this machine's
+    AVX512-VNNI cores, and the demo model's held-out perplexity moves by < 0.1%."""
+    lib = library()
+    rows, cols = x.numel() // x.shape[-1], x.shape[-1]
+    expect(x, (*x.shape[:-1], weight.q.shape[1]), "x")
+    xc, bf16, threads = x.contiguous(), _bf16(x.dtype), torch.get_num_threads()
+    xq, step = torch.empty(rows, cols, dtype=torch.int8), torch.empty(rows)
+    lib.quantize_rows_i8(rows, cols, xc.data_ptr(), bf16, xq.data_ptr(), step.data_ptr(), threads)
+    acc = torch._int_mm(xq, weight.q.t())
+    y = torch.empty(rows, weight.q.shape[0], dtype=x.dtype)
+    lib.rescale_i32(rows, weight.q.shape[0], acc.data_ptr(), step.data_ptr(), weight.scale.data_ptr(), y.data_ptr(), bf16, threads)
+    return y.view(*x.shape[:-1], -1)
 
 
-def checked(fn: Callable[..., int]) -> Callable[..., None]:
-    """Call a native entry point that returns nonzero when it refuses its sizes."""
-
-    def call(*args: Any) -> None:
-        if fn(*args):
-            raise InputError(f"native kernel {fn.__name__} refused its arguments (inconsistent dimensions)")
-
-    return call
+def relu_square_(h: torch.Tensor) -> torch.Tensor:
+    """``relu(h) ** 2`` in place for a contiguous fp32 or bf16 tensor (one pass instead of two ops)."""
+    library().relu_square(h.numel(), h.data_ptr(), _bf16(h.dtype), torch.get_num_threads())
+    return h
 
 
-def check_layout(lib: ctypes.CDLL) -> None:
-    """``_Layer``/``_Mat`` must match ``struct Layer``/``Mat`` in kernels/cpu_decode.cpp byte for
-    byte (the kernels read the struct Python fills): compared once, when the library loads."""
-    native = (ctypes.c_int64 * 5)()
-    lib.layer_layout(native)
-    mirror = (ctypes.sizeof(_Mat), ctypes.sizeof(_Layer), _Layer.R.offset, _Layer.C.offset, _Layer.F.offset)
-    if tuple(native) != mirror:
-        raise RuntimeError(f"cpu_fused._Layer does not match struct Layer in kernels/cpu_decode.cpp (sizes and offsets {mirror} vs {tuple(native)})")
-
-
-def declare(lib: ctypes.CDLL) -> None:
-    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.layer_layout.argtypes = [ptr]
-    lib.layer_layout.restype = None
-    check_layout(lib)
-    lib.decode_layers.argtypes = [i64, ptr, *[ptr] * 8, c_int]
-    lib.decode_layers.restype = c_int
-    lib.prefill_mix.argtypes = [ptr, i64, i64, *[ptr] * 6, i64, ptr, ptr, c_int, c_int]
-    lib.prefill_mix.restype = None
-    lib.prefill_wkv.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, c_int]
-    lib.prefill_wkv.restype = c_int
-    lib.relu_square.argtypes = [i64, ptr, c_int, c_int]
-    lib.relu_square.restype = None
+def wkv(kv: torch.Tensor, r: torch.Tensor, decay: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kk: torch.Tensor, a: torch.Tensor, threads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Backend.wkv`` in fp32 (any head size up to :data:`MAX_HEAD_SIZE`); y in fp32."""
+    B, T, H, N = r.shape
+    for name, t in zip(("r", "decay", "k", "v", "kk", "a"), (r, decay, k, v, kk, a)):
+        expect(t, (B, T, H, N), name)
+    expect(kv, (B, H, N, N), "kv")
+    state = kv.to(torch.float32, copy=True).contiguous()
+    r, decay, k, v, kk, a = (t.to(torch.float32).contiguous() for t in (r, decay, k, v, kk, a))
+    y = torch.empty(B, T, H * N, dtype=torch.float32)
+    checked(library().wkv7_f32)(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), threads)
+    return y, state
