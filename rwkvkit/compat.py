@@ -140,7 +140,7 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         nucleus sampler built from ``args``; ``return_result=True`` returns the full
         :class:`GenerationResult` (tokens, final state, metrics).
 
-        A list of prompts (texts or token ids) runs as one batched engine run and returns a list,
+        A list of prompts (texts, or lists of token ids) runs as one batched engine run and returns a list,
         in order. Each prompt continues ``state`` (None: a fresh start) with its own penalties and
         its own seed, as the same calls one by one would have: ``seed=None`` draws one seed per
         prompt from the pipeline's generator, in order; an int seeds every prompt alike; a list
@@ -151,13 +151,13 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         args = args or PIPELINE_ARGS()
         args.check()
         chosen = resolve_sampler(sampler, sampler_options) if sampler is not None else args.sampler()
-        single = isinstance(ctx, str)
-        prompts = [ctx] if single else _prompts(ctx)
+        batch = _prompt_list(ctx)
+        prompts = [ctx] if batch is None else batch
         requests = [
             Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback))
             for prompt, prompt_seed in zip(prompts, self._seeds(seed, len(prompts)))
         ]
-        if single:
+        if batch is None:
             result = generate(self.model, self.tokenizer, **vars(requests[0]))  # its fields are generate's arguments
             return result if return_result else result.text
         results = Engine(self.model, self.tokenizer).generate(requests)
@@ -173,8 +173,11 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         raise InputError(f"seed={seed!r:.80}: expected None, an integer, or one integer per prompt ({n})")
 
 
-def _prompts(ctx: Any) -> list[str | Sequence[int]]:
-    """The prompts of the list form: texts, or token-id sequences."""
-    if not isinstance(ctx, Sequence) or any(isinstance(p, (bytes, int)) or not isinstance(p, Sequence) for p in ctx):
-        raise InputError(f"ctx={ctx!r:.80}: expected a prompt (str) or a list of prompts (texts or lists of token ids)")
-    return list(ctx)
+def _prompt_list(ctx: Any) -> list[str | Sequence[int]] | None:
+    """The prompts of the list form (texts, or lists of token ids), or None when ``ctx`` is one
+    prompt: text, or its token ids."""
+    if isinstance(ctx, str) or not isinstance(ctx, Sequence) or not ctx:
+        return None
+    if all(isinstance(p, str) or (isinstance(p, Sequence) and not isinstance(p, bytes)) for p in ctx):
+        return list(ctx)
+    return None

@@ -93,7 +93,8 @@ def _sample(sampler: Sampler, scores: torch.Tensor, ctxs: list[SampleContext]) -
     tokens = list(sampler.sample_batch(scores, ctxs))
     if len(tokens) != len(ctxs):
         name = getattr(sampler, "name", "") or "?"
-        raise PluginError(f"sampler {name!r} ({type(sampler).__qualname__}) returned {len(tokens)} tokens from sample_batch for {len(ctxs)} rows")
+        where = f"{type(sampler).__module__}.{type(sampler).__qualname__}"
+        raise PluginError(f"sampler {name!r} ({where}) returned {len(tokens)} tokens from sample_batch for {len(ctxs)} rows")
     return tokens
 
 
@@ -181,14 +182,17 @@ class Engine:
     # --- the parts of a step ----------------------------------------------------------------
 
     def _prepare(self, requests: Sequence[Request]) -> list[Generation]:
+        """Check every request before queueing any (a refused list leaves nothing behind)."""
         gens: list[Generation] = []
+        in_use = {id(g.request.penalties) for g in [*self._waiting, *self._active]}
         for request in requests:
             if not isinstance(request, Request):
                 raise InputError(f"expected an rwkvkit.engine.Request, got {type(request).__name__}")
-            g = Generation(request, self.model, self.tokenizer, self._default_chunk)
-            if request.penalties is not None and any(o.request.penalties is request.penalties for o in [*self._waiting, *self._active, *gens]):
-                raise InputError("two requests in flight share one Penalties object: its counts are per sequence, give each request its own")
-            gens.append(g)
+            gens.append(Generation(request, self.model, self.tokenizer, self._default_chunk))
+            if request.penalties is not None:
+                if id(request.penalties) in in_use:
+                    raise InputError("two requests in flight share one Penalties object: its counts are per sequence, give each request its own")
+                in_use.add(id(request.penalties))
         return gens
 
     def _enqueue(self, gens: list[Generation]) -> list[Handle]:
@@ -220,7 +224,7 @@ class Engine:
     def _start(self, g: Generation) -> None:
         g.start()
         hit = self.cache.lookup(g.ids) if self.cache is not None and g.request.state is None else None
-        if hit is not None and hit.length > 0:
+        if hit is not None:
             g.state = self.model.adopt_state(hit.state)
             g.advance_prefill(hit.length)
             if not g.prefilling:  # the whole prompt: no forward at all

@@ -10,10 +10,12 @@ files they opened are closed.
 from __future__ import annotations
 
 import codecs
+import operator
 import random
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from rwkvkit.errors import InputError, PluginError
@@ -147,6 +149,25 @@ def _checked_id(token: Any, sampler: Sampler, vocab_size: int) -> int:
     return int(token)
 
 
+def _prompt_ids(prompt: str | Sequence[int], tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """The prompt's token ids, checked when the request is submitted (not when its turn comes)."""
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    else:
+        try:
+            ids = None if isinstance(prompt, bytes) else [operator.index(t) for t in prompt]
+        except TypeError:
+            ids = None
+        if ids is None or any(isinstance(t, (bool, np.bool_)) for t in prompt):
+            raise InputError(f"prompt={prompt!r:.80}: expected text or a sequence of integer token ids")
+    if not ids:
+        raise InputError("the prompt is empty: generation needs at least one prompt token")
+    bad = next((i for i in ids if not 0 <= i < vocab_size), None)
+    if bad is not None:
+        raise InputError(f"token id {bad} is out of range: the model's vocabulary has ids 0..{vocab_size - 1}")
+    return ids
+
+
 _FLUSHED = frozenset({"length", "stop_token", "cancelled"})  # normal ends: held-back text is released
 
 
@@ -165,9 +186,9 @@ class Generation:
         self.stop_ids, stop_strings = split_stops(r.stop_tokens)
         self.penalties = r.penalties or Penalties()
         self.penalties.check(model.spec.vocab_size)
-        self.ids = tokenizer.encode(r.prompt) if isinstance(r.prompt, str) else list(r.prompt)
-        if not self.ids:
-            raise InputError("the prompt is empty: generation needs at least one prompt token")
+        if r.seed is not None and not is_int(r.seed):
+            raise InputError(f"seed={r.seed!r:.80}: expected an integer, or None for a random seed")
+        self.ids = _prompt_ids(r.prompt, tokenizer, model.spec.vocab_size)
         self.request, self.tokenizer, self.vocab_size = r, tokenizer, model.spec.vocab_size
         self.chunk = r.chunk_len or default_chunk
         self.seed = random.SystemRandom().randrange(2**63) if r.seed is None else r.seed
