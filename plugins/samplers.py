@@ -64,23 +64,32 @@ def _nucleus_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
     The sum is numpy's float32 running sum, as ChatRWKV's is (torch's CPU cumsum accumulates in
     double, which can move the cutoff). Only a sorted prefix holding the cutoff is summed: the top
-    64 probabilities, then 16x as many for the rows not reached yet, up to all of them, so a
+    64 probabilities, then the top 1,024 for the rows not reached yet, then whole rows, so a
     peaked row costs a small top-k rather than a sort of the whole vocabulary.
     """
     batch, vocab = probs.shape
     cutoff = np.zeros(batch, dtype=np.float32)
     rows = np.arange(batch)
-    width = min(64, vocab)
-    while len(rows):
+    for width in (64, 1024, vocab):
         candidates = probs if len(rows) == batch else probs[torch.from_numpy(rows).to(probs.device)]
-        top = candidates.topk(width, dim=-1).values.cpu().numpy()
+        top = _largest(candidates, min(width, vocab))
         reached = np.cumsum(top, axis=-1) >= top_p
         hit = reached.any(axis=-1)
         cutoff[rows[hit]] = top[hit, reached[hit].argmax(axis=-1)]
-        if width == vocab:
+        rows = rows[~hit]
+        if not len(rows) or width >= vocab:
             break
-        rows, width = rows[~hit], min(vocab, width * 16)
     return torch.from_numpy(cutoff).to(probs.device)[:, None]
+
+
+def _largest(probs: torch.Tensor, width: int) -> np.ndarray:
+    """The ``width`` largest values of each row, descending, as numpy (whole rows on the CPU by
+    numpy's values-only sort, ~3x faster than torch's sort, which also orders the indices)."""
+    if width < probs.shape[-1]:
+        return probs.topk(width, dim=-1).values.cpu().numpy()
+    if probs.device.type == "cpu":
+        return np.sort(probs.numpy(), axis=-1)[:, ::-1]
+    return probs.sort(dim=-1, descending=True).values.cpu().numpy()
 
 
 def _top_k_mask(probs: torch.Tensor, k: int) -> torch.Tensor:
@@ -100,6 +109,12 @@ def _draw(weights: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
     return [int(torch.multinomial(w.to(c.generator.device), 1, generator=c.generator)) for w, c in zip(weights, ctxs)]
 
 
+# Rows per CPU pass hold at most this many bytes of double weights: whole [64, 65536] batches
+# (32 MB a tensor) spill the caches, and the allocator maps and page-faults every such tensor
+# afresh, which made a batch slower than a loop over its rows.
+CPU_PASS_BYTES = 1 << 21
+
+
 class _BatchSampler(Sampler):
     """A built-in sampler: ``sample_batch`` does the work, vectorised over the rows, and ``sample``
     is that on one row, so a sequence draws the same tokens alone and in any batch."""
@@ -108,8 +123,11 @@ class _BatchSampler(Sampler):
         return self.sample_batch(logits[None], [ctx])[0]
 
     def sample_batch(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
+        """All rows in one pass on an accelerator (one launch per op); on the CPU, passes of
+        ``CPU_PASS_BYTES``. Rows never interact, so the split changes no token."""
         check_sample_batch(logits, ctxs)
-        return self._sample_rows(logits, ctxs)
+        step = max(1, len(ctxs) if logits.device.type != "cpu" else CPU_PASS_BYTES // (8 * logits.shape[-1]))
+        return [token for i in range(0, len(ctxs), step) for token in self._sample_rows(logits[i : i + step], ctxs[i : i + step])]
 
     @abstractmethod
     def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:

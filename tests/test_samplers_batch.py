@@ -16,7 +16,15 @@ from rwkvkit.plugins import samplers
 from rwkvkit.plugins.samplers import nucleus_keep, row_sum, sharpen
 
 OPTIONS = {
-    "nucleus": [{}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 1.3, "top_p": 0.5, "top_k": 40}, {"top_p": 1.0}, {"top_p": 0.0, "temperature": 2.0}, {"temperature": 0}, {"temperature": 0.005, "top_p": 0.999}],
+    "nucleus": [
+        {},
+        {"temperature": 0.7, "top_p": 0.9},
+        {"temperature": 1.3, "top_p": 0.5, "top_k": 40},
+        {"top_p": 1.0},
+        {"top_p": 0.0, "temperature": 2.0},
+        {"temperature": 0},
+        {"temperature": 0.005, "top_p": 0.999},  # sharpen's log-space weights
+    ],
     "greedy": [{}],
     "min_p": [{}, {"min_p": 0.2, "temperature": 0.8}, {"min_p": 0.0, "temperature": 1e-3}, {"temperature": 0}],
     "typical": [{}, {"typical_p": 0.5, "temperature": 1.2}, {"temperature": 0}],
@@ -72,13 +80,19 @@ def test_sample_batch_equals_separate_samples(name, options):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIONS))
+def test_cpu_passes_of_a_few_rows_change_no_token(name, monkeypatch):
+    monkeypatch.setattr(samplers, "CPU_PASS_BYTES", 8 * 3000 * 3)  # passes of 3, 3 and 1 rows
+    assert_same_draws(builtin_samplers()[name](), batch=7, vocab=3000, steps=6)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_sample_batch_equals_separate_samples_at_the_world_vocabulary(name):
     """65,536 tokens on two threads: a lone row's reductions split across threads (sum() would
     give other bits than the same row in a batch), and the nucleus prefix grows to the full sort."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert_same_draws(builtin_samplers()[name](), batch=4, vocab=65536, steps=2)
+        assert_same_draws(builtin_samplers()[name](), batch=6, vocab=65536, steps=2)  # passes of 4 and 2 rows
     finally:
         torch.set_num_threads(threads)
 
@@ -182,7 +196,8 @@ def test_nucleus_keep_is_bit_identical_to_chatrwkvs_numpy_cutoff(top_p, top_k):
 
 def test_nucleus_keep_batched_rows_equal_rows_alone():
     """Rows that stop at different prefix widths in one batch (peaked: 64; flat: the whole row)."""
-    probs = torch.softmax(torch.randn(6, 65536, generator=torch.Generator().manual_seed(3)) * torch.tensor([[8.0], [0.1], [3.0], [0.0], [1.0], [30.0]]), -1)
+    scales = torch.tensor([[8.0], [0.1], [3.0], [0.0], [1.0], [30.0]])
+    probs = torch.softmax(torch.randn(6, 65536, generator=torch.Generator().manual_seed(3)) * scales, -1)
     for top_p, top_k in [(0.85, 0), (0.999, 0), (1.0, 50), (0.0, 0)]:
         batched = nucleus_keep(probs, top_p, top_k)
         for i, row in enumerate(probs):
