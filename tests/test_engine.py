@@ -24,6 +24,11 @@ from test_bad_generation import spell
 from test_generation import Scripted
 
 STRATEGIES = {"torch": "cpu fp32", "cpu": "cpu fp32", "int8": "cpu fp32i8"}
+# int8 rounds a lone row's activations to 16 bits (the matrix-vector kernel) but several rows' to
+# 8 bits (per-row int8 GEMM), so a batched row is not its batch-1 self until decoded rows take
+# the lone row's rounding (the backend change proposed with this test); strict: passing flags it
+INT8_BATCH = pytest.mark.xfail(strict=True, reason="int8 backend: batched decode rows rounded to 8 bits, a lone row to 16")
+BACKENDS = [pytest.param(b, marks=INT8_BATCH) if b == "int8" else b for b in sorted(STRATEGIES)]
 BUDGET = 128  # prefill tokens per step: the 600-token prompt takes 5 steps, decoding the others meanwhile
 TOKENS = 24
 LENGTHS = (1, 600, 37, 5)
@@ -94,7 +99,7 @@ class Recorder(Callback):
 
 
 @pytest.mark.parametrize("mode", ["greedy", "nucleus"])
-@pytest.mark.parametrize("backend", sorted(STRATEGIES))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model_name", ["world", "demo"])
 def test_batch_of_mixed_lengths_equals_each_prompt_alone(load, model_name, backend, mode):
     model, tok = load(model_name, backend)
@@ -106,14 +111,17 @@ def test_batch_of_mixed_lengths_equals_each_prompt_alone(load, model_name, backe
     assert [len(r.tokens) for r in batched] == [TOKENS] * len(reqs)
 
 
-@pytest.mark.parametrize("backend", sorted(STRATEGIES))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_decode_logits_match_alone(load, backend):
-    """One decode step of 6 sequences in a batch against each alone. The only difference allowed
-    is the order the backend sums each dot product's K terms in (a blocked matrix product for B
-    rows, a matrix-vector product for one): that changes an fp32 result by at most
+    """One decode step of 6 sequences in a batch against each alone. In fp32 the only difference
+    allowed is the order the backend sums each dot product's K terms in (a blocked matrix product
+    for B rows, a matrix-vector product for one): an fp32 result moves by at most
     ~K * 2**-24 * sum|terms| (K <= dim_ffn = 4 * C), a few ulps of the logits after the
-    normalisations between layers. 1e-4 of the logits' scale is ~100x what is measured (~1e-6)
-    and far below the top-two gaps that decide tokens."""
+    normalisations between layers; 1e-4 of the logits' scale is ~100x what is measured (~1e-6)
+    and far below the top-two gaps that decide tokens. int8 rounds each row's activations to 16
+    bits before its matrix products (a step of 2**-15 of the row's largest value), and an ulp of
+    difference upstream can move a value across one such step: measured ~6e-5, allowed 5e-4."""
+    tolerance = 5e-4 if backend == "int8" else 1e-4
     model, _ = load("world", backend)
     states, tokens = [], []
     for ids in prompts(model, (1, 600, 37, 5, 2, 64), seed=1):
@@ -123,7 +131,7 @@ def test_batched_decode_logits_match_alone(load, backend):
     batched, _ = model.forward(torch.tensor(tokens)[:, None], State.cat(states))
     for row, (token, state) in enumerate(zip(tokens, states)):
         single, _ = model.forward([token], state)
-        assert torch.allclose(batched[row], single, rtol=0, atol=1e-4 * float(single.abs().max()))
+        assert torch.allclose(batched[row], single, rtol=0, atol=tolerance * float(single.abs().max()))
 
 
 def test_long_prompt_advances_by_the_budget_while_others_decode(load):
