@@ -86,7 +86,7 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
     math, only summation order differs (2e-5 as for the oracle). int8: both paths share the int8
     kernel, which rounds x to int16 steps of max|x|/32767; fp32-level differences in x can move an
     element across a step, so 1e-4 (measured 3e-5). bf16: the
-    fused kernel computes activations in fp32 where the Python path rounds each op to bf16 (2^-9),
+    native stage computes activations in fp32 where the torch ops round each step to bf16 (2^-9),
     so they differ by bf16 noise (measured ~8e-3 of the logit scale over 20 steps)."""
     seq = torch.randint(0, 65536, (30,), generator=torch.Generator().manual_seed(0)).tolist()
     model = RWKV(model_paths["world"], spec, backend=backend)
@@ -106,6 +106,25 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
     kv, ref_kv = fused_state.layers[-1].att_kv, ref_state.layers[-1].att_kv
     assert float((kv - ref_kv).abs().max() / ref_kv.abs().max()) < tol * 5
     assert fused_state.layers[0].att_x_prev.dtype == ref_state.layers[0].att_x_prev.dtype
+
+
+@pytest.mark.parametrize("spec, backend", [("cpu fp32", "cpu"), ("cpu fp32i8", "int8")])
+def test_fused_stage_is_the_ops_composed(model_paths, spec, backend):
+    """decode_layers calls the very kernels of the op entry points, in rwkv7.block's order: with
+    fp32 activations (nothing to round between ops) it equals rwkv7.block over the backend's ops,
+    one Python call per op, bit for bit."""
+    model = RWKV(model_paths["world"], spec, backend=backend)
+    stage = model.stages[0]
+    _, state = model.forward([1, 2, 3], None)
+    x = torch.randn(1, 1, model.spec.n_embd, generator=torch.Generator().manual_seed(0))
+    fused = stage.ops.fused_stage(stage.blocks, x, None, state.layers)
+    y, v_first, layers = x, None, []
+    for w, s in zip(stage.blocks, state.layers):
+        y, v_first, s = rwkv7.block(stage.ops, w, y, v_first, s)
+        layers.append(s)
+    assert torch.equal(fused[0], y) and torch.equal(fused[1], v_first)
+    for a, b in zip(fused[2], layers):
+        assert all(torch.equal(s, t) for s, t in zip(a.tensors(), b.tensors()))
 
 
 def _block_inputs(model: RWKV, layer: int, B: int, T: int, seed: int):
@@ -132,8 +151,8 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("B, T", [(1, 2), (1, 3), (2, 1), (1, 64), (2, 300)])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_fused_prefill_block_matches_the_python_math_fp32(model_paths, B, T, layer):
-    """fp32 both ways; the kernels sum in another order, use FMA and a polynomial exp (~2 ulp):
+def test_block_over_the_native_ops_matches_the_torch_ops_fp32(model_paths, B, T, layer):
+    """rwkv7.block over the backend's ops against the torch ops. fp32 both ways; the kernels sum in another order, use FMA and a polynomial exp (~2 ulp):
     measured ~1e-6 relative, so the oracle's 2e-5 holds with margin for x, v_first and the state."""
     model = RWKV(model_paths["world"], "cpu fp32", backend="cpu")
     ops = model.stages[0].ops
@@ -147,10 +166,10 @@ def test_fused_prefill_block_matches_the_python_math_fp32(model_paths, B, T, lay
 
 @pytest.mark.parametrize("B, T", [(1, 3), (1, 64), (2, 300)])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_fused_prefill_block_bf16_is_as_accurate_as_the_python_math(model_paths, B, T, layer):
+def test_block_over_the_native_ops_in_bf16_is_as_accurate_as_the_torch_ops(model_paths, B, T, layer):
     """bf16: the kernels keep activations in fp32 inside each op, where the torch ops round every
     step to bf16, so the two differ by bf16 noise. Both are measured against the fp32 math on
-    the same (bf16-valued) weights and inputs: the fused path must be no less accurate (1.5x, as
+    the same (bf16-valued) weights and inputs: the native ops must be no less accurate (1.5x, as
     the oracle parity test allows) plus 2e-3 of slack for the GEMM inputs' rounding."""
     model = RWKV(model_paths["world"], "cpu bf16", backend="cpu")
     ops = model.stages[0].ops
@@ -169,8 +188,8 @@ def test_fused_prefill_block_bf16_is_as_accurate_as_the_python_math(model_paths,
 @pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 2e-5), ("cpu fp32i8", "int8", 0.03), ("cpu bf16", "cpu", 0.03), ("cpu bf16i8", "int8", 0.03)])
 def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatch, spec, backend, tol):
     """Whole-model prefill in chunks of 1, 2, 64 and 93 tokens for a batch of 2, the state carried
-    between chunks, against the same model with the Python block, logits and every state tensor.
-    fp32: 2e-5 as for the oracle (measured 5e-7). bf16: the Python path rounds each op to bf16, so
+    between chunks, against the same model over the torch ops, logits and every state tensor.
+    fp32: 2e-5 as for the oracle (measured 5e-7). bf16: the torch ops round each step to bf16, so
     the two differ by bf16 noise over 160 tokens and 3 layers (measured 8e-3; 0.03 as for fused
     decode). fp32i8: both paths round GEMM inputs to int8 per row, and a last-bit difference can
     move an activation across a rounding boundary, one step (1/127 of its row's max) apart
