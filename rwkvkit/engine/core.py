@@ -149,7 +149,8 @@ class Engine:
 
     def generate(self, requests: Sequence[Request]) -> list[GenerationResult]:
         """Run ``requests`` (with anything already submitted) to the end; their results in order.
-        The first request that ended with an error has that error raised, after all have ended."""
+        If some ended with an error, the first one's is raised once all have ended (``submit``
+        and the handles keep every result)."""
         handles = self._enqueue(self._prepare(requests))
         self.run()
         for handle in handles:
@@ -184,7 +185,7 @@ class Engine:
     def _prepare(self, requests: Sequence[Request]) -> list[Generation]:
         """Check every request before queueing any (a refused list leaves nothing behind)."""
         gens: list[Generation] = []
-        in_use = {id(g.request.penalties) for g in [*self._waiting, *self._active]}
+        in_use = {id(g.request.penalties) for g in [*self._waiting, *self._active] if g.request.penalties is not None}
         for request in requests:
             if not isinstance(request, Request):
                 raise InputError(f"expected an rwkvkit.engine.Request, got {type(request).__name__}")
