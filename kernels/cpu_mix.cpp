@@ -31,13 +31,13 @@ template <class T>
 void ln_mix_rows(int64_t B, int64_t Tn, int64_t C, const T* x, const T* w, const T* b, const T* prev, const T* const* mixes, int64_t n_mix,
                  float eps, T* last, T* out, int threads) {
     const int64_t rows = B * Tn;
-    std::vector<float> xn(rows * C);
+    const auto xn = scratch<float>(rows * C);
     parallel(rows * C * (n_mix + 1) >= kParallelFloats, threads, [&](int64_t tid, int64_t nth) {
         const int64_t lo = rows * tid / nth, hi = rows * (tid + 1) / nth;
-        for (int64_t row = lo; row < hi; ++row) norm_row(x + row * C, w, b, C, eps, xn.data() + row * C);
+        for (int64_t row = lo; row < hi; ++row) norm_row(x + row * C, w, b, C, eps, xn.get() + row * C);
 #pragma omp barrier
         for (int64_t row = lo; row < hi; ++row) {
-            const float* cur = xn.data() + row * C;
+            const float* cur = xn.get() + row * C;
             const bool first = row % Tn == 0;
             for (int64_t c = 0; c < C; c += kLanes) {
                 const v16 xc = vload(cur + c), dx = (first ? vload(prev + row / Tn * C + c) : vload(cur - C + c)) - xc;

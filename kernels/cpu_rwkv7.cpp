@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <immintrin.h>
+#include <memory>
 #include <omp.h>
 #include <vector>
 
@@ -40,6 +41,12 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as torch does
     uint32_t bits;
     std::memcpy(&bits, &f, 4);
     return uint16_t((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+// An uninitialized buffer (std::vector would zero it: a wasted pass over prefill-sized scratch)
+template <class T>
+std::unique_ptr<T[]> scratch(size_t n) {
+    return std::unique_ptr<T[]>(new T[n]);
 }
 
 inline float to_f32(float v) { return v; }
@@ -404,9 +411,9 @@ void vector_products(const VecMat* jobs, int64_t n, int threads) {
 void lora_products(const LoraJob* jobs, int64_t n, int threads) {
     int64_t width = 0;
     for (int64_t i = 0; i < n; ++i) width += jobs[i].pair->rank;
-    std::vector<float> hidden(width);
+    const auto hidden = scratch<float>(width);
     std::vector<VecMat> down(n), up(n);
-    float* h = hidden.data();
+    float* h = hidden.get();
     for (int64_t i = 0; i < n; ++i) {
         const LoraPair& p = *jobs[i].pair;
         down[i] = {jobs[i].x, p.first, p.in, p.rank, p.format, h};

@@ -32,14 +32,23 @@ from rwkvkit.state import LayerState
 from rwkvkit.strategy import Placement
 
 
-def _native(*ts: torch.Tensor | None) -> bool:
-    """Whether the kernels read these activations: CPU tensors, all fp32 or all bf16."""
-    present = [t for t in ts if t is not None]
-    return cpu.library() is not None and all(t.device.type == "cpu" and t.dtype == present[0].dtype for t in present) and present[0].dtype in cpu.DTYPES
+def _native(first: torch.Tensor, *ts: torch.Tensor | None) -> bool:
+    """Whether the kernels read these activations: CPU tensors, all fp32 or all bf16 (a plain
+    loop: this runs several times per layer and token)."""
+    dtype = first.dtype
+    if dtype not in cpu.DTYPES or not first.is_cpu or cpu.library() is None:
+        return False
+    for t in ts:
+        if t is not None and (t.dtype != dtype or not t.is_cpu):
+            return False
+    return True
 
 
 def _one_row(xs: Sequence[torch.Tensor]) -> bool:
-    return all(x.numel() == x.shape[-1] for x in xs)
+    for x in xs:
+        if x.numel() != x.shape[-1]:
+            return False
+    return True
 
 
 class CpuBackend(TorchBackend):
@@ -95,7 +104,7 @@ class CpuBackend(TorchBackend):
         if _one_row(xs) and all(map(cpu.takes_matrix, weights)):
             return cpu.project(xs, weights, epilogues, residual, self.threads)
         ys = [self._activate(self.linear(x, w), e) for x, w, e in zip(xs, weights, epilogues)]
-        return ys if residual is None else [residual + ys[0].to(residual.dtype)]
+        return ys if residual is None else [ys[0].to(residual.dtype).add_(residual)]  # a fresh tensor: added in place
 
     @staticmethod
     def _activate(y: torch.Tensor, epilogue: Epilogue) -> torch.Tensor:
