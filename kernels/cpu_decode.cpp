@@ -70,14 +70,17 @@ void decode_layer(const Layer* L, bool residual, float* x, float* v_first, const
 extern "C" {
 
 // The layout Python's ctypes mirrors must have (rwkvkit/native/cpu.py checks it at load): the
-// structs' sizes, then offsets of fields spread over Layer and TimeMix.
-void layer_layout(int64_t* out) {
+// structs' sizes, then offsets of fields spread over Layer and TimeMix. Writes at most n values;
+// returns how many there are.
+int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t values[] = {
-        sizeof(Mat),           sizeof(Product),        sizeof(LoraPair),      sizeof(LoraJob),     sizeof(TimeMix),
-        sizeof(Layer),         offsetof(Layer, att_mixes), offsetof(Layer, w), offsetof(Layer, R), offsetof(Layer, tm),
-        offsetof(Layer, C),    offsetof(Layer, ln_eps), offsetof(TimeMix, H), offsetof(TimeMix, kk_eps),
+        sizeof(Mat),        sizeof(Product),        sizeof(LoraPair),           sizeof(LoraJob),    sizeof(TimeMix),
+        sizeof(Layer),      offsetof(Layer, att_mixes), offsetof(Layer, w),     offsetof(Layer, R), offsetof(Layer, tm),
+        offsetof(Layer, C), offsetof(Layer, ln_eps), offsetof(TimeMix, H),      offsetof(TimeMix, kk_eps),
     };
-    std::memcpy(out, values, sizeof values);
+    const int64_t count = sizeof values / sizeof values[0];
+    std::memcpy(out, values, sizeof(int64_t) * std::min(std::max(n, int64_t(0)), count));
+    return count;
 }
 
 // A stage's n layers for one token, in order. att_in / ffn_in / att_out / ffn_out are [n, C]

@@ -253,16 +253,17 @@ __attribute__((target("avx512f,avx512bw"))) void rows_i8_avx512(const Product& p
 }
 
 template <class W, class X>
-void rows_portable(const Product& p, const X* x, float factor, int64_t lo, int64_t hi) {
+void rows_portable(const Product& p, const X* x, int64_t lo, int64_t hi) {
     const W* M = static_cast<const W*>(p.m->w);
     const int64_t cols = p.m->cols;
     for (int64_t o = lo; o < hi; ++o) {
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < cols; ++c) sum += float(to_f32(M[o * cols + c])) * float(to_f32(x[c]));
-        store(p, o, p.m->format == I8 ? sum * factor * p.m->scale[o] : sum);
+        for (int64_t c = 0; c < cols; ++c) sum += to_f32(M[o * cols + c]) * to_f32(x[c]);
+        store(p, o, p.m->format == I8 ? sum * p.m->scale[o] : sum);
     }
 }
+
 // A product's input in the form its row kernel reads: bf16 for bf16 weights, int16 steps for int8
 // weights on a VNNI CPU, else the fp32 input itself.
 struct Input {
@@ -291,7 +292,7 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
             if (has_bf16_dot())
                 rows_bf16_avx512(p, in.bf16.data(), lo, hi);
             else
-                rows_portable<uint16_t>(p, in.bf16.data(), 1.f, lo, hi);
+                rows_portable<uint16_t>(p, in.bf16.data(), lo, hi);
             break;
         case I8:
             if (has_vnni())
@@ -299,13 +300,13 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
             else if (has_avx512())
                 rows_i8_avx512(p, lo, hi);
             else
-                rows_portable<int8_t>(p, p.x, 1.f, lo, hi);
+                rows_portable<int8_t>(p, p.x, lo, hi);
             break;
         default:
             if (has_avx512())
                 rows_f32_avx512(p, lo, hi);
             else
-                rows_portable<float>(p, p.x, 1.f, lo, hi);
+                rows_portable<float>(p, p.x, lo, hi);
     }
 }
 

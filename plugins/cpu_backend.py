@@ -71,7 +71,7 @@ class CpuBackend(TorchBackend):
         """The block's weights plus their native layout for the decode stage
         (:class:`~rwkvkit.native.cpu.NativeBlockWeights`), built once here from the checkpoint's
         head layout and the architecture's constants; the weights as they are where it cannot run them."""
-        if cpu.library() is None or not cpu.head_fits(spec.head_size) or len(constants.att_mixes) != 6:
+        if cpu.library() is None or not cpu.head_fits(spec.head_size):
             return weights
         att, ffn = weights.att, weights.ffn
         if not all(map(cpu.takes_matrix, (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value))):
@@ -119,19 +119,9 @@ class CpuBackend(TorchBackend):
         return [cpu.lora_gemm(x, first, second, act) for x, (first, second, act) in zip(xs, pairs)]
 
     def time_mix_core(
-        self,
-        w: TimeMixWeights,
-        kv: torch.Tensor,
-        r: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        w_lora: torch.Tensor,
-        a_lora: torch.Tensor,
-        g: torch.Tensor,
-        v_lora: torch.Tensor | None,
-        v_first: torch.Tensor | None,
-        c: Constants,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self, w: TimeMixWeights, kv: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_lora: torch.Tensor, a_lora: torch.Tensor,
+        g: torch.Tensor, v_lora: torch.Tensor | None, v_first: torch.Tensor | None, c: Constants,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         args = (w, kv, r, k, v, w_lora, a_lora, g, v_lora, v_first, c)
         if not _native(r, k, v, w_lora, a_lora, g, v_lora, v_first) or not cpu.head_fits(kv.shape[-1]):
             return super().time_mix_core(*args)

@@ -41,7 +41,6 @@ DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels re
 MAX_HEAD_SIZE = 64  # the scans keep a head's N x N state in fixed local arrays
 _F32, _BF16, _I8 = 0, 1, 2  # enum Format
 _FORMATS = {torch.float32: _F32, torch.bfloat16: _BF16}
-_LORA_ACTS = (Epilogue.TANH, Epilogue.NONE, Epilogue.SIGMOID, Epilogue.NONE)  # the decay, rate, gate, value-residual LoRAs (rwkv7.time_mix)
 
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
 
@@ -98,7 +97,7 @@ def library() -> ctypes.CDLL | None:
 def _declare(lib: ctypes.CDLL) -> None:
     c_int = ctypes.c_int
     signatures = {
-        "layer_layout": ([_ptr], None),
+        "layer_layout": ([_ptr, _i64], _i64),
         "project": ([_ptr, _i64, c_int], c_int),
         "lora": ([_ptr, _i64, c_int], c_int),
         "ln_mix": ([_i64, _i64, _i64, *[_ptr] * 5, _i64, _f32, _ptr, _ptr, c_int, c_int], c_int),
@@ -126,8 +125,8 @@ def check_layout(lib: ctypes.CDLL) -> None:
     read the structs Python fills): compared once, when the library loads."""
     mirror = _layout()
     native = (ctypes.c_int64 * len(mirror))()
-    lib.layer_layout(native)
-    if tuple(native) != mirror:
+    count = lib.layer_layout(native, len(mirror))
+    if count != len(mirror) or tuple(native) != mirror:
         raise RuntimeError(f"the ctypes mirror _Layer does not match struct Layer in kernels/cpu_decode.cpp (sizes and offsets {mirror} vs {tuple(native)})")
 
 
@@ -269,6 +268,8 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: to
 def _row(x: torch.Tensor, width: int) -> torch.Tensor:
     """The one row of ``x [..., width]`` as a contiguous fp32 vector (what the one-row kernels read)."""
     expect(x, (*x.shape[:-1], width), "x")
+    if x.numel() != width:
+        raise InputError(f"native kernel input x: got {list(x.shape)}, expected one row")
     return x.reshape(width).to(torch.float32).contiguous()
 
 
@@ -301,19 +302,9 @@ def lora(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.T
 
 
 def time_mix_core(
-    w: TimeMixWeights,
-    kv: torch.Tensor,
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    w_lora: torch.Tensor,
-    a_lora: torch.Tensor,
-    g: torch.Tensor,
-    v_lora: torch.Tensor | None,
-    v_first: torch.Tensor | None,
-    c: Constants,
-    threads: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w: TimeMixWeights, kv: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w_lora: torch.Tensor, a_lora: torch.Tensor,
+    g: torch.Tensor, v_lora: torch.Tensor | None, v_first: torch.Tensor | None, c: Constants, threads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``Backend.time_mix_core`` for inputs ``[B, T, C]``, all fp32 or all bf16 (head size:
     :func:`head_fits`), with ``c``'s constants."""
     B, T, C = r.shape
@@ -322,17 +313,15 @@ def time_mix_core(
     residual = v_first is not None
     if residual and (v_lora is None or w.v0 is None):
         raise InputError("time_mix_core: a value residual needs its LoRA output and v0")
-    named = {"r": r, "k": k, "v": v, "w_lora": w_lora, "a_lora": a_lora, "g": g, "v_lora": v_lora if residual else None, "v_first": v_first}
-    for name, t in named.items():
-        if t is not None:
-            expect(t, (B, T, C), name, r.dtype)
+    acts = {"r": r, "k": k, "v": v, "w_lora": w_lora, "a_lora": a_lora, "g": g, **({"v_lora": v_lora, "v_first": v_first} if residual else {})}
+    for name, t in acts.items():
+        expect(t, (B, T, H * N), name, r.dtype)
     keep: list[torch.Tensor] = []
     tm = _time_mix(w, H, N, c, r.dtype, keep)
-    ptrs = [None if t is None else t.contiguous() for t in named.values()]
-    keep += [t for t in ptrs if t is not None]
-    r_, k_, v_, wl, al, g_, vl, vf = (None if t is None else t.data_ptr() for t in ptrs)
+    acts = {name: t.contiguous() for name, t in acts.items()}
+    ptrs = (acts[name].data_ptr() if name in acts else None for name in ("r", "k", "v", "w_lora", "a_lora", "v_lora", "g", "v_first"))
     kv_in, state, y = kv.contiguous(), torch.empty_like(kv), torch.empty(B, T, C, dtype=r.dtype)
-    checked(library().time_mix_core)(ctypes.byref(tm), B, T, r_, k_, v_, wl, al, vl, g_, vf, kv_in.data_ptr(), state.data_ptr(), y.data_ptr(), _bf16(r.dtype), threads)
+    checked(library().time_mix_core)(ctypes.byref(tm), B, T, *ptrs, kv_in.data_ptr(), state.data_ptr(), y.data_ptr(), _bf16(r.dtype), threads)
     return y, state, v_first if residual else v
 
 
