@@ -3,7 +3,8 @@
 ``<cache>/int8/<checkpoint stem>-<first>-<stop>-<digest>.safetensors`` (``<cache>`` is
 :func:`rwkvkit.native.cache_dir`) holds the codes and scales of every int8 weight one stage of a
 load prepared (layers ``first..stop-1``, plus the embedding on the first stage and the head on the
-last), as ``<key>.q`` / ``<key>.scale``. The digest is of the checkpoint's identity: its resolved
+last), as ``<key>.q`` / ``<key>.scale`` (the key of a derived weight names its derivation too:
+the embedding with ``ln0`` folded in at a given epsilon). The digest is of the checkpoint's identity: its resolved
 path, size and modification time, and :meth:`Checkpoint.fingerprint` (its spec and small tensors).
 So a hit reads no matrix of the checkpoint at all, and a changed file gets a new entry. Entries do
 not depend on the activation dtype: ``cpu fp32i8`` and ``cpu bf16i8`` share them.
@@ -50,11 +51,12 @@ class StageCache:
 
     def get(self, source: WeightSource) -> Int8Weight:
         """``source`` quantized: the stored codes when they fit it, else :func:`quantize_source`."""
-        q, scale = self.stored.pop(f"{source.key}.q", None), self.stored.pop(f"{source.key}.scale", None)
+        key = source.cache_key
+        q, scale = self.stored.pop(f"{key}.q", None), self.stored.pop(f"{key}.scale", None)
         weight = _fitting(q, scale, source.shape)
         if weight is None:
             weight, self.changed = quantize_source(source), True
-        self.weights[source.key] = weight
+        self.weights[key] = weight
         return weight
 
     def save(self) -> None:

@@ -68,11 +68,19 @@ class WeightSource:
     prepared form need not read it at all, and one that transforms rows independently (int8
     quantization) can read a block of rows at a time and :meth:`release` each, so no full-size
     temporary and no resident copy of the file outlive the block. ``rows_fn`` derives rows from
-    the stored ones (the embedding with ``ln0`` folded in); it must treat every row alone."""
+    the stored ones (the embedding with ``ln0`` folded in); it must treat every row alone, and
+    ``derivation`` must name everything it depends on besides the checkpoint (constants), because a
+    cache of prepared weights keys the result by :attr:`cache_key`."""
 
     key: str
     stored: torch.Tensor  # as the checkpoint holds it (memory-mapped where the format allows)
     rows_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    derivation: str = ""
+
+    @property
+    def cache_key(self) -> str:
+        """The checkpoint key, plus how the rows were derived from it (if they were)."""
+        return f"{self.key}|{self.derivation}" if self.derivation else self.key
 
     @property
     def shape(self) -> torch.Size:

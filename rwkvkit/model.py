@@ -77,8 +77,9 @@ class Model:
                     blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec, rwkv7.constants()))
                 self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
             first, last = self.stages[0].ops, self.stages[-1].ops
-            ln0 = functools.partial(rwkv7.embed, ln0_weight=t["blocks.0.ln0.weight"], ln0_bias=t["blocks.0.ln0.bias"])
-            self.emb = first.prepare_source(WeightSource("emb.weight", t["emb.weight"], ln0), Role.EMBEDDING)
+            eps = rwkv7.LN_EPS
+            ln0 = functools.partial(rwkv7.embed, ln0_weight=t["blocks.0.ln0.weight"], ln0_bias=t["blocks.0.ln0.bias"], eps=eps)
+            self.emb = first.prepare_source(WeightSource("emb.weight", t["emb.weight"], ln0, f"ln0 folded, eps {eps!r}"), Role.EMBEDDING)
             self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", fetcher(last))
 
     def weight_bytes(self) -> int:

@@ -90,7 +90,7 @@ def test_one_file_per_model_and_stage_shared_by_fp32i8_and_bf16i8(model_paths, p
     (entry,) = entries(private_cache)
     assert entry.name.startswith("tiny-0-2-")
     names = load_file(str(entry)).keys()
-    assert {"emb.weight.q", "head.weight.scale", "blocks.1.ffn.value.weight.q"} <= names and len(names) == 2 * (2 + 2 * 6)
+    assert {"emb.weight|ln0 folded, eps 1e-05.q", "head.weight.scale", "blocks.1.ffn.value.weight.q"} <= names and len(names) == 2 * (2 + 2 * 6)
     forbid_quantizing(monkeypatch)
     logits(model_paths["tiny"], "cpu bf16i8")  # the codes do not depend on the activation dtype
     assert entries(private_cache) == [entry]
@@ -158,3 +158,19 @@ def test_an_unwritable_cache_warns_once_and_still_quantizes(model_paths, tmp_pat
     (message,) = [str(w.message) for w in caught if "quantization cache" in str(w.message)]
     assert re.fullmatch(rf"int8: cannot write the quantization cache in {blocker}/int8 \(.*\); quantizing again on every load", message)
     assert torch.equal(expected, again)
+
+
+def test_a_derived_weight_is_cached_per_derivation(model_paths, private_cache, monkeypatch):
+    """The embedding is cached with ``ln0`` folded in at the architecture's epsilon: a load under
+    another epsilon must not get the first one's codes (it did, when entries were keyed by the
+    checkpoint key alone), and gets what a fresh quantization gives."""
+    from rwkvkit.models import rwkv7
+
+    first = RWKV(model_paths["tiny"], "cpu fp32i8").emb
+    monkeypatch.setattr(rwkv7, "LN_EPS", 0.5)
+    cached = RWKV(model_paths["tiny"], "cpu fp32i8").emb
+    for path in entries(private_cache):
+        path.unlink()
+    fresh = RWKV(model_paths["tiny"], "cpu fp32i8").emb
+    assert not torch.equal(first.q, cached.q)
+    assert torch.equal(cached.q, fresh.q) and torch.equal(cached.scale, fresh.scale)

@@ -130,9 +130,9 @@ def map_role(weights: Any, role: Role, fn: Callable[[Any], Any]) -> Any:
     return replace(weights, **values)
 
 
-def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor) -> torch.Tensor:
+def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor, eps: float) -> torch.Tensor:
     """Fold block 0's ``ln0`` into the embedding table (done once, in float32, at load time)."""
-    return F.layer_norm(emb.float(), (emb.shape[1],), ln0_weight.float().flatten(), ln0_bias.float().flatten(), LN_EPS)
+    return F.layer_norm(emb.float(), (emb.shape[1],), ln0_weight.float().flatten(), ln0_bias.float().flatten(), eps)
 
 
 def time_mix(
