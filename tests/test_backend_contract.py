@@ -187,10 +187,10 @@ def test_time_mix_core(models, strategy, backend, B, T, layer):
 # ---- constants passed down
 
 
-PATCHES = {  # far from the trained values, so each moves the logits by 5-50% of their scale
+PATCHES = {  # far from the trained values, so each moves the logits by 8-47% of their scale (measured)
     "GROUP_NORM_EPS": 1.0,
-    "DECAY_SCALE": 3.0,
-    "LN_EPS": 0.1,
+    "DECAY_SCALE": 10.0,
+    "LN_EPS": 0.5,
     "ATT_MIXES": ("x_k", "x_w", "x_r", "x_v", "x_a", "x_g"),  # x_r and x_k trade places
 }
 
@@ -209,7 +209,7 @@ def _run(path: str, strategy: str, backend: str) -> torch.Tensor:
 
 
 PATCH_CASES = [("cpu fp32", b, 2e-5) for b in _backends_here("cpu fp32")] + [
-    ("cpu bf16", b, 0.05) for b in _backends_here("cpu bf16")
+    ("cpu bf16", b, 0.02) for b in _backends_here("cpu bf16")
 ] + [("cpu fp32i8", b, 0.03) for b in _backends_here("cpu fp32i8")]
 
 
@@ -230,8 +230,8 @@ def torch_runs(shape_0_1b):
 def test_patched_constants_reach_every_backend(shape_0_1b, torch_runs, monkeypatch, constant, strategy, backend, tol):
     """Each backend under a patched constant against the torch backend (fp32) under the same
     patch, before the load (native layers copy constants when they are prepared). Tolerances: fp32
-    as for the oracle (2e-5); bf16 rounding over 2 layers and 18 tokens (0.05 of the logit scale);
-    int8 weights and activations (0.03, as tests/test_int8.py). Beyond the tolerance, the result
+    as for the oracle (2e-5); bf16 rounding over 2 layers and 18 tokens (0.02 of the logit scale,
+    measured 0.005); int8 weights and activations (0.03, as tests/test_int8.py; measured 0.012). Beyond the tolerance, the result
     must also be 3x closer to the patched reference than the patch's own effect, so that a backend
     with its own copy of a constant fails even where the patch moves logits by little more than bf16
     or int8 noise."""
