@@ -162,7 +162,7 @@ def forward(ops: TorchBackend, params: dict[str, torch.Tensor], idx: torch.Tenso
     def fetch(key: str, role: Role, optional: bool) -> torch.Tensor:
         return params[key].flatten() if role is Role.VECTOR else params[key]
 
-    x = rwkv7.embed(params["emb.weight"], params["blocks.0.ln0.weight"], params["blocks.0.ln0.bias"])[idx]
+    x = rwkv7.embed(params["emb.weight"], params["blocks.0.ln0.weight"], params["blocks.0.ln0.bias"], rwkv7.LN_EPS)[idx]
     v_first, new_states = None, []
     for i, state in enumerate(states):
         x, v_first, state = rwkv7.block(ops, rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetch), x, v_first, state)
