@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rwkvkit.backend import Epilogue
+from rwkvkit.backend import Epilogue, project_epilogues
 from rwkvkit.checkpoint import ModelSpec
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
@@ -96,9 +96,7 @@ class CpuBackend(TorchBackend):
     def project(
         self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
     ) -> list[torch.Tensor]:
-        epilogues = epilogues or [Epilogue.NONE] * len(xs)
-        if residual is not None and len(xs) != 1:
-            raise ValueError("project: a residual goes with exactly one product")
+        epilogues = project_epilogues(xs, epilogues, residual)
         if not _native(*xs):
             return super().project(xs, weights, epilogues, residual)
         if _one_row(xs) and all(map(cpu.takes_matrix, weights)):

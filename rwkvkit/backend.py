@@ -57,6 +57,14 @@ class Epilogue(IntEnum):
         return y
 
 
+def project_epilogues(xs: Sequence[Any], epilogues: Sequence[Epilogue] | None, residual: Any) -> Sequence[Epilogue]:
+    """``project``'s arguments checked (a residual goes with one product) and its epilogues
+    spelled out (none given: ``NONE`` for each), for the default and every override alike."""
+    if residual is not None and len(xs) != 1:
+        raise ValueError("project: a residual goes with exactly one product")
+    return epilogues or [Epilogue.NONE] * len(xs)
+
+
 class Backend(ABC):
     """Ops for one Placement. Subclasses register through ``register_backends``."""
 
@@ -158,13 +166,9 @@ class Backend(ABC):
     ) -> list[torch.Tensor]:
         """``[epilogue(linear(x, w))]`` for matrices prepared with ``Role.MATRIX``, each with its own
         input; with ``residual`` (one pair only), ``residual + linear(x, w)`` in ``residual``'s dtype."""
-        epilogues = epilogues or [Epilogue.NONE] * len(xs)
+        epilogues = project_epilogues(xs, epilogues, residual)
         ys = [e.apply(self.linear(x, w)) for x, w, e in zip(xs, weights, epilogues)]
-        if residual is not None:
-            if len(ys) != 1:
-                raise ValueError("project: a residual goes with exactly one product")
-            ys = [residual + ys[0].to(residual.dtype)]
-        return ys
+        return ys if residual is None else [residual + ys[0].to(residual.dtype)]
 
     def lora(self, xs: Sequence[torch.Tensor], pairs: Sequence[tuple[Any, Any, Epilogue]]) -> list[torch.Tensor]:
         """Low-rank products ``act(x @ first) @ second`` for factor pairs prepared with
