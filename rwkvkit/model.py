@@ -58,6 +58,7 @@ class Model:
         self.checkpoint_path = checkpoint.path
         self.fingerprint = checkpoint.fingerprint()
         self.plan = plan
+        self.derived: dict[str, Any] = {}  # kept with the model and dropped with it (e.g. captured CUDA graphs)
         t = checkpoint.tensors
 
         def fetcher(ops: Backend) -> rwkv7.Fetch:

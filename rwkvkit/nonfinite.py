@@ -45,13 +45,18 @@ def first_nonfinite(model: Model, tokens: Sequence[int], state: State | None) ->
     return "the output head (ln_out, head.weight)"
 
 
-def check_logits(logits: torch.Tensor, model: Model, tokens: Sequence[int], state: State | None, where: str) -> None:
+def check_logits(logits: torch.Tensor, model: Model, tokens: Sequence[int], state: State | None, where: str, rerun: bool = True) -> None:
     """Raise a RwkvkitError naming the first non-finite layer if the step ``tokens`` from ``state``
-    gave NaN/+inf ``logits``; ``where`` says which step it was."""
+    gave NaN/+inf ``logits``; ``where`` says which step it was. ``rerun=False``: the state before
+    the step is gone (a CUDA graph updated it in place), so the layer is not named."""
     kind = bad_logits(logits)
     if kind is not None:
+        culprit = (
+            f"the first non-finite output is that of {first_nonfinite(model, tokens, state)}"
+            if rerun
+            else "the step ran in a CUDA graph, which keeps no earlier state (generate with cuda_graphs=False to name the layer)"
+        )
         raise RwkvkitError(
-            f"the model produced non-finite logits ({kind}) {where}; the first non-finite output is that of "
-            f"{first_nonfinite(model, tokens, state)}: the checkpoint's weights there may hold NaN/Inf "
+            f"the model produced non-finite logits ({kind}) {where}; {culprit}: the checkpoint's weights may hold NaN/Inf "
             f"(check {model.checkpoint_path}), or activations overflow in this strategy's dtype (try fp32)"
         )

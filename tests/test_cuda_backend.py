@@ -24,14 +24,17 @@ from rwkvkit import RWKV, StrategyError, kernels_build
 from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.cli import main
 from rwkvkit.cuda_graphs import GraphedDecoder
+from rwkvkit.engine import Engine, Request
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.kernels_build import KernelBuildError, build_dir, ops, toolchain_problem
 from rwkvkit.model import select_backend
 from rwkvkit.models import rwkv7
 from rwkvkit.plugins.cuda_backend import HEAD_SIZE, LORA_ALIGN, MAX_MATVEC_GROUP, MAX_MATVEC_ROWS, MAX_MIXES, CudaBackend
+from rwkvkit.plugins.samplers import GreedySampler
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.quant import QMAX, Int8Weight, quantize_per_channel
 from rwkvkit.registry import registry
+from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.strategy import Placement
 from rwkvkit.testing import make_checkpoint
 
@@ -583,6 +586,25 @@ def test_graphed_decode_matches_eager_forward(model_paths, strategy, backend, ba
     assert _close(decoder.step(tokens[0].cuda()), fresh.view(batch, -1), tol)
 
 
+
+@gpu_test
+@pytest.mark.parametrize("strategy, backend", [("cuda fp16", "cuda"), ("cuda fp32", "torch")])
+def test_engine_decodes_through_graphs_by_default(model_paths, strategy, backend):
+    """The engine on one GPU captures a graph per batch bucket (5 sequences: buckets 8, 4, 2, 1
+    as they finish at different lengths) and gives the tokens of its eager steps; a stale or
+    shifted pool row would change a sequence's tokens."""
+    model = RWKV(model_paths["world"], strategy, backend=backend)
+    tok = resolve_tokenizer("rwkv_vocab_v20230424")
+    prompts = [torch.randint(0, 65536, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (1, 40, 7, 300, 3)]
+
+    def generate(graphs):
+        requests = [Request(p, 6 + 5 * i, GreedySampler(), seed=i) for i, p in enumerate(prompts)]
+        return [r.tokens for r in Engine(model, tok, max_batch=8, cuda_graphs=graphs).generate(requests)]
+
+    with_graphs = generate(None)
+    graphs = model.derived["cuda graphs, max batch 8"]
+    assert {1, 2, 4, 8} <= set(graphs._decoders) and all(d.graph is not None for d in graphs._decoders.values())
+    assert with_graphs == generate(False)
 
 @gpu_test
 @pytest.mark.parametrize("dtype", sorted(DTYPES))

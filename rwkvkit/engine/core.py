@@ -19,14 +19,16 @@ returns the next one): rows are gathered or appended only when a sequence joins 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
+from rwkvkit.cuda_graphs import BatchGraphs, graph_device, shared_graphs
 from rwkvkit.engine.sequence import Generation, GenerationResult, Request, auto_chunk_len, stop_reason_of
-from rwkvkit.errors import InputError, PluginError
+from rwkvkit.errors import InputError, PluginError, StrategyError
 from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.nonfinite import check_logits
@@ -148,6 +150,9 @@ class Engine:
     starts from its longest prefix in the cache (a whole prompt found there needs no forward
     step), and its state after the whole prompt is stored there, as is the state after its first
     ``cache_prefix_len`` tokens when the request gives that cut point (prefill stops there).
+    ``cuda_graphs``: decode steps replay CUDA graphs, one per batch-size bucket
+    (:class:`rwkvkit.cuda_graphs.BatchGraphs`) — None (the default) when every layer sits on one
+    CUDA device, True to insist, False for eager steps, or a ``BatchGraphs`` of your own.
     """
 
     def __init__(
@@ -158,6 +163,7 @@ class Engine:
         max_batch: int = 64,
         prefill_tokens_per_step: int | None = 512,
         cache: PromptCache | None = None,
+        cuda_graphs: bool | BatchGraphs | None = None,
     ) -> None:
         check_limits(max_batch, prefill_tokens_per_step)
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
@@ -171,6 +177,14 @@ class Engine:
         self._logits: torch.Tensor | None = None
         self._sequence_bytes = _state_bytes(model.zero_state()) + model.spec.vocab_size * torch.float32.itemsize
         self._peak_in_flight = 0
+        if cuda_graphs is True and graph_device(model) is None:
+            raise StrategyError(f"cuda_graphs=True needs every layer on one CUDA device, not streamed; strategy {model.plan.spec!r} is not")
+        if cuda_graphs is not None and not isinstance(cuda_graphs, (bool, BatchGraphs)):
+            raise InputError(f"cuda_graphs={cuda_graphs!r}: expected True, False, None (when the model is on one CUDA device) or a BatchGraphs")
+        if isinstance(cuda_graphs, BatchGraphs) and (cuda_graphs.model is not model or cuda_graphs.max_batch < max_batch):
+            raise InputError(f"cuda_graphs: a BatchGraphs of this model for batches up to max_batch={max_batch} is needed")
+        self._graph_choice = False if cuda_graphs is None and graph_device(model) is None else cuda_graphs
+        self._graphs: BatchGraphs | None = None  # held while there is a batch
 
     @property
     def pending(self) -> int:
@@ -228,8 +242,10 @@ class Engine:
                 self._end(g, stop_reason_of(exc), error=exc)
             raise
         finally:
-            if not self._active:  # nothing decoding: let go of the last batch's memory
+            if not self._active:  # nothing decoding: let go of the last batch's memory (and graphs)
                 self._rows, self._batch, self._logits = [], None, None
+                if self._graphs is not None:
+                    self._graphs.in_use, self._graphs = False, None
 
     # --- the parts of a step ----------------------------------------------------------------
 
@@ -356,8 +372,13 @@ class Engine:
         if not self._rows:
             return
         rows, before = self._rows, self._batch
+        graphs = self._acquire_graphs()
+        tokens = [g.ctx.tokens[-1] for g in rows]
         try:
-            logits, self._batch = self.model.forward(torch.tensor([[g.ctx.tokens[-1]] for g in rows]), before)
+            if graphs is not None:  # updates the pool in place: ``before`` is gone after the step
+                logits, self._batch = self._graph_step(graphs, tokens, before)
+            else:
+                logits, self._batch = self.model.forward(torch.tensor(tokens).view(-1, 1), before)
         except Exception as exc:  # noqa: BLE001 - the step failed for every row in it
             for g in rows:
                 self._end(g, "error", error=exc)
@@ -367,10 +388,36 @@ class Engine:
         suspects = set() if bool(finite.all()) else set((~finite).nonzero().flatten().tolist())
         for i, g in enumerate(rows):
             reason, stop = g.ending or (None, None)
-            if reason != "stop_string" and i in suspects:  # names the first non-finite layer
-                self._guard(g, check_logits, logits[i], self.model, [g.ctx.tokens[-1]], _take(before, [i]), f"at generated token {len(g.ctx.tokens)}")
+            if reason != "stop_string" and i in suspects:  # names the first non-finite layer (eager steps only)
+                before_i = None if graphs is not None else _take(before, [i])
+                self._guard(g, check_logits, logits[i], self.model, [tokens[i]], before_i, f"at generated token {len(g.ctx.tokens)}", graphs is None)
             if reason is not None:
                 self._end(g, reason, stop)
+
+    def _acquire_graphs(self) -> BatchGraphs | None:
+        """The graphs this batch decodes through, or None for eager steps: a given BatchGraphs;
+        else, unless ``cuda_graphs=False``, the model's shared ones when it sits on one CUDA
+        device and no other engine holds them."""
+        if self._graphs is None and self._graph_choice is not False:
+            given = self._graph_choice if isinstance(self._graph_choice, BatchGraphs) else None
+            self._graphs = given or shared_graphs(self.model, self.max_batch)
+            if self._graphs is not None:
+                self._graphs.in_use = True
+        return self._graphs
+
+    def _graph_step(self, graphs: BatchGraphs, tokens: list[int], before: State) -> tuple[torch.Tensor, State]:
+        """``graphs.decode``; when a graph chosen automatically cannot be captured (an op of a
+        third-party backend that syncs with the host, say), warn once and decode eagerly from now
+        on. A capture happens only when the batch size changed, so ``before`` is then a state of
+        its own, not the pool, and still intact."""
+        try:
+            return graphs.decode(tokens, before)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager path
+            if self._graph_choice is not None:
+                raise
+            warnings.warn(f"decoding without CUDA graphs: capturing one failed ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+            self._graph_choice, self._graphs, graphs.in_use = False, None, False
+            return self.model.forward(torch.tensor(tokens).view(-1, 1), before)
 
     def _sample_rows(self) -> None:
         rows = self._rows
