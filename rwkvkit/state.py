@@ -141,6 +141,14 @@ class State:
             raise StateError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
 
     @staticmethod
+    def from_tuned(path: str | Path, model: StateOwner) -> State:
+        """The initial state of a state-tuning file (RWKV-PEFT's ``blocks.N.att.time_state``):
+        see :mod:`rwkvkit.formats.tuned_state`."""
+        from rwkvkit.formats.tuned_state import load_tuned_state
+
+        return load_tuned_state(path, model)
+
+    @staticmethod
     def load(path: str | Path, model: StateOwner) -> State:
         """Read a state saved by :meth:`save`, refusing one that belongs to another model."""
         from safetensors import safe_open
