@@ -33,13 +33,15 @@ from rwkvkit.argv import shown
 from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
-from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
+from rwkvkit.errors import InputError, PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
+from rwkvkit.formats.lora import as_loras
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.paths import candidates, model_file
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
+from rwkvkit.state import State
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger(__name__)  # Hydra's job logging writes it to run.log (see rwkvkit.config)
@@ -63,6 +65,19 @@ def file_sha256(path: Path) -> str:
         with contextlib.suppress(OSError):
             write_atomically(index, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
     return known[key]
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """:func:`file_sha256` of a checkpoint file; for a model folder, sha256 over its config.json
+    and weight files' names and hashes."""
+    if not path.is_dir():
+        return file_sha256(path)
+    from rwkvkit.formats.hf import CONFIG, weight_files
+
+    digest = hashlib.sha256()
+    for file in [path / CONFIG, *weight_files(path)]:
+        digest.update(f"{file.name} {file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _read_sha256_index(index: Path) -> dict[str, str]:
@@ -142,10 +157,18 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
-    if not any(c.is_file() for c in candidates(model_path)):
+    if not any(c.exists() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
+    try:
+        loras = as_loras(OmegaConf.to_container(cfg.model.lora))
+    except InputError as exc:
+        raise InputError(f"model.lora: {exc}") from None
+    files = [("model.lora", lora.path) for lora in loras] + ([("model.state", Path(cfg.model.state).expanduser())] if cfg.model.state else [])
+    for key, path in files:
+        if not path.is_file():
+            raise RwkvkitError(f"{key}: file not found: {path}")
     _check_device(cfg)
-    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path}
+    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path, "loras": loras}
 
 
 @dataclass
@@ -179,12 +202,13 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     job = _prepare(cfg, record.out_dir)
     if cfg.strategy.threads:
         torch.set_num_threads(cfg.strategy.threads)
-    model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
+    model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend, lora=job["loras"])
     tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
+    initial = State.from_tuned(cfg.model.state, model) if cfg.model.state else None
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
-    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
+    record.info.update(model_path=str(path), model_sha256=checkpoint_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
     record.generating = True
     try:
         result = generate(
@@ -196,6 +220,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
             penalties=penalties,
             stop_tokens=job["stops"],
             chunk_len=cfg.sampling.chunk_len,
+            state=initial,
             seed=cfg.seed,
             callbacks=[record.recorder, record.metrics, *job["callbacks"]],
         )

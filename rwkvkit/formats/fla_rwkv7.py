@@ -79,7 +79,7 @@ _FROM_LAYER = {fla: (blink, back) for blink, (fla, _, back) in _LAYER.items()}
 _FROM_TOP = {fla: (blink, back) for blink, (fla, _, back) in _TOP.items()}
 _BLINK_LAYER = re.compile(r"blocks\.(\d+)\.(.+)")
 _FLA_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_UNUSED = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # layer 0's value residual: never read
+NOT_WRITTEN = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")  # layer 0's value residual: never read
 _OLD_MIXES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g")  # the rows of an old fla ``attn.x_x``
 
 
@@ -105,7 +105,7 @@ def from_blink(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """BlinkDL-named tensors (a validated RWKV-7 checkpoint) -> fla-named ones."""
     out = {}
     for key, t in tensors.items():
-        if key in _UNUSED:
+        if key in NOT_WRITTEN:
             continue
         m = _BLINK_LAYER.fullmatch(key)
         fla, there, _ = _LAYER[m.group(2)] if m else _TOP[key]

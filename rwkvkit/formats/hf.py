@@ -188,3 +188,13 @@ def folder_tokenizer(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def describe(folder: Path) -> str:
+    """One line on what a model folder holds (for ``rwkvkit info``)."""
+    files = weight_files(folder)
+    tokenizer = folder_tokenizer(folder)
+    return (
+        f"Hugging Face folder, model_type {read_config(folder).get('model_type')}, "
+        f"{len(files)} safetensors file{'s' if len(files) > 1 else ''}, tokenizer {tokenizer.name if tokenizer else 'none'}"
+    )
