@@ -42,7 +42,8 @@ def _convert(args: argparse.Namespace) -> None:
     from rwkvkit.formats.convert import convert, parse_size
 
     done = convert(args.src, args.dst, args.dtype, args.force, parse_size(args.max_shard_size))
-    what = {"hf": f"Hugging Face folder: {', '.join(done.files)}", "pth": ".pth file", "safetensors": ".safetensors file"}[done.kind]
+    shards = [f for f in done.files if f.endswith(".safetensors")]
+    what = {"hf": f"Hugging Face folder, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}", "pth": ".pth file", "safetensors": ".safetensors file"}[done.kind]
     print(f"rwkvkit: wrote {done.path} ({what}); read back and verified: content digest {done.digest[:16]}, the same tensors (so the same logits) as {args.src}")
 
 

@@ -117,6 +117,7 @@ def _write_file(tmp: Path, kind: str, tensors: dict[str, torch.Tensor], expected
         from safetensors.torch import load_file, save_file
 
         save_file(hf._own(tensors), str(tmp), metadata={"format": "pt"})
+        _usual_permissions(tmp)
         _verify(load_file(str(tmp)), expected, tmp)
     else:
         torch.save(tensors, tmp)
@@ -130,6 +131,8 @@ def _write_folder(dst: Path, tensors: dict[str, torch.Tensor], spec, max_shard_b
     tmp.mkdir()
     try:
         files = hf.write_folder(tmp, tensors, spec, max_shard_bytes)
+        for name in files:
+            _usual_permissions(tmp / name)
         _verify(hf.read_folder(tmp), expected, tmp)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / tokenizer.name)
@@ -145,6 +148,14 @@ def _write_folder(dst: Path, tensors: dict[str, torch.Tensor], spec, max_shard_b
         return files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _usual_permissions(path: Path) -> None:
+    """A new file's usual mode (0666 less the umask): safetensors writes its files owner-only,
+    and a converted model is meant to be shared like any other file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod(0o666 & ~mask)
 
 
 def _is_weight_file(name: str) -> bool:
