@@ -10,7 +10,6 @@ with ``force``, and never half-written.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -23,6 +22,7 @@ import torch
 from rwkvkit.checkpoint import expected_shapes, load_checkpoint, validate
 from rwkvkit.errors import CheckpointError, RwkvkitError
 from rwkvkit.formats import hf
+from rwkvkit.formats.files import content_digest
 from rwkvkit.native import write_atomically
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -49,16 +49,6 @@ def output_kind(dst: Path) -> str:
     if dst.suffix in FILE_KINDS:
         return FILE_KINDS[dst.suffix]
     raise ConvertError(f"{dst}: unknown destination format {dst.suffix!r}; expected a .pth or .safetensors file, or a folder name (no suffix) for a Hugging Face folder")
-
-
-def content_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes (in name order)."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Converted:

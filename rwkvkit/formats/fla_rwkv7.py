@@ -41,19 +41,14 @@ def _vector(t: torch.Tensor) -> torch.Tensor:
 def _layer_table() -> dict[str, tuple[str, Transform, Transform]]:
     """BlinkDL key after ``blocks.N.`` -> (fla key after ``model.layers.N.``, to fla, from fla)."""
     table = {
-        "ln0.weight": ("pre_norm.weight", _same, _same),
-        "ln0.bias": ("pre_norm.bias", _same, _same),
-        "ln1.weight": ("attn_norm.weight", _same, _same),
-        "ln1.bias": ("attn_norm.bias", _same, _same),
-        "ln2.weight": ("ffn_norm.weight", _same, _same),
-        "ln2.bias": ("ffn_norm.bias", _same, _same),
         "att.r_k": ("attn.r_k", _same, _same),
-        "att.ln_x.weight": ("attn.g_norm.weight", _same, _same),
-        "att.ln_x.bias": ("attn.g_norm.bias", _same, _same),
         "ffn.x_k": ("ffn.x_k", _flat, _vector),
         "ffn.key.weight": ("ffn.key.weight", _same, _same),
         "ffn.value.weight": ("ffn.value.weight", _same, _same),
     }
+    for blink, fla in (("ln0", "pre_norm"), ("ln1", "attn_norm"), ("ln2", "ffn_norm"), ("att.ln_x", "attn.g_norm")):
+        for part in ("weight", "bias"):
+            table[f"{blink}.{part}"] = (f"{fla}.{part}", _same, _same)
     for mix in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g"):
         table[f"att.{mix}"] = (f"attn.{mix}", _vector, _vector)
     for name in ("k_k", "k_a"):

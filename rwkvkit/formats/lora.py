@@ -11,8 +11,6 @@ float32 and rounded once to the weight's dtype.
 
 from __future__ import annotations
 
-import hashlib
-import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,6 +19,7 @@ import torch
 
 from rwkvkit.checkpoint import Checkpoint
 from rwkvkit.errors import CheckpointError, InputError
+from rwkvkit.formats.files import content_digest, read_tensor_file
 
 _A, _B = ".lora_A", ".lora_B"
 
@@ -54,22 +53,10 @@ def as_loras(items: Iterable[Any] | None) -> list[Lora]:
 
 def read_adapter(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an adapter file, refused with a clear message when it is not one."""
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file not found: {path}")
-    try:
-        if path.suffix in (".safetensors", ".st"):
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many unrelated types for bad files
-        raise CheckpointError(f"{path}: not a readable .pth/.safetensors LoRA file ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
-    if not isinstance(data, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
-        raise CheckpointError(f"{path}: expected a dict of name -> tensor")
+    data = read_tensor_file(path, "LoRA file", CheckpointError)
     if not any(k.endswith(_A) for k in data):
         raise CheckpointError(f"{path}: no '*.lora_A' tensors: not a LoRA adapter")
-    return dict(data)
+    return data
 
 
 def merge_loras(checkpoint: Checkpoint, loras: Iterable[Lora]) -> Checkpoint:
@@ -84,7 +71,7 @@ def merge_loras(checkpoint: Checkpoint, loras: Iterable[Lora]) -> Checkpoint:
             _merge(tensors, adapter, lora.alpha)
         except CheckpointError as exc:
             raise CheckpointError(f"{lora.path}: {exc}") from None
-        merged.append(f"lora {_digest(adapter)} alpha {lora.alpha!r}")
+        merged.append(f"lora {content_digest(adapter)[:16]} alpha {lora.alpha!r}")
     return replace(checkpoint, tensors=tensors, merged=tuple(merged))
 
 
@@ -115,12 +102,3 @@ def _merge(tensors: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], a
             )
         rank = a.shape[0]
         tensors[target] = (w.float() + (b.float() @ a.float()) * (alpha / rank)).to(w.dtype)
-
-
-def _digest(adapter: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(adapter):
-        t = adapter[key].detach()
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -13,14 +13,14 @@ for RWKV-6, whose state is key index first). Token-shift states start at zero, a
 from __future__ import annotations
 
 import re
-import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from rwkvkit.errors import StateError
+from rwkvkit.formats.files import read_tensor_file
 
 _KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
 
@@ -28,20 +28,8 @@ _KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
 def read_time_states(path: Path) -> dict[str, torch.Tensor]:
     """The ``blocks.N.att.time_state`` tensors of a state-tuning file (other keys are ignored: a
     model merged with its state by RWKV-PEFT's ``merge_state.py`` holds them too)."""
-    if not path.is_file():
-        raise StateError(f"state file not found: {path}")
-    try:
-        if path.suffix in (".safetensors", ".st"):
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many unrelated types for bad files
-        raise StateError(f"{path}: not a readable .pth/.safetensors state file ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
-    if not isinstance(data, Mapping):
-        raise StateError(f"{path}: expected a dict of name -> tensor, got {type(data).__name__}")
-    states = {k: v for k, v in data.items() if isinstance(k, str) and _KEY.fullmatch(k)}
+    data = read_tensor_file(path, "state file", StateError)
+    states = {k: v for k, v in data.items() if _KEY.fullmatch(k)}
     if not states:
         raise StateError(f"{path}: no 'blocks.N.att.time_state' tensors: not a state-tuning file")
     return states
