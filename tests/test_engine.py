@@ -306,3 +306,28 @@ def test_pipeline_list_equals_one_call_per_prompt(load):
     with pytest.raises(InputError, match="one integer per prompt"):
         PIPELINE(model, tok).generate(texts, 2, args, seed=[1])
     assert isinstance(PIPELINE(model, tok).generate(tok.encode(texts[1]), 2, args), str)  # a list of ids is one prompt
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+
+def test_memory_is_reported_and_bounded_by_the_configuration(load):
+    """In-flight states never exceed max_batch sequences (measured after every step), and reach it
+    when that many decode at once; the cache stays within max_bytes while it evicts."""
+    model, tok = load("world")
+    state_bytes = sum(t.nbytes for layer in model.zero_state().layers for t in layer.tensors())
+    sequence = state_bytes + model.spec.vocab_size * 4
+    cache = PromptCache(int(2.5 * sequence))  # two entries fit, a third evicts
+    engine = Engine(model, tok, max_batch=3, prefill_tokens_per_step=BUDGET, cache=cache)
+    for i, ids in enumerate(prompts(model, (3, 200, 9, 40, 1, 17), seed=8)):
+        engine.submit(request(ids, "greedy", i, token_count=6))
+    while engine.pending:
+        engine.step()
+        m = engine.memory()
+        assert (m.sequence, m.max_in_flight, m.max_cache) == (sequence, 3 * sequence, cache.max_bytes)
+        assert m.in_flight <= m.peak_in_flight <= m.max_in_flight and m.cache <= m.peak_cache <= m.max_cache
+    m = engine.memory()
+    assert m.in_flight == 0 and m.peak_in_flight == 3 * sequence  # three decoded together
+    assert cache.stats().evictions == 4 and m.peak_cache == cache.stats().peak_bytes > 2 * state_bytes
+    assert m.metrics()["engine_max_in_flight_mb"] == 3 * sequence / 2**20
+    assert Engine(model, tok).memory().max_cache == 0
