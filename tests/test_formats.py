@@ -166,7 +166,13 @@ def test_a_damaged_sharded_folder_is_refused_clearly(source, tmp_path):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["model.layers.0.attn.extra"] = "model-00001-of-00003.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="'model.layers.0.attn.extra' is listed for model-00001-of-00003.safetensors but not in it"):
+    with pytest.raises(CheckpointError, match="model-00001-of-00003.safetensors: tensor 'model.layers.0.attn.extra' is listed for it in model.safetensors.index.json but not in it"):
+        load_checkpoint(folder)
+    moved = {k: v for k, v in index["weight_map"].items() if k != "model.layers.0.attn.extra"}
+    key = next(k for k, v in moved.items() if v == "model-00002-of-00003.safetensors")
+    moved[key] = "model-00003-of-00003.safetensors"  # listed in the wrong shard
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": moved}))
+    with pytest.raises(CheckpointError, match=f"model-00002-of-00003.safetensors: tensor '{key}' is in it but not listed for it"):
         load_checkpoint(folder)
     shard = folder / "model-00002-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])

@@ -94,18 +94,20 @@ def _read_shard(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_raw(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder under its own (HF) names; the index must agree with the shards."""
+    """Every tensor of the folder under its own (HF) names; each shard must hold exactly the
+    tensors the index lists for it."""
+    files = weight_files(folder)
+    if not (folder / INDEX).is_file():
+        return _read_shard(files[0])
+    listed = _weight_map(folder)
     tensors: dict[str, torch.Tensor] = {}
-    for path in weight_files(folder):
+    for path in files:
         shard = _read_shard(path)
-        if tensors.keys() & shard.keys():
-            raise CheckpointError(f"{path}: holds tensor {sorted(tensors.keys() & shard.keys())[0]!r} again (it is in another shard too)")
+        wanted = {key for key, name in listed.items() if name == path.name}
+        for key in sorted(wanted ^ shard.keys())[:1]:
+            where = f"listed for it in {INDEX} but not in it" if key in wanted else f"in it but not listed for it in {INDEX}"
+            raise CheckpointError(f"{path}: tensor {key!r} is {where}: a damaged or mixed-up folder")
         tensors.update(shard)
-    if (folder / INDEX).is_file():
-        listed = _weight_map(folder)
-        for key in sorted(listed.keys() ^ tensors.keys())[:1]:
-            where = f"listed for {listed[key]} but not in it" if key in listed else "in a shard but not listed"
-            raise CheckpointError(f"{folder / INDEX}: tensor {key!r} is {where}: a damaged or mixed-up folder")
     return tensors
 
 
