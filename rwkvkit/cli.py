@@ -15,7 +15,7 @@ from dataclasses import asdict
 from types import FrameType
 
 from rwkvkit import __version__
-from rwkvkit.errors import EXIT_ERROR, RwkvkitError, Terminated, report, stop_of
+from rwkvkit.errors import EXIT_ERROR, InputError, RwkvkitError, Terminated, report, stop_of
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program stopped by `| head`
 COMMANDS = ["run", "info", "convert", "plugins", "build-kernels"]
@@ -40,11 +40,20 @@ def _info(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     from rwkvkit.formats.convert import convert, parse_size
+    from rwkvkit.formats.lora import as_loras
 
-    done = convert(args.src, args.dst, args.dtype, args.force, parse_size(args.max_shard_size))
+    loras = as_loras((path, _number(alpha, "--lora ALPHA")) for path, alpha in args.lora or ())
+    done = convert(args.src, args.dst, args.dtype, args.force, parse_size(args.max_shard_size), loras)
     shards = [f for f in done.files if f.endswith(".safetensors")]
     what = {"hf": f"Hugging Face folder, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}", "pth": ".pth file", "safetensors": ".safetensors file"}[done.kind]
     print(f"rwkvkit: wrote {done.path} ({what}); read back and verified: content digest {done.digest[:16]}, the same tensors (so the same logits) as {args.src}")
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected a number") from None
 
 
 def _plugins(args: argparse.Namespace) -> None:
@@ -159,6 +168,7 @@ def _main(argv: list[str]) -> int:
     conv.add_argument("dst", help="a .pth or .safetensors file, or a folder (no suffix) for a Hugging Face folder")
     conv.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: keep the source's)")
     conv.add_argument("--force", action="store_true", help="replace an existing destination (other files in a folder are kept)")
+    conv.add_argument("--lora", nargs=2, action="append", metavar=("FILE", "ALPHA"), help="merge a LoRA adapter trained with lora_alpha ALPHA (repeatable, in order)")
     conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors file in a folder before sharding (default 5GB)")
     conv.set_defaults(func=_convert)
     plugins = commands.add_parser("plugins", help="list plugins, their versions and what they register")

@@ -21,13 +21,16 @@ _FIELDS = ("att_x_prev", "att_kv", "ffn_x_prev")
 
 
 class StateOwner(Protocol):
-    """What :meth:`State.load` needs of a model (``rwkvkit.model.Model``, which imports this module)."""
+    """What :meth:`State.load` and :meth:`State.from_tuned` need of a model (``rwkvkit.model.Model``,
+    which imports this module)."""
 
     fingerprint: str
     checkpoint_path: Any
     spec: Any
 
     def adopt_state(self, state: State) -> State: ...
+
+    def zero_state(self, batch_size: int = 1) -> State: ...
 
 
 @dataclass

@@ -294,6 +294,14 @@ def test_lora_merged_at_load_equals_merged_by_hand(source, reference, tmp_path, 
     assert torch.equal(both.forward(TOKENS, None)[0], RWKV(hand2, strategy).forward(TOKENS, None)[0])
 
 
+def test_convert_merges_a_lora_into_the_written_model(source, tmp_path):
+    torch.save(adapter(), tmp_path / "lora.pth")
+    assert main(["convert", str(source[0]), str(tmp_path / "merged.pth"), "--lora", str(tmp_path / "lora.pth"), str(ALPHA)]) == 0
+    expected = RWKV(source[0], "cpu fp32", lora=[(tmp_path / "lora.pth", ALPHA)]).forward(TOKENS, None)[0]
+    assert torch.equal(RWKV(tmp_path / "merged.pth", "cpu fp32").forward(TOKENS, None)[0], expected)
+    assert main(["convert", str(source[0]), str(tmp_path / "x.pth"), "--lora", str(tmp_path / "lora.pth"), "sixteen"]) == 2
+
+
 def test_bad_lora_files_are_refused(source, tmp_path):
     path = source[0]
     lora = adapter()

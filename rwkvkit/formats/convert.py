@@ -16,6 +16,7 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -23,6 +24,7 @@ from rwkvkit.checkpoint import expected_shapes, load_checkpoint, validate
 from rwkvkit.errors import CheckpointError, RwkvkitError
 from rwkvkit.formats import hf
 from rwkvkit.formats.files import content_digest
+from rwkvkit.formats.lora import Lora, merge_loras
 from rwkvkit.native import write_atomically
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,14 +53,17 @@ def output_kind(dst: Path) -> str:
     raise ConvertError(f"{dst}: unknown destination format {dst.suffix!r}; expected a .pth or .safetensors file, or a folder name (no suffix) for a Hugging Face folder")
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Converted:
-    """Write the model at ``src`` (anything ``RWKV()`` loads) to ``dst``, optionally cast to
-    ``dtype`` (fp32, fp16 or bf16); verified before it replaces anything (see the module doc)."""
+def convert(
+    src: str | Path, dst: str | Path, dtype: str | None = None, force: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES, loras: Sequence[Lora] = ()
+) -> Converted:
+    """Write the model at ``src`` (anything ``RWKV()`` loads) to ``dst``, with ``loras`` merged in
+    (in float32, before any cast) and optionally cast to ``dtype`` (fp32, fp16 or bf16); verified
+    before it replaces anything (see the module doc)."""
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if max_shard_bytes < 1:
         raise ConvertError(f"max shard size {max_shard_bytes}: expected a positive number of bytes")
-    checkpoint = load_checkpoint(src)
+    checkpoint = merge_loras(load_checkpoint(src), loras)
     dst = Path(dst).expanduser().absolute()
     kind = output_kind(dst)
     _check_destination(dst, kind, checkpoint.path, force)
@@ -106,7 +111,7 @@ def _write_file(tmp: Path, kind: str, tensors: dict[str, torch.Tensor], expected
     if kind == "safetensors":
         from safetensors.torch import load_file, save_file
 
-        save_file(hf._own(tensors), str(tmp), metadata={"format": "pt"})
+        save_file(hf.own_tensors(tensors), str(tmp), metadata={"format": "pt"})
         _usual_permissions(tmp)
         _verify(load_file(str(tmp)), expected, tmp)
     else:

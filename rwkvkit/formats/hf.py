@@ -159,11 +159,11 @@ def write_folder(folder: Path, tensors: dict[str, torch.Tensor], spec: Any, max_
     groups = shards(named, max_shard_bytes)
     meta = {"format": "pt"}  # what transformers' from_pretrained expects of a safetensors file
     if len(groups) == 1:
-        save_file(_own(groups[0]), str(folder / SINGLE), metadata=meta)
+        save_file(own_tensors(groups[0]), str(folder / SINGLE), metadata=meta)
         return [CONFIG, SINGLE]
     names = [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))]
     for name, group in zip(names, groups):
-        save_file(_own(group), str(folder / name), metadata=meta)
+        save_file(own_tensors(group), str(folder / name), metadata=meta)
     index = {
         "metadata": {"total_size": sum(t.numel() * t.element_size() for t in named.values())},
         "weight_map": {key: name for name, group in zip(names, groups) for key in group},
@@ -172,7 +172,7 @@ def write_folder(folder: Path, tensors: dict[str, torch.Tensor], spec: Any, max_
     return [CONFIG, INDEX, *names]
 
 
-def _own(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def own_tensors(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous tensors that share no memory (safetensors refuses views of one buffer, and a
     tied head is the embedding's own tensor)."""
     seen: set[int] = set()
