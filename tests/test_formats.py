@@ -186,6 +186,25 @@ def test_a_damaged_sharded_folder_is_refused_clearly(source, tmp_path):
         load_checkpoint(folder)
 
 
+def test_int8_cache_sees_a_shard_rewritten_in_place(source, tmp_path):
+    """A shard overwritten in place leaves the folder's own time as it was: the int8 cache must
+    still tell (only the head changes here, so the fingerprint of small tensors is the same)."""
+    import os
+
+    from safetensors.torch import save
+
+    folder = make_folder(tmp_path / "hf", fla_tensors(source[1]))
+    before = RWKV(folder, "cpu fp32i8").forward(TOKENS, None)[0]
+    changed = fla_tensors({**source[1], "head.weight": source[1]["head.weight"] * 2})
+    stat = folder.stat()
+    with open(folder / "model.safetensors", "r+b") as f:  # same keys and shapes: same size
+        f.write(save(changed))
+    os.utime(folder, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = RWKV(folder, "cpu fp32i8").forward(TOKENS, None)[0]
+    assert torch.equal(after, RWKV(make_folder(tmp_path / "fresh", changed), "cpu fp32i8").forward(TOKENS, None)[0])
+    assert not torch.equal(after, before)
+
+
 def test_a_folder_without_config_is_still_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory without config.json"):
         load_checkpoint(tmp_path)
