@@ -380,6 +380,7 @@ def test_convert_never_overwrites_without_force(source, tmp_path):
     convert(path, target, force=True)
     assert load_checkpoint(target).spec == SPEC
     folder = tmp_path / "hf"
+    folder.mkdir()  # an empty folder holds nothing to replace
     convert(path, folder, max_shard_bytes=300_000)
     (folder / "README.md").write_text("mine")
     convert(path, folder, force=True)  # one file now: the old shards go, the user's file stays

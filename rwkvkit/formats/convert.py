@@ -89,6 +89,8 @@ def _check_destination(dst: Path, kind: str, src: Path, force: bool) -> None:
         if not dst.parent.is_dir():
             raise ConvertError(f"{dst}: folder {dst.parent} does not exist")
         return
+    if kind == "hf" and _is_empty_folder(dst):
+        return
     if not force:
         raise ConvertError(f"{dst} already exists; pass --force to replace it")
     if kind == "hf" and not dst.is_dir():
@@ -132,8 +134,8 @@ def _write_folder(dst: Path, tensors: dict[str, torch.Tensor], spec, max_shard_b
         if tokenizer is not None:
             shutil.copyfile(tokenizer, tmp / tokenizer.name)
             files.append(tokenizer.name)
-        if not dst.exists():
-            os.replace(tmp, dst)
+        if not dst.exists() or _is_empty_folder(dst):
+            os.replace(tmp, dst)  # a rename: onto an empty folder too
             return files
         stale = [p for p in dst.iterdir() if p.name not in files and _is_weight_file(p.name)]
         for name in files:
@@ -143,6 +145,10 @@ def _write_folder(dst: Path, tensors: dict[str, torch.Tensor], spec, max_shard_b
         return files
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
 def _usual_permissions(path: Path) -> None:
