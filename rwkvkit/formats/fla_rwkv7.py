@@ -131,6 +131,8 @@ def config(spec: Any, dtype: torch.dtype) -> dict[str, Any]:
         "norm_bias": True,
         "norm_eps": 1e-5,
         "tie_word_embeddings": False,
+        "bos_token_id": 0,  # RWKV vocabularies (World, Pile) end a text with token 0
+        "eos_token_id": 0,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 
