@@ -146,7 +146,8 @@ class Engine:
     the automatic prefill chunk, and a step always runs at least one chunk, so an explicit
     ``chunk_len`` larger than the budget is honoured. ``cache``: a prompt without an initial state
     starts from its longest prefix in the cache (a whole prompt found there needs no forward
-    step), and its state after the whole prompt is stored there.
+    step), and its state after the whole prompt is stored there, as is the state after its first
+    ``cache_prefix_len`` tokens when the request gives that cut point (prefill stops there).
     """
 
     def __init__(
@@ -285,12 +286,17 @@ class Engine:
 
     def _start(self, g: Generation) -> None:
         g.start()
-        hit = self.cache.lookup(g.ids) if self.cache is not None and g.request.state is None else None
+        if self.cache is None or g.request.state is not None:
+            return
+        hit = self.cache.lookup(g.ids)
         if hit is not None:
             g.state = self.model.adopt_state(hit.state)
             g.advance_prefill(hit.length)
-            if not g.prefilling:  # the whole prompt: no forward at all
-                self._prefilled(g, hit.logits.to(self._logits_device, torch.float32))
+        cut = g.request.cache_prefix_len
+        if cut is not None and g.prefilled < cut < len(g.ids):
+            g.cut = cut
+        if not g.prefilling:  # the whole prompt was cached: no forward at all
+            self._prefilled(g, hit.logits.to(self._logits_device, torch.float32))
 
     def _prefill(self) -> None:
         """Chunks of prompts in admission order while the budget lasts (at least one per step)."""
@@ -305,6 +311,8 @@ class Engine:
         before = g.state
         logits, g.state = self.model.forward(chunk, before)
         g.advance_prefill(len(chunk))
+        if g.prefilled == g.cut:
+            self.cache.store(g.ids[: g.cut], g.state, logits)
         if not g.prefilling:
             check_logits(logits, self.model, chunk, before, f"after the prompt's {len(g.ids)} tokens")
             if self.cache is not None and g.request.state is None:
