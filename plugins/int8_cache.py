@@ -5,7 +5,8 @@
 load prepared (layers ``first..stop-1``, plus the embedding on the first stage and the head on the
 last), as ``<key>.q`` / ``<key>.scale`` (the key of a derived weight names its derivation too:
 the embedding with ``ln0`` folded in at a given epsilon). The digest is of the checkpoint's identity: its resolved
-path, size and modification time, and :meth:`Checkpoint.fingerprint` (its spec and small tensors).
+path, size and modification time (of every file, for a model folder), and
+:meth:`Checkpoint.fingerprint` (its spec, merged adapters and small tensors).
 So a hit reads no matrix of the checkpoint at all, and a changed file gets a new entry. Entries do
 not depend on the activation dtype: ``cpu fp32i8`` and ``cpu bf16i8`` share them.
 
@@ -80,10 +81,18 @@ class StageCache:
 def entry_path(checkpoint: Checkpoint, layers: range) -> Path:
     """The entry of ``layers`` of ``checkpoint`` (see the module docstring for the identity)."""
     path = checkpoint.path.resolve()
-    stat = path.stat()
-    identity = f"{CACHE_VERSION}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{checkpoint.fingerprint()}|{layers.start}|{layers.stop}"
+    identity = f"{CACHE_VERSION}|{path}|{_file_identity(path)}|{checkpoint.fingerprint()}|{layers.start}|{layers.stop}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
     return cache_dir() / "int8" / f"{path.stem[:64]}-{layers.start}-{layers.stop}-{digest}.safetensors"
+
+
+def _file_identity(path: Path) -> str:
+    """Size and modification time of a checkpoint file; of each file in a model folder (a shard
+    rewritten in place does not change the folder's own time)."""
+    if not path.is_dir():
+        stat = path.stat()
+        return f"{stat.st_size}|{stat.st_mtime_ns}"
+    return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in sorted(path.iterdir()) if f.is_file())
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:

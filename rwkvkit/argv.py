@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rwkvkit.errors import UsageError
 
-FREE_TEXT_KEYS = ("prompt", "prompt_file", "model.path", "model.tokenizer", "strategy.spec")
+FREE_TEXT_KEYS = ("prompt", "prompt_file", "model.path", "model.tokenizer", "model.state", "strategy.spec")
 PROMPT_KEYS = ("prompt", "prompt_file")
 SWEEP_FLAGS = ("-m", "--multirun")
 _INTERPOLATION = re.compile(r"(\\*)\$\{")

@@ -48,13 +48,17 @@ class Checkpoint:
     path: Path
     spec: ModelSpec
     tensors: dict[str, torch.Tensor]
+    merged: tuple[str, ...] = ()  # what was merged into the weights at load (LoRA digests)
 
     def fingerprint(self) -> str:
-        """A content fingerprint that is cheap for any model size: sha256 over the spec and the
-        bytes of every small (≤ 1-D-sized) tensor. Two checkpoints with the same shapes but
-        different weights differ in their per-channel vectors, so states cannot be mixed up."""
+        """A content fingerprint that is cheap for any model size: sha256 over the spec, what was
+        merged in, and the bytes of every small (≤ 1-D-sized) tensor the model reads. Two
+        checkpoints with the same shapes but different weights differ in their per-channel vectors,
+        so states cannot be mixed up; the same model in another file format has the same one."""
         h = hashlib.sha256(repr(astuple(self.spec)).encode())
-        for key in sorted(self.tensors):
+        for item in self.merged:
+            h.update(item.encode())
+        for key in sorted(set(self.tensors) - set(_OPTIONAL)):
             t = self.tensors[key]
             if t.numel() <= self.spec.n_embd * self.spec.head_size:
                 h.update(key.encode())
@@ -99,19 +103,27 @@ class WeightSource:
 
 def resolve_path(name: str | Path) -> Path:
     """Find the checkpoint file the way ChatRWKV users expect: the path as given, else with
-    ``.pth`` or ``.safetensors`` appended; ``pkg://package/file`` and model config names
-    (``demo``) are accepted too (rwkvkit.paths.model_file)."""
+    ``.pth`` or ``.safetensors`` appended; ``pkg://package/file``, model config names (``demo``)
+    and Hugging Face model folders (rwkvkit.formats.hf) are accepted too."""
     tries = candidates(model_file(name))
     for candidate in tries:
-        if candidate.is_file():
+        if candidate.is_file() or (candidate / "config.json").is_file():
             return candidate
         if candidate.is_dir():
-            raise CheckpointError(f"{candidate} is a directory; expected an RWKV checkpoint file (.pth or .safetensors)")
+            raise CheckpointError(
+                f"{candidate} is a directory without config.json; expected an RWKV checkpoint file (.pth or .safetensors) "
+                "or a Hugging Face model folder (config.json + model*.safetensors)"
+            )
     tried = ", ".join(str(c) for c in tries)
     raise CheckpointError(f"checkpoint not found: {name} (tried {tried})")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint under BlinkDL's key names, whatever the format on disk."""
+    if path.is_dir():
+        from rwkvkit.formats.hf import read_folder
+
+        return read_folder(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -1,6 +1,7 @@
 """The ``rwkvkit`` command (also ``python -m rwkvkit``): ``run`` generates text from Hydra configs
 (everything after ``run`` is Hydra's command line, free-text values taken literally: see
-rwkvkit.argv), ``info CHECKPOINT`` describes a checkpoint, ``plugins`` lists plugins,
+rwkvkit.argv), ``info CHECKPOINT`` describes a checkpoint, ``convert SRC DST`` converts one
+(rwkvkit.formats.convert), ``plugins`` lists plugins,
 ``build-kernels`` prebuilds the CUDA kernels. Every error is one line on stderr, exit code 2."""
 
 from __future__ import annotations
@@ -14,20 +15,45 @@ from dataclasses import asdict
 from types import FrameType
 
 from rwkvkit import __version__
-from rwkvkit.errors import EXIT_ERROR, RwkvkitError, Terminated, report, stop_of
+from rwkvkit.errors import EXIT_ERROR, InputError, RwkvkitError, Terminated, report, stop_of
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program stopped by `| head`
-COMMANDS = ["run", "info", "plugins", "build-kernels"]
+COMMANDS = ["run", "info", "convert", "plugins", "build-kernels"]
 
 
 def _info(args: argparse.Namespace) -> None:
     from rwkvkit.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(args.checkpoint)  # a path, pkg://package/file or a model config name
+    ckpt = load_checkpoint(args.checkpoint)  # a path, pkg://package/file, a model config name or an HF folder
     n_params = sum(t.numel() for t in ckpt.tensors.values())
     print(f"{ckpt.path}: RWKV-{ckpt.spec.version}, {n_params / 1e6:.1f}M parameters, fingerprint {ckpt.fingerprint()}")
+    if ckpt.path.is_dir():
+        from rwkvkit.formats.hf import describe
+
+        print(f"  {'format':<10} {describe(ckpt.path)}")
+    else:
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()})
+        print(f"  {'format':<10} {ckpt.path.suffix} file, {'/'.join(dtypes)}")
     for key, value in asdict(ckpt.spec).items():
         print(f"  {key:<10} {value}")
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from rwkvkit.formats.convert import convert, parse_size
+    from rwkvkit.formats.lora import as_loras
+
+    loras = as_loras((path, _number(alpha, "--lora ALPHA")) for path, alpha in args.lora or ())
+    done = convert(args.src, args.dst, args.dtype, args.force, parse_size(args.max_shard_size), loras)
+    shards = [f for f in done.files if f.endswith(".safetensors")]
+    what = {"hf": f"Hugging Face folder, {len(shards)} safetensors file{'s' if len(shards) > 1 else ''}", "pth": ".pth file", "safetensors": ".safetensors file"}[done.kind]
+    print(f"rwkvkit: wrote {done.path} ({what}); read back and verified: content digest {done.digest[:16]}, the same tensors (so the same logits) as {args.src}")
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{what} {text!r}: expected a number") from None
 
 
 def _plugins(args: argparse.Namespace) -> None:
@@ -135,8 +161,16 @@ def _main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="generate text: rwkvkit run [hydra overrides], see `rwkvkit run --help`")
     info = commands.add_parser("info", help="describe a checkpoint: architecture, dimensions, fingerprint")
-    info.add_argument("checkpoint", help="a .pth or .safetensors path (suffix optional), pkg://package/file, or a model config name (demo)")
+    info.add_argument("checkpoint", help="a .pth or .safetensors path (suffix optional), a Hugging Face model folder, pkg://package/file, or a model config name (demo)")
     info.set_defaults(func=_info)
+    conv = commands.add_parser("convert", help="convert a model between .pth, .safetensors and Hugging Face folders (verified)")
+    conv.add_argument("src", help="the model: anything `info` takes (.pth, .safetensors, HF folder, config name)")
+    conv.add_argument("dst", help="a .pth or .safetensors file, or a folder (no suffix) for a Hugging Face folder")
+    conv.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast the weights (default: keep the source's)")
+    conv.add_argument("--force", action="store_true", help="replace an existing destination (other files in a folder are kept)")
+    conv.add_argument("--lora", nargs=2, action="append", metavar=("FILE", "ALPHA"), help="merge a LoRA adapter trained with lora_alpha ALPHA (repeatable, in order)")
+    conv.add_argument("--max-shard-size", default="5GB", help="largest safetensors file in a folder before sharding (default 5GB)")
+    conv.set_defaults(func=_convert)
     plugins = commands.add_parser("plugins", help="list plugins, their versions and what they register")
     plugins.add_argument("--json", action="store_true", help="print JSON instead of text")
     plugins.set_defaults(func=_plugins)

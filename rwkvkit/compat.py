@@ -13,6 +13,7 @@ import torch
 from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.engine import Engine, Request
 from rwkvkit.errors import InputError
+from rwkvkit.formats.lora import as_loras, merge_loras
 from rwkvkit.generation import GenerationResult, check_chunk_len, generate_request
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
@@ -25,13 +26,19 @@ from rwkvkit.strategy import parse_strategy
 
 
 class RWKV(Model):
-    """Load a checkpoint (``.pth`` suffix optional) for a ChatRWKV strategy string.
+    """Load a checkpoint (``.pth`` suffix optional, ``.safetensors`` or a Hugging Face model
+    folder) for a ChatRWKV strategy string.
 
     ``backend`` picks the implementation for every stage (``auto``: the fastest available).
+    ``lora``: adapters merged into the weights before they are prepared (and quantized), each
+    ``{"path": FILE, "alpha": lora_alpha}`` or ``(FILE, lora_alpha)``: see rwkvkit.formats.lora.
     """
 
-    def __init__(self, model: str | Path, strategy: str = "cpu fp32", *, backend: str = "auto") -> None:
+    def __init__(self, model: str | Path, strategy: str = "cpu fp32", *, backend: str = "auto", lora: Sequence[Any] = ()) -> None:
         checkpoint = load_checkpoint(model)
+        loras = as_loras(lora)
+        if loras:
+            checkpoint = merge_loras(checkpoint, loras)
         super().__init__(checkpoint, parse_strategy(strategy, checkpoint.spec.n_layer, backend))
         spec = self.spec
         # ChatRWKV exposes these; scripts read e.g. model.args.n_layer

@@ -30,9 +30,17 @@ def key(default: Any = MISSING, meaning: str = "", *, factory: Callable[[], Any]
 
 
 @dataclass
+class LoraFile:
+    path: str = key(MISSING, "a LoRA adapter file (.pth/.safetensors with *.lora_A/*.lora_B)")
+    alpha: float = key(MISSING, "the lora_alpha it was trained with (W += B @ A * alpha / r)")
+
+
+@dataclass
 class ModelConfig:
-    path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a pkg://package/file path, or a model config name (demo)")
-    tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, or a tokenizer.json path (pkg:// allowed)")
+    path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a Hugging Face model folder, a pkg://package/file path, or a model config name (demo)")
+    tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, a tokenizer.json path (pkg:// allowed), or a model folder holding one")
+    state: Optional[str] = key(None, "a state-tuned initial state (.pth/.safetensors with blocks.N.att.time_state); null starts from zeros")
+    lora: List[LoraFile] = key(meaning="LoRA adapters merged into the weights at load, e.g. 'model.lora=[{path: a.pth, alpha: 32}]'", factory=list)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields, is_dataclass
 from typing import Any
 
 FREE_TEXT_RULE = """\
-Values of prompt, prompt_file, model.path, model.tokenizer and strategy.spec are taken literally
+Values of prompt, prompt_file, model.path, model.tokenizer, model.state and strategy.spec are taken literally
 (everything after the first '='), so only the shell's quoting applies:
   rwkvkit run prompt="Hello, world!" strategy.spec="cpu fp32i8 *1 -> cpu fp32"
 With -m, commas separate the values to sweep (-m strategy.spec="cpu fp32,cpu bf16"); a value

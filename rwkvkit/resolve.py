@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from rwkvkit.errors import InputError
+from rwkvkit.errors import InputError, TokenizerError
 from rwkvkit.interfaces import Callback, Sampler, Tokenizer
 from rwkvkit.paths import resolve_file
 from rwkvkit.registry import registry
@@ -60,11 +60,25 @@ def resolve_sampler(sampler: Sampler | str, options: dict[str, Any] | None = Non
 
 
 def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:
-    """A registered tokenizer name (``rwkv_vocab_v20230424``), or a path (``pkg://`` allowed) to an
-    HF ``tokenizer.json`` (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``)."""
+    """A registered tokenizer name (``rwkv_vocab_v20230424``), a path (``pkg://`` allowed) to an
+    HF ``tokenizer.json`` (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``), or a Hugging
+    Face model folder holding a ``tokenizer.json`` or the World vocabulary file."""
     if isinstance(name, Tokenizer):
         return name
     key = str(name)
+    if key not in registry.names("tokenizers") and resolve_file(key).is_dir():
+        return _folder_tokenizer(resolve_file(key))
     if key not in registry.names("tokenizers") and (key.endswith(".json") or resolve_file(key).exists()):
         return registry.get("tokenizers", "hf")(path=resolve_file(key))
     return registry.get("tokenizers", key)()
+
+
+def _folder_tokenizer(folder: Path) -> Tokenizer:
+    from rwkvkit.formats.hf import folder_tokenizer
+
+    path = folder_tokenizer(folder)
+    if path is None:
+        raise TokenizerError(f"{folder}: a folder without tokenizer.json or rwkv_vocab_v20230424.txt; name a tokenizer instead (e.g. rwkv_vocab_v20230424)")
+    if path.suffix == ".json":
+        return registry.get("tokenizers", "hf")(path=path)
+    return registry.get("tokenizers", "rwkv_world")(vocab_file=path)

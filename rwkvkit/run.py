@@ -43,7 +43,8 @@ from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import RunConfig, make_penalties, make_sampler, make_stops
 from rwkvkit.engine import Engine, Handle, Request, check_limits
-from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
+from rwkvkit.errors import InputError, PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
+from rwkvkit.formats.lora import Lora, as_loras
 from rwkvkit.interfaces import Callback, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
@@ -53,6 +54,7 @@ from rwkvkit.prompts_file import BatchProgress, PromptLine, batch_metrics, read_
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
+from rwkvkit.state import State
 
 _SINGLE_STREAM = ("stdout", "progress", "jsonl", "metrics")  # replaced in a prompts_file run (see above)
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -77,6 +79,19 @@ def file_sha256(path: Path) -> str:
         with contextlib.suppress(OSError):
             write_atomically(index, lambda tmp: tmp.write_text(json.dumps(known, indent=1)))
     return known[key]
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """:func:`file_sha256` of a checkpoint file; for a model folder, sha256 over its config.json
+    and weight files' names and hashes."""
+    if not path.is_dir():
+        return file_sha256(path)
+    from rwkvkit.formats.hf import CONFIG, weight_files
+
+    digest = hashlib.sha256()
+    for file in [path / CONFIG, *weight_files(path)]:
+        digest.update(f"{file.name} {file_sha256(file)}\n".encode())
+    return digest.hexdigest()
 
 
 def _read_sha256_index(index: Path) -> dict[str, str]:
@@ -176,23 +191,36 @@ def _check_model(cfg: DictConfig) -> Path:
     """The checkpoint's path, once it and the strategy's device and threads are checked."""
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
-    if not any(c.is_file() for c in candidates(model_path)):
+    if not any(c.exists() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
+    files = [("model.lora", lora.path) for lora in _loras(cfg)] + ([("model.state", Path(cfg.model.state).expanduser())] if cfg.model.state else [])
+    for key, path in files:
+        if not path.is_file():
+            raise RwkvkitError(f"{key}: file not found: {path}")
     _check_device(cfg)
     return model_path
 
 
-def _load(cfg: DictConfig, model_path: Path, record: _Record) -> tuple[Model, Tokenizer]:
-    """The model and tokenizer, recorded in run.json (checkpoint hashes, the backends that run it)."""
+def _loras(cfg: DictConfig) -> list[Lora]:
+    try:
+        return as_loras(OmegaConf.to_container(cfg.model.lora))
+    except InputError as exc:
+        raise InputError(f"model.lora: {exc}") from None
+
+
+def _load(cfg: DictConfig, model_path: Path, record: _Record) -> tuple[Model, Tokenizer, State | None]:
+    """The model (LoRA adapters merged), tokenizer and initial state (a tuned one, or None for
+    zeros), recorded in run.json (checkpoint hashes, the backends that run it)."""
     from rwkvkit.compat import RWKV
 
     if cfg.strategy.threads:
         torch.set_num_threads(cfg.strategy.threads)
-    model = RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend)
+    model = RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend, lora=_loras(cfg))
+    initial = State.from_tuned(cfg.model.state, model) if cfg.model.state else None
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
-    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
-    return model, resolve_tokenizer(cfg.model.tokenizer)
+    record.info.update(model_path=str(path), model_sha256=checkpoint_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
+    return model, resolve_tokenizer(cfg.model.tokenizer), initial
 
 
 @dataclass
@@ -263,7 +291,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
-    model, tokenizer = _load(cfg, job["model_path"], record)
+    model, tokenizer, initial = _load(cfg, job["model_path"], record)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     record.generating = True
     try:
@@ -276,6 +304,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
             penalties=penalties,
             stop_tokens=job["stops"],
             chunk_len=cfg.sampling.chunk_len,
+            state=initial,
             seed=cfg.seed,
             callbacks=[record.recorder, record.metrics, *job["callbacks"]],
         )
@@ -296,14 +325,14 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
         factories = [registry.get("callbacks", n) for n in names]
     except PluginError as exc:
         raise PluginError(f"callbacks.names: {exc}") from None
-    model, tokenizer = _load(cfg, _check_model(cfg), record)
+    model, tokenizer, initial = _load(cfg, _check_model(cfg), record)
     cache = PromptCache(cfg.engine.cache_mb << 20) if cfg.engine.cache_mb else None
     record.engine = engine = Engine(model, tokenizer, max_batch=cfg.engine.max_batch, prefill_tokens_per_step=cfg.engine.prefill_budget, cache=cache)
     progress = BatchProgress(len(record.lines))
     requests = [
         Request(
             line.prompt, line.token_count, line.sampler, line.penalties(model.spec.vocab_size), line.stops, line.sampling.chunk_len,
-            seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)],
+            state=initial, seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)],
         )
         for line in record.lines
     ]

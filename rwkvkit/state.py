@@ -21,13 +21,16 @@ _FIELDS = ("att_x_prev", "att_kv", "ffn_x_prev")
 
 
 class StateOwner(Protocol):
-    """What :meth:`State.load` needs of a model (``rwkvkit.model.Model``, which imports this module)."""
+    """What :meth:`State.load` and :meth:`State.from_tuned` need of a model (``rwkvkit.model.Model``,
+    which imports this module)."""
 
     fingerprint: str
     checkpoint_path: Any
     spec: Any
 
     def adopt_state(self, state: State) -> State: ...
+
+    def zero_state(self, batch_size: int = 1) -> State: ...
 
 
 @dataclass
@@ -139,6 +142,14 @@ class State:
             write_atomically(path, lambda tmp: save_file(data, str(tmp), metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint}))
         except OSError as exc:
             raise StateError(f"cannot save the state to {path}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def from_tuned(path: str | Path, model: StateOwner) -> State:
+        """The initial state of a state-tuning file (RWKV-PEFT's ``blocks.N.att.time_state``):
+        see :mod:`rwkvkit.formats.tuned_state`."""
+        from rwkvkit.formats.tuned_state import load_tuned_state
+
+        return load_tuned_state(path, model)
 
     @staticmethod
     def load(path: str | Path, model: StateOwner) -> State:

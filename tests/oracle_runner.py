@@ -2,7 +2,8 @@
 
 Its import sets process-wide torch flags and module globals (dtype, device), so the tests never
 import it themselves. Usage: ``python oracle_runner.py JOB OUT`` where JOB is a torch-saved dict
-``{"model": path without .pth, "strategy": str, "runs": {name: {"chunks": [[id, ...], ...], "full_output": bool}}}``;
+``{"model": path without .pth, "strategy": str, "runs": {name: {"chunks": [[id, ...], ...], "full_output": bool}}}``
+(a run may give its starting ``"state"``: the package's own list of per-layer tensors);
 OUT receives, per run, the logits after each chunk and the final state. An optional
 ``"generations": {name: {"prompt": str, "token_count": int, "args": {PIPELINE_ARGS kwargs}}}``
 runs ``rwkv.utils.PIPELINE.generate`` with the World tokenizer and records its text and every
@@ -27,7 +28,7 @@ def main(job_path: str, out_path: str) -> None:
     model = RWKV(model=job["model"], strategy=job["strategy"])
     results = {}
     for name, run in job.get("runs", {}).items():
-        state, logits = None, []
+        state, logits = ([s.clone() for s in run["state"]] if "state" in run else None), []
         for chunk in run["chunks"]:
             out, state = model.forward(chunk, state, full_output=run["full_output"]) if len(chunk) > 1 else model.forward(chunk, state)
             logits.append(out.float().clone())
