@@ -224,7 +224,7 @@ class Engine:
 
     def _start(self, g: Generation) -> None:
         g.start()
-        hit = self.cache.lookup(g.ids) if self.cache is not None and g.request.state is None else None
+        hit = self.cache.lookup(g.ids) if self.cache is not None and g.request.state is None and g.prompt_logprobs is None else None
         if hit is not None:
             g.state = self.model.adopt_state(hit.state)
             g.advance_prefill(hit.length)
@@ -242,7 +242,11 @@ class Engine:
 
     def _prefill_chunk(self, g: Generation, chunk: list[int]) -> None:
         before = g.state
-        logits, g.state = self.model.forward(chunk, before)
+        full = g.prompt_logprobs is not None
+        logits, g.state = self.model.forward(chunk, before, full_output=full)
+        if full:
+            g.record_prompt(logits)
+            logits = logits[-1]
         g.advance_prefill(len(chunk))
         if not g.prefilling:
             check_logits(logits, self.model, chunk, before, f"after the prompt's {len(g.ids)} tokens")
@@ -321,8 +325,8 @@ class Engine:
                     self._end(rows[i], "error", error=exc)
                 continue
             for i, token in zip(idx, tokens):
-                self._guard(rows[i], self._feed, rows[i], token)
+                self._guard(rows[i], self._feed, rows[i], token, self._logits[i])
 
-    def _feed(self, g: Generation, token: Any) -> None:
-        if not g.accept(token):
+    def _feed(self, g: Generation, token: Any, logits: torch.Tensor) -> None:
+        if not g.accept(token, logits):
             self._end(g, *g.ending)
