@@ -30,9 +30,20 @@ def key(default: Any = MISSING, meaning: str = "", *, factory: Callable[[], Any]
 
 
 @dataclass
+class ChatTemplateConfig:
+    """The RWKV World chat format, ``System: ...\n\nUser: ...\n\nAssistant:`` (rwkvkit.server.template)."""
+
+    system: str = key("System", "the name system messages are rendered with")
+    user: str = key("User", "the name user messages are rendered with")
+    assistant: str = key("Assistant", "the name replies are rendered with; the prompt ends with it and ':'")
+    separator: str = key("\n\n", "between messages; a reply stops at separator + user name + ':'")
+
+
+@dataclass
 class ModelConfig:
     path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a pkg://package/file path, or a model config name (demo)")
     tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, or a tokenizer.json path (pkg:// allowed)")
+    chat: ChatTemplateConfig = key(factory=ChatTemplateConfig)
 
 
 @dataclass
@@ -86,10 +97,14 @@ JOB_LOGGING = {  # a run's log goes to run.log only: the terminal shows the text
 
 
 def register_configs() -> None:
-    """Put the run schema (the YAML files in conf/ fill it, typed), the help page and the job
+    """Put the run, serve and chat schemas (the YAML files in conf/ fill it, typed), the help page and the job
     logging into Hydra's ConfigStore (conf/run.yaml selects them)."""
     cs = ConfigStore.instance()
+    from rwkvkit.server.config import ChatConfig, ServeConfig
+
     cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="chat_schema", node=ChatConfig)
     cs.store(group="hydra/help", name="rwkvkit", node=help_node(RunConfig))
     cs.store(group="hydra/job_logging", name="rwkvkit", node=JOB_LOGGING)
 

@@ -34,7 +34,7 @@ from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
-from rwkvkit.interfaces import Callback
+from rwkvkit.interfaces import Callback, Tokenizer
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.paths import candidates, model_file
 from rwkvkit.registry import registry
@@ -140,12 +140,27 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     stops = make_stops(cfg.sampling)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
+    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": check_model(cfg)}
+
+
+def check_model(cfg: DictConfig) -> Path:
+    """The checkpoint's path, once it exists and the strategy can run here (before loading)."""
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
     if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path}
+    return model_path
+
+
+def load_model(cfg: DictConfig, model_path: Path) -> tuple[Any, Tokenizer]:
+    """The configured model (an ``RWKV``) and tokenizer, ``strategy.threads`` applied; shared by
+    ``rwkvkit run``, ``serve`` and ``chat``."""
+    from rwkvkit.compat import RWKV
+
+    if cfg.strategy.threads:
+        torch.set_num_threads(cfg.strategy.threads)
+    return RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend), resolve_tokenizer(cfg.model.tokenizer)
 
 
 @dataclass
@@ -173,14 +188,10 @@ class _Record:
 
 
 def _generate(cfg: DictConfig, record: _Record) -> None:
-    from rwkvkit.compat import RWKV
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
-    if cfg.strategy.threads:
-        torch.set_num_threads(cfg.strategy.threads)
-    model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
-    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    model, tokenizer = load_model(cfg, job["model_path"])
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rwkvkit.engine.sequence import Generation, GenerationResult, Request, auto_chunk_len, stop_reason_of
+from rwkvkit.engine.sequence import Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
 from rwkvkit.errors import InputError, PluginError
 from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
@@ -57,6 +57,12 @@ class Handle:
     @property
     def error(self) -> BaseException | None:
         return self._generation.error
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The generated tokens' logprobs so far (``Request.logprobs``; None when not asked for):
+        a token's entry is there before ``on_token`` receives it."""
+        return self._generation.logprobs
 
     def cancel(self) -> None:
         """End the request when the next step begins (stop reason ``cancelled``), freeing its
