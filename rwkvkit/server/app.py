@@ -166,7 +166,8 @@ class _Run:
                 yield {"data": json.dumps(exc.body())}
             yield {"data": "[DONE]"}
 
-        return EventSourceResponse(sse(), ping=15)
+        # on SIGTERM/Ctrl-C the stream may go on for the grace period (uvicorn waits a little longer)
+        return EventSourceResponse(sse(), ping=15, shutdown_grace_period=self.service.limits.grace_period)
 
 
 async def _completions(service: Service, body: CompletionRequest, request: Request) -> Any:

@@ -19,6 +19,7 @@ from rwkvkit.errors import RwkvkitError, fail
 from rwkvkit.run import check_model, load_model
 
 log = logging.getLogger(__name__)
+SHUTDOWN_MARGIN_S = 2  # uvicorn's wait beyond the streams' grace period, for their last events
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -103,7 +104,7 @@ def _serve(cfg: DictConfig) -> None:
     if not is_loopback(server.host) and not keys:
         print(f"rwkvkit: warning: serving on {server.host} without API keys: anyone who can reach this port can use the model", file=sys.stderr)
     print(f"rwkvkit: serving {name} at http://{server.host}:{server.port}/v1 (OpenAI API); Ctrl-C stops", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=server.grace_period)
+    config = uvicorn.Config(app, host=server.host, port=server.port, log_level=server.log_level, timeout_graceful_shutdown=server.grace_period + SHUTDOWN_MARGIN_S)
     try:
         uvicorn.Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises the signal that stopped it, once it has shut down
