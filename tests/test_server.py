@@ -77,11 +77,11 @@ def test_greedy_completion_equals_pipeline_generate(client, pipeline, presence, 
     """OpenAI's penalties are ChatRWKV's alpha_presence / alpha_frequency; left out, the server's
     sampling config (ChatRWKV's defaults, as PIPELINE_ARGS') applies."""
     extra = {} if presence is None else {"presence_penalty": presence, "frequency_penalty": frequency}
-    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=40, temperature=0, **extra)
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=24, temperature=0, **extra)
     args = PIPELINE_ARGS(temperature=0) if presence is None else PIPELINE_ARGS(temperature=0, alpha_presence=presence, alpha_frequency=frequency)
-    assert got.choices[0].text == pipeline.generate(PROMPT, token_count=40, args=args)
+    assert got.choices[0].text == pipeline.generate(PROMPT, token_count=24, args=args)
     assert got.choices[0].finish_reason == "length"
-    assert got.usage.completion_tokens == 40 and got.usage.prompt_tokens == len(pipeline.encode(PROMPT))
+    assert got.usage.completion_tokens == 24 and got.usage.prompt_tokens == len(pipeline.encode(PROMPT))
 
 
 def test_streaming_gives_the_same_text_as_one_answer(client):
@@ -168,11 +168,11 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user
 
 
 def test_greedy_chat_is_the_world_template_continued_to_the_next_user_turn(client, pipeline):
-    got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0)
+    got = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0)
     template = ChatTemplate()
     prompt = template.render([(m["role"], m["content"]) for m in MESSAGES])
     assert prompt == "System: You answer briefly.\n\nUser: Who made the heaven?\n\nAssistant:"
-    expected = pipeline.generate(prompt, token_count=60, args=PIPELINE_ARGS(temperature=0, token_stop=["\n\nUser:"]), return_result=True)
+    expected = pipeline.generate(prompt, token_count=40, args=PIPELINE_ARGS(temperature=0, token_stop=["\n\nUser:"]), return_result=True)
     assert got.choices[0].message.content == expected.text.lstrip()
     assert got.choices[0].finish_reason == ("stop" if expected.stop_reason == "stop_string" else "length")
     assert got.choices[0].message.role == "assistant"
