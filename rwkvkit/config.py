@@ -76,10 +76,16 @@ class CallbacksConfig:
 
 
 @dataclass
-class RunConfig:
+class ModelGroups:
+    """The groups every app composes (run, serve, chat): which model, how it runs, how it samples."""
+
     model: ModelConfig = key(factory=ModelConfig)
     strategy: StrategyConfig = key(factory=StrategyConfig)
     sampling: SamplingConfig = key(factory=SamplingConfig)
+
+
+@dataclass
+class RunConfig(ModelGroups):
     callbacks: CallbacksConfig = key(factory=CallbacksConfig)
     prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
     prompt_file: Optional[str] = key(None, "read the prompt from this UTF-8 file instead")

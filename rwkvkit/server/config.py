@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rwkvkit.config import ModelConfig, SamplingConfig, StrategyConfig, key
+from rwkvkit.config import ModelGroups, key
 
 
 @dataclass
@@ -33,18 +33,12 @@ class ServerConfig:
 
 
 @dataclass
-class ServeConfig:
-    model: ModelConfig = key(factory=ModelConfig)
-    strategy: StrategyConfig = key(factory=StrategyConfig)
-    sampling: SamplingConfig = key(factory=SamplingConfig)
+class ServeConfig(ModelGroups):
     server: ServerConfig = key(factory=ServerConfig)
 
 
 @dataclass
-class ChatConfig:
-    model: ModelConfig = key(factory=ModelConfig)
-    strategy: StrategyConfig = key(factory=StrategyConfig)
-    sampling: SamplingConfig = key(factory=SamplingConfig)
+class ChatConfig(ModelGroups):
     system: str = key("", "a system message opening the conversation (empty: none)")
     max_tokens: int = key(500, "most tokens of one reply")
     seed: Optional[int] = key(None, "sampling seed of the first reply (each later reply takes the next); null: random")
