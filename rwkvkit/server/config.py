@@ -9,6 +9,12 @@ from typing import List, Optional
 
 from rwkvkit.config import ModelGroups, key
 
+SERVE_ABOUT = """serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models),
+with /health and Prometheus /metrics, on the batching engine. Loopback only unless server.host
+says otherwise; API keys with server.api_keys or server.api_key_file."""
+CHAT_ABOUT = """chat with a model in the terminal (/help lists the commands; Ctrl-C stops a reply,
+Ctrl-D leaves). The chat format is the model config's chat keys."""
+
 
 @dataclass
 class ServerConfig:
