@@ -44,7 +44,7 @@ from rwkvkit import memory
 from rwkvkit.config import RunConfig, make_penalties, make_sampler, make_stops
 from rwkvkit.engine import Engine, Handle, Request, check_limits
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
-from rwkvkit.interfaces import Callback, Tokenizer
+from rwkvkit.interfaces import Callback
 from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.prompt_cache import PromptCache
@@ -182,9 +182,10 @@ def _check_model(cfg: DictConfig) -> Path:
     return model_path
 
 
-def _load(cfg: DictConfig, model_path: Path, record: _Record) -> tuple[Model, Tokenizer]:
-    """The model and tokenizer, recorded in run.json (checkpoint hashes, the backends that run it)."""
+def _load(cfg: DictConfig, model_path: Path, record: _Record) -> Model:
+    """The model, recorded in run.json (checkpoint hashes, the backends that run it)."""
     from rwkvkit.compat import RWKV
+
 
     if cfg.strategy.threads:
         torch.set_num_threads(cfg.strategy.threads)
@@ -192,7 +193,7 @@ def _load(cfg: DictConfig, model_path: Path, record: _Record) -> tuple[Model, To
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
     record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
-    return model, resolve_tokenizer(cfg.model.tokenizer)
+    return model
 
 
 @dataclass
@@ -263,7 +264,8 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
-    model, tokenizer = _load(cfg, job["model_path"], record)
+    model = _load(cfg, job["model_path"], record)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     record.generating = True
     try:
@@ -296,16 +298,19 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
         factories = [registry.get("callbacks", n) for n in names]
     except PluginError as exc:
         raise PluginError(f"callbacks.names: {exc}") from None
-    model, tokenizer = _load(cfg, _check_model(cfg), record)
+    model_path = _check_model(cfg)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    cuts = [line.cache_prefix_len(tokenizer, cfg.prompts_file) for line in record.lines]
+    model = _load(cfg, model_path, record)
     cache = PromptCache(cfg.engine.cache_mb << 20) if cfg.engine.cache_mb else None
     record.engine = engine = Engine(model, tokenizer, max_batch=cfg.engine.max_batch, prefill_tokens_per_step=cfg.engine.prefill_budget, cache=cache)
     progress = BatchProgress(len(record.lines))
     requests = [
         Request(
             line.prompt, line.token_count, line.sampler, line.penalties(model.spec.vocab_size), line.stops, line.sampling.chunk_len,
-            seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)],
+            seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)], cache_prefix_len=cut,
         )
-        for line in record.lines
+        for line, cut in zip(record.lines, cuts)
     ]
     record.generating, record.started = True, time.perf_counter()
     try:
