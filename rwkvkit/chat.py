@@ -21,6 +21,7 @@ from rwkvkit.engine import Engine, Request
 from rwkvkit.errors import RwkvkitError, Terminated, fail
 from rwkvkit.interfaces import Callback
 from rwkvkit.prompt_cache import PromptCache
+from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.run import check_model, load_model
 from rwkvkit.server.template import ChatTemplate
 
@@ -186,7 +187,8 @@ def chat_job(cfg: DictConfig) -> None:
         make_stops(cfg.sampling)
         if cfg.max_tokens < 1:
             raise ChatError(f"max_tokens={cfg.max_tokens}: expected an integer >= 1")
-        model, tokenizer = load_model(cfg, check_model(cfg))
-        Chat(cfg, model, tokenizer).loop()
+        model_path = check_model(cfg)
+        tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+        Chat(cfg, load_model(cfg, model_path), tokenizer).loop()
     except RwkvkitError as exc:
         fail(exc)

@@ -13,7 +13,7 @@ import torch
 from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.engine import Engine, Request
 from rwkvkit.errors import InputError
-from rwkvkit.generation import GenerationResult, check_chunk_len, generate
+from rwkvkit.generation import GenerationResult, check_chunk_len, generate_request
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties, is_int
@@ -158,7 +158,7 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
             for prompt, prompt_seed in zip(prompts, self._seeds(seed, len(prompts)))
         ]
         if batch is None:
-            result = generate(self.model, self.tokenizer, **vars(requests[0]))  # its fields are generate's arguments
+            result = generate_request(self.model, self.tokenizer, requests[0])
             return result if return_result else result.text
         results = Engine(self.model, self.tokenizer).generate(requests)
         return results if return_result else [r.text for r in results]

@@ -12,7 +12,7 @@ from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
 from rwkvkit.state import State
 
-__all__ = ["AUTO_CHUNK_RANGE", "GenerationResult", "RunInfo", "auto_chunk_len", "check_chunk_len", "generate"]
+__all__ = ["AUTO_CHUNK_RANGE", "GenerationResult", "RunInfo", "auto_chunk_len", "check_chunk_len", "generate", "generate_request"]
 
 
 def generate(
@@ -28,8 +28,6 @@ def generate(
     state: State | None = None,
     seed: int | None = None,
     callbacks: Sequence[Callback] = (),
-    logprobs: int | None = None,
-    prompt_logprobs: bool = False,
 ) -> GenerationResult:
     """Generate up to ``token_count`` tokens after ``prompt`` (text or ids), continuing ``state``.
 
@@ -37,9 +35,11 @@ def generate(
     (stop when the text contains one; it is not emitted). ``chunk_len``: prompt tokens per forward
     call; None picks one for speed within a memory bound (:func:`auto_chunk_len`).
     ``seed`` seeds the sampler's generator (a random seed when None; ``RunInfo.seed`` reports it).
-    ``logprobs``/``prompt_logprobs``: record log-probabilities (see :class:`Request`).
     An error ends the callbacks (``on_end``) and is raised.
     """
-    engine = Engine(model, tokenizer, max_batch=1, prefill_tokens_per_step=None)
-    request = Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks, logprobs, prompt_logprobs)
-    return engine.generate([request])[0]
+    return generate_request(model, tokenizer, Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks))
+
+
+def generate_request(model: Model, tokenizer: Tokenizer, request: Request) -> GenerationResult:
+    """One request by itself: batch 1, its prompt prefilled in its own chunks (no step budget)."""
+    return Engine(model, tokenizer, max_batch=1, prefill_tokens_per_step=None).generate([request])[0]

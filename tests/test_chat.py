@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from rwkvkit.chat import Chat, ChatError
 from rwkvkit.config import ModelConfig
+from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.run import load_model
 from rwkvkit.server.config import ChatConfig
 
@@ -28,7 +29,7 @@ DEMO = ModelConfig(path="pkg://rwkvkit.demo/demo.pth", tokenizer="pkg://rwkvkit.
 @pytest.fixture(scope="module")
 def loaded():
     cfg = OmegaConf.structured(ChatConfig(model=DEMO, max_tokens=12, seed=7, system="Be brief."))
-    return cfg, *load_model(cfg, "pkg://rwkvkit.demo/demo.pth")
+    return cfg, load_model(cfg, "pkg://rwkvkit.demo/demo.pth"), resolve_tokenizer(DEMO.tokenizer)
 
 
 def new_chat(loaded) -> tuple[Chat, io.StringIO]:

@@ -90,6 +90,10 @@ class Request:
     alternatives (None: none recorded); ``prompt_logprobs``: also every prompt token's after the
     first (what evaluation harnesses score; the prompt is then prefilled in chunks of at most
     PROMPT_LOGPROBS_CHUNK and never taken from the prompt cache).
+    ``cache_prefix_len``: with an engine's prompt cache, also keep the state after the prompt's
+    first so many tokens (a shared system prompt or few-shot header), so a later prompt that
+    starts with them but goes on differently is prefilled from there; the whole prompt's state
+    is kept in any case.
     """
 
     prompt: str | Sequence[int]
@@ -101,6 +105,7 @@ class Request:
     state: State | None = None
     seed: int | None = None
     callbacks: Sequence[Callback] = ()
+    cache_prefix_len: int | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False
 
@@ -221,6 +226,9 @@ class Generation:
         if r.seed is not None and not is_int(r.seed):
             raise InputError(f"seed={r.seed!r:.80}: expected an integer, or None for a random seed")
         self.ids = _prompt_ids(r.prompt, tokenizer, model.spec.vocab_size)
+        if r.cache_prefix_len is not None and (not is_int(r.cache_prefix_len) or not 1 <= r.cache_prefix_len <= len(self.ids)):
+            raise InputError(f"cache_prefix_len={r.cache_prefix_len!r:.80}: expected an integer in 1..{len(self.ids)} (the prompt's tokens), or None")
+        self.cut: int | None = None  # where prefill stops to store a state in the cache (set by the engine)
         if r.logprobs is not None and (not is_int(r.logprobs) or not 0 <= r.logprobs <= model.spec.vocab_size):
             raise InputError(f"logprobs={r.logprobs!r:.80}: expected None or an integer in 0..{model.spec.vocab_size}")
         self.top = r.logprobs or 0
@@ -252,7 +260,11 @@ class Generation:
         return self.prefilled < len(self.ids)
 
     def next_chunk(self) -> list[int]:
-        return self.ids[self.prefilled : self.prefilled + self.chunk]
+        """The next chunk, ending at the cut point if it lies within."""
+        end = self.prefilled + self.chunk
+        if self.cut is not None and self.prefilled < self.cut:
+            end = min(end, self.cut)
+        return self.ids[self.prefilled : end]
 
     def start(self) -> None:
         r = self.request

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.errors import RwkvkitError, fail
+from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.run import check_model, load_model
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ def _serve(cfg: DictConfig) -> None:
     make_penalties(cfg.sampling)
     make_stops(cfg.sampling)
     model_path = check_model(cfg)
-    model, tokenizer = load_model(cfg, model_path)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    model = load_model(cfg, model_path)
     name = server.model_name or Path(str(model.checkpoint_path)).stem
     service = Service(model, tokenizer, cfg, name)
     app = Gate(create_app(service, server.grace_period), keys, service)
