@@ -1,12 +1,14 @@
 """The ``rwkvkit`` command (also ``python -m rwkvkit``): ``run`` generates text from Hydra configs
 (everything after ``run`` is Hydra's command line, free-text values taken literally: see
-rwkvkit.argv), ``info CHECKPOINT`` describes a checkpoint, ``convert SRC DST`` converts one
-(rwkvkit.formats.convert), ``plugins`` lists plugins,
+rwkvkit.argv), ``serve`` runs an OpenAI-compatible server and ``chat`` a terminal chat (Hydra
+apps on the same groups), ``info CHECKPOINT`` describes a checkpoint, ``convert SRC DST`` converts
+one (rwkvkit.formats.convert), ``plugins`` lists plugins,
 ``build-kernels`` prebuilds the CUDA kernels. Every error is one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -18,7 +20,9 @@ from rwkvkit import __version__
 from rwkvkit.errors import EXIT_ERROR, InputError, RwkvkitError, Terminated, report, stop_of
 
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for a program stopped by `| head`
-COMMANDS = ["run", "info", "convert", "plugins", "build-kernels"]
+COMMANDS = ["run", "serve", "chat", "info", "convert", "plugins", "build-kernels"]
+# the Hydra apps: command -> (config in rwkvkit.conf, "module:task")
+HYDRA_APPS = {"run": ("run", "rwkvkit.run:run_job"), "serve": ("serve", "rwkvkit.server.main:serve_job"), "chat": ("chat", "rwkvkit.chat:chat_job")}
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -79,8 +83,8 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
-def _run(args: list[str]) -> int:
-    """Hand the command line to Hydra (so -m sweeps, launchers, --config-dir all work), with
+def _run(args: list[str], command: str = "run") -> int:
+    """Hand the command line of a Hydra app (``run``, ``serve``, ``chat``) to Hydra (so -m sweeps, launchers, --config-dir all work), with
     free-text values quoted for it (rwkvkit.argv) and its errors raised instead of printed
     (HYDRA_FULL_ERROR), so that each becomes one line.
 
@@ -97,16 +101,19 @@ def _run(args: list[str]) -> int:
         from rwkvkit.argv import check_flags, hydra_error, hydra_overrides
         from rwkvkit.completion import COMPLETION_FLAGS
         from rwkvkit.config import register_configs
-        from rwkvkit.registry import registry
-        from rwkvkit.run import run_job
+        from importlib import import_module
 
-        overrides = hydra_overrides(args)
+        from rwkvkit.registry import registry
+
+        config_name, target = HYDRA_APPS[command]
+        module, _, task = target.partition(":")
+        overrides = hydra_overrides(args, sys.stdin if command == "run" else io.StringIO())  # chat reads stdin itself
         check_flags(overrides)
         register_configs()
         registry.plugins()  # plugins may add config options (ConfigStore) on import: load them first
-        entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name="run", version_base=None)(run_job)
+        entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name=config_name, version_base=None)(getattr(import_module(module), task))
         # an installed completion script registers and calls the program named here: `rwkvkit`
-        sys.argv = ["rwkvkit" if any(a in COMPLETION_FLAGS for a in overrides) else "rwkvkit run", *overrides]
+        sys.argv = ["rwkvkit" if any(a in COMPLETION_FLAGS for a in overrides) else f"rwkvkit {command}", *overrides]
         entry()
     except RwkvkitError as exc:
         return report(exc)
@@ -152,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     from rwkvkit.completion import is_query
 
-    if argv[:1] == ["run"]:
-        return _run(argv[1:])
+    if argv[:1] and argv[0] in HYDRA_APPS:
+        return _run(argv[1:], argv[0])
     if is_query(argv):
         return _complete(argv)
     parser = argparse.ArgumentParser(prog="rwkvkit", description="Run RWKV language models.")
     parser.add_argument("--version", action="version", version=f"rwkvkit {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="generate text: rwkvkit run [hydra overrides], see `rwkvkit run --help`")
+    commands.add_parser("serve", help="serve the OpenAI API on the batching engine: rwkvkit serve [hydra overrides]")
+    commands.add_parser("chat", help="chat in the terminal: rwkvkit chat [hydra overrides]")
     info = commands.add_parser("info", help="describe a checkpoint: architecture, dimensions, fingerprint")
     info.add_argument("checkpoint", help="a .pth or .safetensors path (suffix optional), a Hugging Face model folder, pkg://package/file, or a model config name (demo)")
     info.set_defaults(func=_info)

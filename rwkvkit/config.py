@@ -36,11 +36,22 @@ class LoraFile:
 
 
 @dataclass
+class ChatTemplateConfig:
+    """The RWKV World chat format, ``System: ...\n\nUser: ...\n\nAssistant:`` (rwkvkit.server.template)."""
+
+    system: str = key("System", "the name system messages are rendered with")
+    user: str = key("User", "the name user messages are rendered with")
+    assistant: str = key("Assistant", "the name replies are rendered with; the prompt ends with it and ':'")
+    separator: str = key("\n\n", "between messages; a reply stops at separator + user name + ':'")
+
+
+@dataclass
 class ModelConfig:
     path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a Hugging Face model folder, a pkg://package/file path, or a model config name (demo)")
     tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, a tokenizer.json path (pkg:// allowed), or a model folder holding one")
     state: Optional[str] = key(None, "a state-tuned initial state (.pth/.safetensors with blocks.N.att.time_state); null starts from zeros")
     lora: List[LoraFile] = key(meaning="LoRA adapters merged into the weights at load, e.g. 'model.lora=[{path: a.pth, alpha: 32}]'", factory=list)
+    chat: ChatTemplateConfig = key(factory=ChatTemplateConfig)
 
 
 @dataclass
@@ -80,10 +91,16 @@ class EngineConfig:
 
 
 @dataclass
-class RunConfig:
+class ModelGroups:
+    """The groups every app composes (run, serve, chat): which model, how it runs, how it samples."""
+
     model: ModelConfig = key(factory=ModelConfig)
     strategy: StrategyConfig = key(factory=StrategyConfig)
     sampling: SamplingConfig = key(factory=SamplingConfig)
+
+
+@dataclass
+class RunConfig(ModelGroups):
     callbacks: CallbacksConfig = key(factory=CallbacksConfig)
     engine: EngineConfig = key(factory=EngineConfig)
     prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
@@ -103,11 +120,17 @@ JOB_LOGGING = {  # a run's log goes to run.log only: the terminal shows the text
 
 
 def register_configs() -> None:
-    """Put the run schema (the YAML files in conf/ fill it, typed), the help page and the job
+    """Put the run, serve and chat schemas (the YAML files in conf/ fill it, typed), the help page and the job
     logging into Hydra's ConfigStore (conf/run.yaml selects them)."""
     cs = ConfigStore.instance()
+    from rwkvkit.server.config import CHAT_ABOUT, SERVE_ABOUT, ChatConfig, ServeConfig
+
     cs.store(name="run_schema", node=RunConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="chat_schema", node=ChatConfig)
     cs.store(group="hydra/help", name="rwkvkit", node=help_node(RunConfig))
+    cs.store(group="hydra/help", name="rwkvkit_serve", node=help_node(ServeConfig, "rwkvkit serve", SERVE_ABOUT))
+    cs.store(group="hydra/help", name="rwkvkit_chat", node=help_node(ChatConfig, "rwkvkit chat", CHAT_ABOUT))
     cs.store(group="hydra/job_logging", name="rwkvkit", node=JOB_LOGGING)
 
 

@@ -43,12 +43,28 @@ def key_rows(schema: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def help_node(schema: type) -> dict[str, str]:
+def help_node(schema: type, app: str = "rwkvkit run", about: str | None = None) -> dict[str, str]:
     """The ``hydra/help`` config for the app whose config is ``schema`` (Hydra fills in the
-    ``$``-placeholders with string.Template, so other ``$`` are doubled)."""
+    ``$``-placeholders with string.Template, so other ``$`` are doubled); ``about`` says what an
+    app other than ``rwkvkit run`` does."""
     rows = key_rows(schema)
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     table = "\n".join(f"  {k:<{widths[0]}}  {t:<{widths[1]}}  {d:<{widths[2]}}  {m}" for k, t, d, m in rows).replace("$", "$$")
+    if about is not None:
+        text = f"""\
+{app}: {about.replace("$", "$$")}
+
+usage: {app} [group=option ...] [key=value ...] [--cfg job] [--config-dir DIR]
+
+== Config groups (group=option) ==
+$APP_CONFIG_GROUPS
+== Keys (key=value): type, default, meaning ==
+{table}
+
+== Config ==
+$CONFIG
+"""
+        return {"app_name": app, "header": "", "footer": "", "template": text}
     text = f"""\
 rwkvkit run: generate text with an RWKV-7 model from composed Hydra configs.
 

@@ -5,10 +5,13 @@ The file is UTF-8 JSON Lines, one prompt per line::
     {"prompt": "Once upon a time", "seed": 1}
     {"prompt": "The capital of France is", "token_count": 20, "sampling": {"name": "greedy"}}
     "A line that is a JSON string is a prompt with the run's settings"
+    {"prompt": "System: be brief.\n\nUser: hi", "cache_prefix": "System: be brief.\n\n"}
 
 ``prompt`` (text, required); ``seed`` and ``token_count`` replace the run's ``seed`` and
 ``token_count``; ``sampling`` overrides keys of the run's ``sampling`` config for this prompt
-(typed like the command line's ``sampling.*``). Blank lines are skipped. A prompt without its own
+(typed like the command line's ``sampling.*``). ``cache_prefix``: the beginning of the prompt
+whose state the prompt cache (``engine.cache_mb``) keeps for the prompts that follow, e.g. a shared
+system prompt; it must end on a token boundary of the prompt. Blank lines are skipped. A prompt without its own
 seed gets the run's: its result is then exactly what ``rwkvkit run prompt=... seed=...`` (and
 ``PIPELINE.generate``) gives for it alone. Everything is checked before the model loads; a bad line
 is reported with the file, its line number and what was expected.
@@ -29,10 +32,10 @@ from omegaconf.errors import OmegaConfBaseException
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.engine import GenerationResult, Handle
 from rwkvkit.errors import InputError, RwkvkitError
-from rwkvkit.interfaces import Callback, Sampler
+from rwkvkit.interfaces import Callback, Sampler, Tokenizer
 from rwkvkit.penalties import Penalties, is_int
 
-KEYS = ("prompt", "seed", "token_count", "sampling")
+KEYS = ("prompt", "seed", "token_count", "sampling", "cache_prefix")
 
 
 @dataclass
@@ -47,6 +50,20 @@ class PromptLine:
     sampling: DictConfig  # the run's sampling config with this line's overrides
     sampler: Sampler  # shared by the lines of equal sampling configs: their rows sample together
     stops: list[int | str]
+    cache_prefix: str | None
+
+    def cache_prefix_len(self, tokenizer: Tokenizer, name: str) -> int | None:
+        """The prompt's tokens in ``cache_prefix``: the engine's cut point. InputError when the
+        prompt's tokens do not begin with the prefix's own (a token spans the boundary)."""
+        if self.cache_prefix is None:
+            return None
+        head, ids = tokenizer.encode(self.cache_prefix), tokenizer.encode(self.prompt)
+        if ids[: len(head)] != head:
+            raise InputError(
+                f"prompts_file={name}, line {self.line}: the prompt's tokens do not begin with those of its cache_prefix "
+                f"(a token spans where the prefix ends): end the prefix after a newline or a space"
+            )
+        return len(head)
 
     def penalties(self, vocab_size: int) -> Penalties:
         """This prompt's own penalties (their counts are per sequence)."""
@@ -93,12 +110,15 @@ def _parse(text: str, index: int, number: int, cfg: DictConfig, samplers: dict[s
         raise InputError(f'"seed" must be an integer, got {json.dumps(seed):.60}')
     if not is_int(token_count) or token_count < 0:
         raise InputError(f'"token_count" must be an integer >= 0, got {json.dumps(token_count):.60}')
+    prefix = item.get("cache_prefix")
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or not prompt.startswith(prefix)):
+        raise InputError(f'"cache_prefix" must be a non-empty string the prompt begins with, got {json.dumps(prefix):.60}')
     sampling = _sampling(cfg.sampling, item.get("sampling", {}))
     key = OmegaConf.to_yaml(sampling)
     if key not in samplers:
         samplers[key] = make_sampler(sampling)
     make_penalties(sampling)  # range checks now; ids against the vocabulary once it loads
-    return PromptLine(index, number, prompt, seed, token_count, sampling, samplers[key], make_stops(sampling))
+    return PromptLine(index, number, prompt, seed, token_count, sampling, samplers[key], make_stops(sampling), prefix)
 
 
 def _sampling(base: DictConfig, overrides: Any) -> DictConfig:

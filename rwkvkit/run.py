@@ -45,7 +45,7 @@ from rwkvkit.config import RunConfig, make_penalties, make_sampler, make_stops
 from rwkvkit.engine import Engine, Handle, Request, check_limits
 from rwkvkit.errors import InputError, PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.formats.lora import Lora, as_loras
-from rwkvkit.interfaces import Callback, Tokenizer
+from rwkvkit.interfaces import Callback
 from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.prompt_cache import PromptCache
@@ -184,11 +184,12 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     stops = make_stops(cfg.sampling)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
-    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": _check_model(cfg)}
+    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": check_model(cfg)}
 
 
-def _check_model(cfg: DictConfig) -> Path:
-    """The checkpoint's path, once it and the strategy's device and threads are checked."""
+def check_model(cfg: DictConfig) -> Path:
+    """The checkpoint's path, once it and the strategy's device and threads are checked (before
+    loading; shared by ``rwkvkit run``, ``serve`` and ``chat``)."""
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
     if not any(c.exists() for c in candidates(model_path)):
@@ -208,19 +209,28 @@ def _loras(cfg: DictConfig) -> list[Lora]:
         raise InputError(f"model.lora: {exc}") from None
 
 
-def _load(cfg: DictConfig, model_path: Path, record: _Record) -> tuple[Model, Tokenizer, State | None]:
-    """The model (LoRA adapters merged), tokenizer and initial state (a tuned one, or None for
-    zeros), recorded in run.json (checkpoint hashes, the backends that run it)."""
+def load_model(cfg: DictConfig, model_path: Path) -> Model:
+    """The configured model (an ``RWKV``, LoRA adapters merged), ``strategy.threads`` applied;
+    shared by ``rwkvkit run``, ``serve`` and ``chat``."""
     from rwkvkit.compat import RWKV
 
     if cfg.strategy.threads:
         torch.set_num_threads(cfg.strategy.threads)
-    model = RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend, lora=_loras(cfg))
-    initial = State.from_tuned(cfg.model.state, model) if cfg.model.state else None
+    return RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend, lora=_loras(cfg))
+
+
+def initial_state(cfg: DictConfig, model: Model) -> State | None:
+    """The state-tuned initial state ``model.state`` names, or None (zeros)."""
+    return State.from_tuned(cfg.model.state, model) if cfg.model.state else None
+
+
+def _load(cfg: DictConfig, model_path: Path, record: _Record) -> Model:
+    """The model, recorded in run.json (checkpoint hashes, the backends that run it)."""
+    model = load_model(cfg, model_path)
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
     record.info.update(model_path=str(path), model_sha256=checkpoint_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
-    return model, resolve_tokenizer(cfg.model.tokenizer), initial
+    return model
 
 
 @dataclass
@@ -291,7 +301,9 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
-    model, tokenizer, initial = _load(cfg, job["model_path"], record)
+    model = _load(cfg, job["model_path"], record)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    initial = initial_state(cfg, model)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     record.generating = True
     try:
@@ -325,7 +337,11 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
         factories = [registry.get("callbacks", n) for n in names]
     except PluginError as exc:
         raise PluginError(f"callbacks.names: {exc}") from None
-    model, tokenizer, initial = _load(cfg, _check_model(cfg), record)
+    model_path = check_model(cfg)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    cuts = [line.cache_prefix_len(tokenizer, cfg.prompts_file) for line in record.lines]
+    model = _load(cfg, model_path, record)
+    initial = initial_state(cfg, model)
     cache = PromptCache(cfg.engine.cache_mb << 20) if cfg.engine.cache_mb else None
     record.engine = engine = Engine(model, tokenizer, max_batch=cfg.engine.max_batch, prefill_tokens_per_step=cfg.engine.prefill_budget, cache=cache)
     progress = BatchProgress(len(record.lines))
@@ -333,8 +349,9 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
         Request(
             line.prompt, line.token_count, line.sampler, line.penalties(model.spec.vocab_size), line.stops, line.sampling.chunk_len,
             state=initial, seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)],
+            cache_prefix_len=cut,
         )
-        for line in record.lines
+        for line, cut in zip(record.lines, cuts)
     ]
     record.generating, record.started = True, time.perf_counter()
     try:

@@ -83,6 +83,23 @@ def test_greedy_batch_with_a_prompt_cache(tmp_path, world_args, model_paths):
     assert 0 < metrics["engine_peak_cache_mb"] <= metrics["engine_max_cache_mb"] == 64
 
 
+def test_cache_prefix_shares_a_system_prompt(tmp_path, world_args, model_paths):
+    """Prompts sharing a system prompt given as cache_prefix (the first stores its state, the
+    others start from it) give the greedy tokens each gives alone, uncached."""
+    system = "System: You are a helpful assistant who answers briefly.\n\n"
+    prompts = [system + f"User: {q}\n\nAssistant:" for q in ("hi", "What is 2+2?", "Name a colour.")]
+    out = tmp_path / "r"
+    file = write_lines(tmp_path / "p.jsonl", [{"prompt": p, "cache_prefix": system} for p in prompts])
+    proc = rwkvkit_run(*world_args, f"prompts_file={file}", "sampling=greedy", "token_count=5", "engine.cache_mb=64", "engine.max_batch=1", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pipeline = PIPELINE(RWKV(model_paths["world"]), "rwkv_vocab_v20230424")
+    args = PIPELINE_ARGS(alpha_frequency=0, alpha_presence=0)
+    assert [r["tokens"] for r in results(out)] == [pipeline.generate(p, 5, args, sampler="greedy", return_result=True).tokens for p in prompts]
+    bad = write_lines(tmp_path / "bad.jsonl", [{"prompt": "User: hello", "cache_prefix": "User: hel"}])
+    proc = rwkvkit_run(*world_args, f"prompts_file={bad}", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    assert proc.returncode == 2 and f"prompts_file={bad}, line 1: the prompt's tokens do not begin with those of its cache_prefix" in proc.stderr
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
@@ -96,7 +113,8 @@ def test_greedy_batch_with_a_prompt_cache(tmp_path, world_args, model_paths):
         ([{"prompt": "a", "seed": "x"}], 'p.jsonl, line 1: "seed" must be an integer, got "x"'),
         ([{"prompt": "a", "seed": True}], 'p.jsonl, line 1: "seed" must be an integer, got true'),
         ([{"prompt": "a", "token_count": -1}], 'p.jsonl, line 1: "token_count" must be an integer >= 0, got -1'),
-        ([{"prompt": "a", "promt": "b"}], "p.jsonl, line 1: unknown key(s) ['promt']: expected prompt, seed, token_count, sampling"),
+        ([{"prompt": "a", "promt": "b"}], "p.jsonl, line 1: unknown key(s) ['promt']: expected prompt, seed, token_count, sampling, cache_prefix"),
+        ([{"prompt": "ab", "cache_prefix": "b"}], 'p.jsonl, line 1: "cache_prefix" must be a non-empty string the prompt begins with, got "b"'),
         ([{"prompt": "a", "sampling": 1}], 'p.jsonl, line 1: "sampling" must be a JSON object of sampling options, got 1'),
         ([{"prompt": "a", "sampling": {"top_q": 1}}], "p.jsonl, line 1: \"sampling\": Key 'top_q' not in 'SamplingConfig'"),
         ([{"prompt": "a", "sampling": {"top_p": "x"}}], "p.jsonl, line 1: \"sampling\": Value 'x' of type 'str' could not be converted to Float"),

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from rwkvkit.cuda_graphs import BatchGraphs, graph_device, shared_graphs
-from rwkvkit.engine.sequence import Generation, GenerationResult, Request, auto_chunk_len, stop_reason_of
+from rwkvkit.engine.sequence import Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
 from rwkvkit.errors import InputError, PluginError, StrategyError
 from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
@@ -89,6 +89,12 @@ class Handle:
     @property
     def error(self) -> BaseException | None:
         return self._generation.error
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """The generated tokens' logprobs so far (``Request.logprobs``; None when not asked for):
+        a token's entry is there before ``on_token`` receives it."""
+        return self._generation.logprobs
 
     def cancel(self) -> None:
         """End the request when the next step begins (stop reason ``cancelled``), freeing its
@@ -302,7 +308,7 @@ class Engine:
 
     def _start(self, g: Generation) -> None:
         g.start()
-        if self.cache is None or g.request.state is not None:
+        if self.cache is None or g.request.state is not None or g.prompt_logprobs is not None:
             return
         hit = self.cache.lookup(g.ids)
         if hit is not None:
@@ -325,7 +331,11 @@ class Engine:
 
     def _prefill_chunk(self, g: Generation, chunk: list[int]) -> None:
         before = g.state
-        logits, g.state = self.model.forward(chunk, before)
+        full = g.prompt_logprobs is not None
+        logits, g.state = self.model.forward(chunk, before, full_output=full)
+        if full:
+            g.record_prompt(logits)
+            logits = logits[-1]
         g.advance_prefill(len(chunk))
         if g.prefilled == g.cut:
             self.cache.store(g.ids[: g.cut], g.state, logits)
@@ -437,8 +447,8 @@ class Engine:
                     self._end(rows[i], "error", error=exc)
                 continue
             for i, token in zip(idx, tokens):
-                self._guard(rows[i], self._feed, rows[i], token)
+                self._guard(rows[i], self._feed, rows[i], token, self._logits[i])
 
-    def _feed(self, g: Generation, token: Any) -> None:
-        if not g.accept(token):
+    def _feed(self, g: Generation, token: Any, logits: torch.Tensor) -> None:
+        if not g.accept(token, logits):
             self._end(g, *g.ending)

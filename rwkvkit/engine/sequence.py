@@ -37,6 +37,30 @@ class RunInfo:
 
 
 @dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits: before
+    penalties, temperature and sampler filtering, what OpenAI's ``logprobs`` reports) and the
+    ``top`` most probable tokens there as (id, logprob), most probable first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """``tokens[i]``'s entry under ``logits[i]`` (``[T, V]``), with its ``top`` alternatives."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0].tolist()
+    values, ids = lp.topk(top, dim=-1) if top else (lp[:, :0], lp[:, :0].long())
+    return [TokenLogprob(t, c, list(zip(i, v))) for t, c, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
+
+
+# The prompt chunk of a request that records the prompt's logprobs: each chunk's [T, V] logits
+# are kept whole (4,096 x 65,536 float32 would be 1 GiB; 256 rows are 64 MiB).
+PROMPT_LOGPROBS_CHUNK = 256
+
+
+@dataclass
 class GenerationResult:
     text: str  # what was streamed to on_text: decode(tokens), cut before a stop string
     tokens: list[int]  # generated ids (a stop token is not included; the token completing a stop string is)
@@ -48,6 +72,8 @@ class GenerationResult:
     stop_reason: str
     metrics: dict[str, float] = field(default_factory=dict)
     stop: int | str | None = None  # the stop token id or stop string that ended generation
+    logprobs: list[TokenLogprob] | None = None  # one per token in ``tokens`` (Request.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt tokens 2.. (Request.prompt_logprobs)
 
 
 @dataclass
@@ -60,6 +86,10 @@ class Request:
     call; None picks one for speed within a memory bound (:func:`auto_chunk_len`), capped by the
     engine's prefill budget. ``seed`` seeds the sampler's generator (None: a random seed, reported
     in ``RunInfo.seed``). ``penalties`` count this sequence's tokens: one object per request.
+    ``logprobs``: record each generated token's :class:`TokenLogprob` with that many
+    alternatives (None: none recorded); ``prompt_logprobs``: also every prompt token's after the
+    first (what evaluation harnesses score; the prompt is then prefilled in chunks of at most
+    PROMPT_LOGPROBS_CHUNK and never taken from the prompt cache).
     ``cache_prefix_len``: with an engine's prompt cache, also keep the state after the prompt's
     first so many tokens (a shared system prompt or few-shot header), so a later prompt that
     starts with them but goes on differently is prefilled from there; the whole prompt's state
@@ -76,6 +106,8 @@ class Request:
     seed: int | None = None
     callbacks: Sequence[Callback] = ()
     cache_prefix_len: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: bool = False
 
 
 def check_chunk_len(chunk_len: int | None) -> None:
@@ -197,8 +229,15 @@ class Generation:
         if r.cache_prefix_len is not None and (not is_int(r.cache_prefix_len) or not 1 <= r.cache_prefix_len <= len(self.ids)):
             raise InputError(f"cache_prefix_len={r.cache_prefix_len!r:.80}: expected an integer in 1..{len(self.ids)} (the prompt's tokens), or None")
         self.cut: int | None = None  # where prefill stops to store a state in the cache (set by the engine)
+        if r.logprobs is not None and (not is_int(r.logprobs) or not 0 <= r.logprobs <= model.spec.vocab_size):
+            raise InputError(f"logprobs={r.logprobs!r:.80}: expected None or an integer in 0..{model.spec.vocab_size}")
+        self.top = r.logprobs or 0
+        self.logprobs: list[TokenLogprob] | None = None if r.logprobs is None else []
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if r.prompt_logprobs else None
         self.request, self.tokenizer, self.vocab_size = r, tokenizer, model.spec.vocab_size
         self.chunk = r.chunk_len or default_chunk
+        if r.prompt_logprobs:
+            self.chunk = min(self.chunk, PROMPT_LOGPROBS_CHUNK)
         self.seed = random.SystemRandom().randrange(2**63) if r.seed is None else r.seed
         self.ctx = SampleContext(generator=torch.Generator().manual_seed(self.seed), occurrence=self.penalties.counts)
         self.stream = _Stream(r.callbacks, stop_strings)
@@ -234,20 +273,29 @@ class Generation:
             cb.on_start(info)
             self.started.append(cb)
 
+    def record_prompt(self, logits: torch.Tensor) -> None:
+        """Record the logprobs of the prompt tokens that the chunk's ``logits [T, V]`` predict
+        (before ``advance_prefill`` for that chunk)."""
+        targets = self.ids[self.prefilled + 1 : self.prefilled + 1 + len(logits)]
+        if targets:
+            self.prompt_logprobs.extend(token_logprobs(logits[: len(targets)], targets, self.top))
+
     def advance_prefill(self, tokens: int) -> None:
         """``tokens`` more prompt tokens are in the state."""
         self.prefilled += tokens
         for cb in self.request.callbacks:
             cb.on_prefill(self.prefilled, len(self.ids))
 
-    def accept(self, token: Any) -> bool:
-        """Take a sampled token: False if it is a stop token (the sequence ends without it), else
-        record, count and stream it, and True: it must be fed to the model (``ending`` says
-        whether that is the last step)."""
+    def accept(self, token: Any, logits: torch.Tensor | None = None) -> bool:
+        """Take a token sampled from ``logits [V]``: False if it is a stop token (the sequence ends
+        without it), else record (with its logprobs, if asked for), count and stream it, and
+        True: it must be fed to the model (``ending`` says whether that is the last step)."""
         token = _checked_id(token, self.request.sampler, self.vocab_size)
         if token in self.stop_ids:
             self.ending = ("stop_token", token)
             return False
+        if self.logprobs is not None and logits is not None:
+            self.logprobs.extend(token_logprobs(logits[None], [token], self.top))
         self.ctx.tokens.append(token)
         raw = self.tokenizer.decode_bytes([token])
         self.penalties.update(token, raw.decode("utf-8", errors="replace"))
@@ -268,7 +316,9 @@ class Generation:
                 self.stream.add(b"", final=True)
             except Exception as exc:  # noqa: BLE001 - a failing on_text ends this sequence only
                 reason, error = "error", exc
-        self.result = GenerationResult("".join(self.stream.pieces), self.ctx.tokens, state, reason, stop=stop)
+        self.result = GenerationResult(
+            "".join(self.stream.pieces), self.ctx.tokens, state, reason, stop=stop, logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs
+        )
         self.error = error
         try:
             _end(self.started, self.result, error)
