@@ -48,8 +48,8 @@ from rwkvkit.formats.lora import Lora, as_loras
 from rwkvkit.interfaces import Callback
 from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
-from rwkvkit.prompt_cache import PromptCache
 from rwkvkit.paths import candidates, model_file
+from rwkvkit.prompt_cache import PromptCache
 from rwkvkit.prompts_file import BatchProgress, PromptLine, batch_metrics, read_prompts, result_record
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
@@ -251,8 +251,8 @@ class _Record:
         if self.generating:
             metrics = {**self.write_output(), "peak_memory_mb": memory.peak_mb()}
             write_json(self.out_dir / "metrics.json", metrics)
-            outcome.update(self.outcome(status))
-        write_json(self.out_dir / "run.json", {**self.info, **outcome})
+            outcome.update(self.ending(status))
+        write_json(self.out_dir / "run.json", {**self.info, **outcome, **self.produced()})
         return metrics
 
     def write_output(self) -> dict[str, float]:
@@ -260,9 +260,13 @@ class _Record:
         write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
         return {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens)}
 
-    def outcome(self, status: str) -> dict[str, Any]:
+    def ending(self, status: str) -> dict[str, Any]:
         """How generation ended, for run.json."""
-        return {"stop_reason": self.stop_reason or ("error" if status == "failed" else status), "tokens": self.recorder.tokens}
+        return {"stop_reason": self.stop_reason or ("error" if status == "failed" else status)}
+
+    def produced(self) -> dict[str, Any]:
+        """What generation made so far, for run.json."""
+        return {"tokens": self.recorder.tokens}
 
     def summary(self, metrics: dict[str, float]) -> str:
         return f"{metrics.get('generated_tokens', 0)} tokens, {metrics.get('decode_tok_per_s', 0.0):.1f} tok/s, stop: {self.stop_reason}"
@@ -285,12 +289,14 @@ class _BatchRecord(_Record):
             metrics.update(self.engine.memory().metrics())
         return metrics
 
-    def outcome(self, status: str) -> dict[str, Any]:
-        done = [h.result.stop_reason for h in self.handles if h.result is not None]
-        return {"stop_reasons": dict(Counter(done)), "prompts": len(self.lines)}
+    def ending(self, status: str) -> dict[str, Any]:
+        return {"stop_reasons": dict(Counter(h.result.stop_reason for h in self.handles if h.result is not None))}
+
+    def produced(self) -> dict[str, Any]:
+        return {"prompts": len(self.lines)}
 
     def summary(self, metrics: dict[str, float]) -> str:
-        reasons = ", ".join(f"{n} {reason}" for reason, n in self.outcome("completed")["stop_reasons"].items())
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.ending("completed")["stop_reasons"].items())
         return (
             f"{metrics.get('prompts', 0)} prompts ({reasons}), {metrics.get('generated_tokens', 0)} tokens, "
             f"{metrics.get('generated_tok_per_s', 0.0):.1f} tok/s"
