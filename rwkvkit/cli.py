@@ -100,10 +100,10 @@ def _run(args: list[str], command: str = "run") -> int:
 
         from rwkvkit.argv import check_flags, hydra_error, hydra_overrides
         from rwkvkit.completion import COMPLETION_FLAGS
-        from rwkvkit.config import register_configs
         from importlib import import_module
 
         from rwkvkit.registry import registry
+        from rwkvkit.server.config import register_configs
 
         config_name, target = HYDRA_APPS[command]
         module, _, task = target.partition(":")

@@ -120,17 +120,12 @@ JOB_LOGGING = {  # a run's log goes to run.log only: the terminal shows the text
 
 
 def register_configs() -> None:
-    """Put the run, serve and chat schemas (the YAML files in conf/ fill it, typed), the help page and the job
-    logging into Hydra's ConfigStore (conf/run.yaml selects them)."""
+    """Put the run schema (the YAML files in conf/ fill it, typed), its help page and the job
+    logging into Hydra's ConfigStore (conf/run.yaml selects them); ``serve`` and ``chat`` add
+    theirs with :func:`rwkvkit.server.config.register_configs`."""
     cs = ConfigStore.instance()
-    from rwkvkit.server.config import CHAT_ABOUT, SERVE_ABOUT, ChatConfig, ServeConfig
-
     cs.store(name="run_schema", node=RunConfig)
-    cs.store(name="serve_schema", node=ServeConfig)
-    cs.store(name="chat_schema", node=ChatConfig)
     cs.store(group="hydra/help", name="rwkvkit", node=help_node(RunConfig))
-    cs.store(group="hydra/help", name="rwkvkit_serve", node=help_node(ServeConfig, "rwkvkit serve", SERVE_ABOUT))
-    cs.store(group="hydra/help", name="rwkvkit_chat", node=help_node(ChatConfig, "rwkvkit chat", CHAT_ABOUT))
     cs.store(group="hydra/job_logging", name="rwkvkit", node=JOB_LOGGING)
 
 

@@ -7,7 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from rwkvkit.config import ModelGroups, key
+from hydra.core.config_store import ConfigStore
+
+from rwkvkit.config import ModelGroups, key, register_configs as register_run_configs
+from rwkvkit.help import help_node
 
 SERVE_ABOUT = """serve a model over the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models),
 with /health and Prometheus /metrics, on the batching engine. Loopback only unless server.host
@@ -49,3 +52,14 @@ class ChatConfig(ModelGroups):
     max_tokens: int = key(500, "most tokens of one reply")
     seed: Optional[int] = key(None, "sampling seed of the first reply (each later reply takes the next); null: random")
     prompt_cache_mb: int = key(256, "memory for the conversation's cached states (each turn prefills only what is new)")
+
+
+def register_configs() -> None:
+    """The run configs (:func:`rwkvkit.config.register_configs`) and the serve and chat schemas
+    with their help pages, in Hydra's ConfigStore."""
+    register_run_configs()
+    cs = ConfigStore.instance()
+    cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="chat_schema", node=ChatConfig)
+    cs.store(group="hydra/help", name="rwkvkit_serve", node=help_node(ServeConfig, "rwkvkit serve", SERVE_ABOUT))
+    cs.store(group="hydra/help", name="rwkvkit_chat", node=help_node(ChatConfig, "rwkvkit chat", CHAT_ABOUT))
