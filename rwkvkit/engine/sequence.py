@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rwkvkit.constraints import Constraint, check_constraint
 from rwkvkit.errors import InputError, PluginError
 from rwkvkit.interfaces import Callback, SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
@@ -43,8 +44,8 @@ class GenerationResult:
     # after the prompt and every token in ``tokens``; None only for a request that ended before
     # its first forward step without an initial state (cancelled or interrupted while waiting)
     state: State | None
-    # "length", "stop_token", "stop_string", "cancelled" (Handle.cancel), "interrupted" (Ctrl-C),
-    # "terminated", "error"
+    # "length", "stop_token", "stop_string", "constraint", "constraint_incomplete" (see
+    # rwkvkit.constraints), "cancelled" (Handle.cancel), "interrupted" (Ctrl-C), "terminated", "error"
     stop_reason: str
     metrics: dict[str, float] = field(default_factory=dict)
     stop: int | str | None = None  # the stop token id or stop string that ended generation
@@ -60,6 +61,8 @@ class Request:
     call; None picks one for speed within a memory bound (:func:`auto_chunk_len`), capped by the
     engine's prefill budget. ``seed`` seeds the sampler's generator (None: a random seed, reported
     in ``RunInfo.seed``). ``penalties`` count this sequence's tokens: one object per request.
+    ``constraint`` (structured output, :mod:`rwkvkit.constraints`) masks each next token; it holds
+    this sequence's state: one object per request.
     """
 
     prompt: str | Sequence[int]
@@ -71,6 +74,7 @@ class Request:
     state: State | None = None
     seed: int | None = None
     callbacks: Sequence[Callback] = ()
+    constraint: Constraint | None = None
 
 
 def check_chunk_len(chunk_len: int | None) -> None:
@@ -168,7 +172,7 @@ def _prompt_ids(prompt: str | Sequence[int], tokenizer: Tokenizer, vocab_size: i
     return ids
 
 
-_FLUSHED = frozenset({"length", "stop_token", "cancelled"})  # normal ends: held-back text is released
+_FLUSHED = frozenset({"length", "stop_token", "cancelled", "constraint", "constraint_incomplete"})  # normal ends: held-back text is released
 
 
 class Generation:
@@ -189,6 +193,7 @@ class Generation:
         if r.seed is not None and not is_int(r.seed):
             raise InputError(f"seed={r.seed!r:.80}: expected an integer, or None for a random seed")
         self.ids = _prompt_ids(r.prompt, tokenizer, model.spec.vocab_size)
+        self.constraint = check_constraint(r.constraint)
         self.request, self.tokenizer, self.vocab_size = r, tokenizer, model.spec.vocab_size
         self.chunk = r.chunk_len or default_chunk
         self.seed = random.SystemRandom().randrange(2**63) if r.seed is None else r.seed
@@ -236,6 +241,11 @@ class Generation:
         if token in self.stop_ids:
             self.ending = ("stop_token", token)
             return False
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            if token in self.constraint.end_tokens:  # end-of-text where the text was complete
+                self.ending = ("constraint", token)
+                return False
         self.ctx.tokens.append(token)
         raw = self.tokenizer.decode_bytes([token])
         self.penalties.update(token, raw.decode("utf-8", errors="replace"))
@@ -244,9 +254,16 @@ class Generation:
         matched = self.stream.add(raw)
         if matched is not None:
             self.ending = ("stop_string", matched)
+        elif self.constraint is not None and self.constraint.is_finished():
+            self.ending = ("constraint", None)
         elif len(self.ctx.tokens) == self.request.token_count:
-            self.ending = ("length", None)
+            self.ending = (self.length_reason(), None)
         return True
+
+    def length_reason(self) -> str:
+        """Why ``token_count`` tokens end it: ``length``, or ``constraint_incomplete`` when they do
+        not satisfy its constraint (never valid-looking output labelled as success)."""
+        return "length" if self.constraint is None or self.constraint.is_accepting() else "constraint_incomplete"
 
     def finish(self, reason: str, state: State | None, stop: int | str | None = None, error: BaseException | None = None) -> None:
         """End with ``reason``: release held-back text on a normal end, then ``on_end`` for every
