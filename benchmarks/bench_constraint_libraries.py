@@ -13,7 +13,8 @@ on their own, 7 empty; the demo model's 4,096-token byte-level BPE) and each lib
   tokens (E4 B8 AD) is accepted byte by byte, and a stray continuation byte refused.
 
 outlines-core has no context-free grammars (regex and JSON schema as a regex only), so the
-``grammar`` row exists for llguidance (Lark) and xgrammar (GBNF) only.
+``grammar`` row (validated by the ``lark`` package's parser) exists for llguidance (Lark) and
+xgrammar (the same language in GBNF) only.
 
 Run: ``python benchmarks/bench_constraint_libraries.py`` (needs ``pip install llguidance xgrammar
 outlines-core``; about a minute). Numbers from one run are in the module's ``MEASURED`` note.
@@ -32,13 +33,14 @@ from pathlib import Path
 from typing import Callable
 
 import jsonschema
+import lark
 import numpy as np
 
 from rwkvkit.plugins.hf_tokenizer import HfTokenizer
 from rwkvkit.plugins.rwkv_world import RwkvWorldTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from constraint_cases import REGEXES, SCHEMAS  # noqa: E402
+from constraint_cases import GRAMMAR, GRAMMAR_GBNF, REGEXES, SCHEMAS  # noqa: E402
 
 WALKS, MAX_STEPS = 20, 120
 CJK = "\u4e2d"  # E4 B8 AD
@@ -74,8 +76,8 @@ class Llguidance:
 
     def compile(self, kind: str, source):
         m = self.lib.LLMatcher
-        grammar = {"json": lambda s: m.grammar_from_json_schema(s, overrides={"whitespace_flexible": False}), "regex": m.grammar_from_regex}[kind](source)
-        return grammar
+        compile_kind = {"json": lambda s: m.grammar_from_json_schema(s, overrides={"whitespace_flexible": False}), "regex": m.grammar_from_regex, "grammar": m.grammar_from_lark}
+        return compile_kind[kind](source)
 
     def start(self, compiled):
         matcher = self.lib.LLMatcher(self.tok, compiled)
@@ -109,6 +111,8 @@ class Xgrammar:
     def compile(self, kind: str, source):
         if kind == "json":
             return self.compiler.compile_json_schema(json.dumps(source), any_whitespace=False)
+        if kind == "grammar":
+            return self.compiler.compile_grammar(GRAMMAR_GBNF)
         return self.compiler.compile_regex(source)
 
     def start(self, compiled):
@@ -143,6 +147,8 @@ class OutlinesCore:
     def compile(self, kind: str, source):
         from outlines_core.json_schema import build_regex_from_schema
 
+        if kind == "grammar":
+            return None  # no context-free grammars
         return self.lib.Index(build_regex_from_schema(json.dumps(source)) if kind == "json" else source, self.vocabulary)
 
     def start(self, compiled):
@@ -190,8 +196,11 @@ def valid(kind: str, source, data: bytes) -> bool:
         if kind == "json":
             jsonschema.validate(json.loads(text), source)
             return True
+        if kind == "grammar":
+            lark.Lark(source).parse(text)
+            return True
         return re.fullmatch(source, text) is not None
-    except (UnicodeDecodeError, ValueError, jsonschema.ValidationError):
+    except (UnicodeDecodeError, ValueError, jsonschema.ValidationError, lark.LarkError):
         return False
 
 
@@ -212,7 +221,7 @@ def utf8_pieces(lib, tokens: list[bytes]) -> bool:
 
 
 def main() -> None:
-    cases = {f"json {k}": ("json", v) for k, v in SCHEMAS.items()} | {f"regex {k}": ("regex", v) for k, v in REGEXES.items()}
+    cases = {f"json {k}": ("json", v) for k, v in SCHEMAS.items()} | {f"regex {k}": ("regex", v) for k, v in REGEXES.items()} | {"grammar": ("grammar", GRAMMAR)}
     print(f"{'tokenizer':9} {'library':13} {'case':14} {'setup_ms':>8} {'compile_ms':>10} {'first_ms':>8} {'mask_us':>8} {'valid':>7} utf8")
     for vocab_name, (tokens, eos, encode) in vocabularies().items():
         if eos is None:  # the demo tokenizer has no end-of-text token: add one past its vocabulary
@@ -225,6 +234,8 @@ def main() -> None:
             for case, (kind, source) in cases.items():
                 t0 = time.perf_counter()
                 compiled = lib.compile(kind, source)
+                if compiled is None:
+                    continue
                 compile_ms = (time.perf_counter() - t0) * 1e3
                 results = [walk(lib, compiled, tokens, eos, seed) for seed in range(WALKS)]
                 finished = [data for data, _ in results if data is not None]

@@ -65,11 +65,19 @@ class CallbacksConfig:
 
 
 @dataclass
+class ConstraintConfig:  # at most one is set (rwkvkit.constraints.constraint_spec)
+    json_schema: Optional[str] = key(None, "a JSON schema file: the output is JSON valid against it")
+    regex: Optional[str] = key(None, "a regex the whole output matches")
+    grammar: Optional[str] = key(None, "a grammar file (Lark, or GBNF with root ::= ...): the output parses with it")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = key(factory=ModelConfig)
     strategy: StrategyConfig = key(factory=StrategyConfig)
     sampling: SamplingConfig = key(factory=SamplingConfig)
     callbacks: CallbacksConfig = key(factory=CallbacksConfig)
+    constraint: ConstraintConfig = key(factory=ConstraintConfig)
     prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
     prompt_file: Optional[str] = key(None, "read the prompt from this UTF-8 file instead")
     token_count: int = key(200, "tokens to generate at most")

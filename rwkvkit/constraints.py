@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -69,11 +70,12 @@ def check_constraint(constraint: object) -> Constraint | None:
     )
 
 
-def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer) -> ConstraintMaker:
+def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer, origin: str = "") -> ConstraintMaker:
     """A function returning a fresh constraint per sequence for ``spec``: ``{"json_schema":
     schema}`` (a dict or JSON text), ``{"regex": pattern}``, ``{"grammar": lark_or_gbnf}``, any
     registered kind ``{name: source}``, or a Constraint object (for one sequence only: its state
-    is that sequence's). The source is compiled now, so a bad one fails before any token."""
+    is that sequence's). The source is compiled now, so a bad one fails before any token, with
+    ``origin`` (where the user set it) leading the message."""
     if isinstance(spec, Constraint):
         used: list[bool] = []
 
@@ -93,7 +95,10 @@ def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer)
     if kind not in registry.names("constraints"):
         raise InputError(f"constraint kind {kind!r} is unknown; available: {_kinds()}")
     factory = registry.get("constraints", kind)
-    check_constraint(factory(source, tokenizer))  # compiles it: a bad source fails here
+    try:
+        check_constraint(factory(source, tokenizer))  # compiles it: a bad source fails here
+    except ConstraintError as exc:
+        raise ConstraintError(f"{origin}: {exc}" if origin else str(exc)) from None
     return lambda: factory(source, tokenizer)
 
 
@@ -113,6 +118,25 @@ def load_json_schema(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, Mapping):
         raise ConstraintError(f"{where}: expected a JSON schema (an object), got {type(value).__name__}")
     return dict(value)
+
+
+def constraint_spec(json_schema: str | None = None, regex: str | None = None, grammar: str | None = None) -> dict[str, Any] | None:
+    """The spec ``rwkvkit run``'s ``constraint.*`` keys ask for (None: unconstrained): the schema
+    and grammar are read from files, the regex is the pattern itself. Errors name the key."""
+    given = {k: v for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if v is not None}
+    if len(given) > 1:
+        raise ConstraintError(f"constraint: set at most one of json_schema, regex and grammar, got {', '.join(given)}")
+    if not given:
+        return None
+    (kind, value), = given.items()
+    if kind == "regex":
+        return {"regex": value}
+    path = Path(value).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConstraintError(f"constraint.{kind}={value}: cannot read it as a UTF-8 file ({exc.__class__.__name__}: {exc})") from None
+    return {kind: load_json_schema(text, f"constraint.json_schema={value}") if kind == "json_schema" else text}
 
 
 def constraint_from_response_format(response_format: Any) -> dict[str, Any] | None:

@@ -33,6 +33,7 @@ from rwkvkit.argv import shown
 from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import make_penalties, make_sampler, make_stops
+from rwkvkit.constraints import constraint_maker, constraint_spec
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
 from rwkvkit.native import cache_dir, write_atomically
@@ -139,13 +140,14 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     sampler = make_sampler(cfg.sampling)
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     stops = make_stops(cfg.sampling)
+    constraint = constraint_spec(**cfg.constraint)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
     if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": model_path}
+    return {"sampler": sampler, "stops": stops, "constraint": constraint, "callbacks": callbacks, "model_path": model_path}
 
 
 @dataclass
@@ -177,10 +179,12 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    origin = " ".join(f"constraint.{k}={v}" for k, v in cfg.constraint.items() if v is not None)
+    constraint = constraint_maker(job["constraint"], tokenizer, origin)() if job["constraint"] else None  # compiled before the model loads
     if cfg.strategy.threads:
         torch.set_num_threads(cfg.strategy.threads)
     model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
-    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     path = model.checkpoint_path
     backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
@@ -198,6 +202,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
             chunk_len=cfg.sampling.chunk_len,
             seed=cfg.seed,
             callbacks=[record.recorder, record.metrics, *job["callbacks"]],
+            constraint=constraint,
         )
     except OSError as exc:  # a callback's file in the run directory (generation.jsonl)
         if exc.filename is None or Path(exc.filename).parent != record.out_dir:

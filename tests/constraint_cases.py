@@ -70,3 +70,13 @@ KEY: /[a-z]{1,6}/
 NUMBER: /[0-9]{1,4}/
 WORD: /"[a-z]{0,6}"/
 """
+
+# the same language in llama.cpp's GBNF (the `grammar` constraint converts it; xgrammar reads it)
+GRAMMAR_GBNF = r"""
+root ::= pair (";" pair){0,2}
+pair ::= key "=" value
+value ::= number | word
+key ::= [a-z]{1,6}
+number ::= [0-9]{1,4}
+word ::= "\"" [a-z]{0,6} "\""
+"""
