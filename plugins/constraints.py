@@ -90,9 +90,12 @@ class LlguidanceConstraint(Constraint):
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         self._check()
         usable = min(logits.shape[-1], self._vocab.size)
-        allowed = np.unpackbits(bits, bitorder="little")[:usable].astype(bool)
-        logits[:usable].masked_fill_(torch.from_numpy(~allowed).to(logits.device), -float("inf"))
+        banned = np.unpackbits(bits, count=usable, bitorder="little") == 0
         logits[usable:] = -float("inf")
+        if logits.device.type == "cpu":  # numpy's single pass: no thread pool woken for one row
+            np.copyto(logits[:usable].numpy(), -np.inf, where=banned)
+        else:
+            logits[:usable].masked_fill_(torch.from_numpy(banned).to(logits.device), -float("inf"))
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):

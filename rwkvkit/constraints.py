@@ -26,6 +26,7 @@ import torch
 
 from rwkvkit.errors import ConstraintError, InputError
 from rwkvkit.interfaces import Tokenizer
+from rwkvkit.registry import registry
 
 ConstraintMaker = Callable[[], "Constraint"]
 
@@ -90,8 +91,6 @@ def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer,
         check_constraint(spec)  # the message for any other type
         raise InputError(f"constraint={dict(spec)!r:.120}: expected exactly one of {_kinds()} with its source")
     (kind, source), = spec.items()
-    from rwkvkit.registry import registry
-
     if kind not in registry.names("constraints"):
         raise InputError(f"constraint kind {kind!r} is unknown; available: {_kinds()}")
     factory = registry.get("constraints", kind)
@@ -103,8 +102,6 @@ def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer,
 
 
 def _kinds() -> str:
-    from rwkvkit.registry import registry
-
     return ", ".join(registry.names("constraints"))
 
 
