@@ -57,7 +57,7 @@ def completed(results) -> list[str]:
     return [r.text for r in results]
 
 
-@pytest.mark.slow  # 20 sequences x up to 100 steps: ~10 s each on a quiet 2-core machine
+@pytest.mark.slow  # 20 sequences x up to 100 steps: 43-120 s each on a heavily shared 2-core machine
 @pytest.mark.parametrize("model", ["demo", "world"])
 @pytest.mark.parametrize("schema", sorted(SCHEMAS))
 def test_json_schema_outputs_validate(pipes, model, schema):
