@@ -87,8 +87,9 @@ def constraint_maker(spec: Constraint | Mapping[str, Any], tokenizer: Tokenizer,
             return spec
 
         return once
-    if not isinstance(spec, Mapping) or len(spec) != 1:
-        check_constraint(spec)  # the message for any other type
+    if not isinstance(spec, Mapping):
+        check_constraint(spec)  # raises, saying what is accepted
+    if len(spec) != 1:
         raise InputError(f"constraint={dict(spec)!r:.120}: expected exactly one of {_kinds()} with its source")
     (kind, source), = spec.items()
     if kind not in registry.names("constraints"):

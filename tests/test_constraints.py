@@ -163,9 +163,9 @@ class Started(Callback):
         ({"json_schema": {"type": "objekt"}}, "constraint json_schema: Invalid type: objekt"),
         ({"json_schema": "{not json"}, "constraint json_schema: not valid JSON"),
         ({"json_schema": 3}, "expected a JSON schema"),
-        ({"regex": "[a-"}, "constraint regex: .*unclosed character class"),
+        ({"regex": "[a-"}, "(?s)constraint regex: .*unclosed character class"),
         ({"regex": 5}, "constraint regex: expected a pattern string"),
-        ({"grammar": "start: undefined_rule"}, 'constraint grammar: .*unknown name: "undefined_rule"'),
+        ({"grammar": "start: undefined_rule"}, '(?s)constraint grammar: .*unknown name: "undefined_rule"'),
         ({"grammar": "root ::= [a-"}, "constraint grammar: not valid GBNF"),
     ],
 )
