@@ -14,7 +14,7 @@ from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.constraints import Constraint, constraint_maker
 from rwkvkit.engine import Engine, Request
 from rwkvkit.errors import InputError
-from rwkvkit.generation import GenerationResult, check_chunk_len, generate
+from rwkvkit.generation import GenerationResult, check_chunk_len, generate_request
 from rwkvkit.interfaces import SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties, is_int
@@ -162,11 +162,11 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         prompts = [ctx] if batch is None else batch
         make = constraint_maker(constraint, self.tokenizer) if constraint is not None else lambda: None
         requests = [
-            Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback), make())
+            Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback), constraint=make())
             for prompt, prompt_seed in zip(prompts, self._seeds(seed, len(prompts)))
         ]
         if batch is None:
-            result = generate(self.model, self.tokenizer, **vars(requests[0]))  # its fields are generate's arguments
+            result = generate_request(self.model, self.tokenizer, requests[0])
             return result if return_result else result.text
         results = Engine(self.model, self.tokenizer).generate(requests)
         return results if return_result else [r.text for r in results]

@@ -72,14 +72,23 @@ class ConstraintConfig:  # at most one is set (rwkvkit.constraints.constraint_sp
 
 
 @dataclass
+class EngineConfig:
+    max_batch: int = key(64, "prompts_file: sequences generated at once (the rest wait for a slot)")
+    prefill_budget: Optional[int] = key(512, "prompts_file: prompt tokens one step may prefill while the others decode; null: no limit")
+    cache_mb: int = key(0, "prompts_file: prompt-state cache size in MiB (a prompt starts from its longest cached prefix); 0: off")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = key(factory=ModelConfig)
     strategy: StrategyConfig = key(factory=StrategyConfig)
     sampling: SamplingConfig = key(factory=SamplingConfig)
     callbacks: CallbacksConfig = key(factory=CallbacksConfig)
     constraint: ConstraintConfig = key(factory=ConstraintConfig)
+    engine: EngineConfig = key(factory=EngineConfig)
     prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
     prompt_file: Optional[str] = key(None, "read the prompt from this UTF-8 file instead")
+    prompts_file: Optional[str] = key(None, 'generate for every prompt of this JSONL file in one batched run: lines {"prompt": ..., "seed": ...} (see rwkvkit.prompts_file)')
     token_count: int = key(200, "tokens to generate at most")
     seed: int = key(42, "sampling seed: the same config and seed give the same text")
 

@@ -13,7 +13,7 @@ from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
 from rwkvkit.state import State
 
-__all__ = ["AUTO_CHUNK_RANGE", "GenerationResult", "RunInfo", "auto_chunk_len", "check_chunk_len", "generate"]
+__all__ = ["AUTO_CHUNK_RANGE", "GenerationResult", "RunInfo", "auto_chunk_len", "check_chunk_len", "generate", "generate_request"]
 
 
 def generate(
@@ -40,6 +40,9 @@ def generate(
     ``constraint`` restricts the output to a JSON schema, regex or grammar (:mod:`rwkvkit.constraints`).
     An error ends the callbacks (``on_end``) and is raised.
     """
-    engine = Engine(model, tokenizer, max_batch=1, prefill_tokens_per_step=None)
-    request = Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks, constraint)
-    return engine.generate([request])[0]
+    return generate_request(model, tokenizer, Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks, constraint=constraint))
+
+
+def generate_request(model: Model, tokenizer: Tokenizer, request: Request) -> GenerationResult:
+    """One request by itself: batch 1, its prompt prefilled in its own chunks (no step budget)."""
+    return Engine(model, tokenizer, max_batch=1, prefill_tokens_per_step=None).generate([request])[0]

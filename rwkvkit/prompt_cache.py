@@ -58,6 +58,7 @@ class CacheStats:
     entries: int
     bytes: int
     evictions: int
+    peak_bytes: int = 0  # the most ``bytes`` has been (never above ``max_bytes``)
 
 
 @dataclass(eq=False)  # entries compare by identity (their tensors have no truth value)
@@ -137,7 +138,7 @@ class PromptCache:
         self._buckets: dict[tuple[int, int], list[_Entry]] = {}  # (length, prefix hash) -> entries
         self._lengths: list[int] = []  # the distinct stored lengths, sorted
         self._length_counts: dict[int, int] = {}
-        self._bytes = self._hits = self._misses = self._evictions = 0
+        self._bytes = self._peak_bytes = self._hits = self._misses = self._evictions = 0
         self._lock = threading.Lock()
 
     def store(self, ids: Ids, state: State, logits: torch.Tensor) -> None:
@@ -186,7 +187,7 @@ class PromptCache:
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(self._hits, self._misses, len(self._entries), self._bytes, self._evictions)
+            return CacheStats(self._hits, self._misses, len(self._entries), self._bytes, self._evictions, self._peak_bytes)
 
     def clear(self) -> None:
         """Drop every entry (the counters and the model binding stay)."""
@@ -230,6 +231,7 @@ class PromptCache:
             bisect.insort(self._lengths, entry.length)
         self._length_counts[entry.length] = count + 1
         self._bytes += entry.nbytes
+        self._peak_bytes = max(self._peak_bytes, self._bytes)
 
     def _evict(self, entry: _Entry) -> None:
         del self._entries[entry.key]

@@ -7,6 +7,13 @@ with the error, ``interrupted`` or ``terminated``, stop reason), ``run.log`` (th
 traceback of an unexpected error), and once generation has begun ``output.txt`` and
 ``metrics.json``. Everything a user can get wrong is checked before the model loads. A single run
 ends with one line on stderr: tokens, speed, stop reason and the run directory.
+
+With ``prompts_file`` (see rwkvkit.prompts_file) every prompt of a JSONL file runs in one batched
+engine run: ``results.jsonl`` replaces ``output.txt`` (one line per prompt, in file order: its
+text, tokens, stop reason and metrics), ``metrics.json`` holds the totals and the engine's memory,
+and one progress bar counts prompts and tokens. The single-stream callbacks (``stdout``,
+``progress``, ``jsonl``) are replaced by these; any other configured callback gets one instance per
+prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import logging
 import os
 import re
 import sys
+import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,16 +41,21 @@ import rwkvkit
 from rwkvkit.argv import shown
 from rwkvkit.errors import fail, report
 from rwkvkit import memory
-from rwkvkit.config import make_penalties, make_sampler, make_stops
+from rwkvkit.config import RunConfig, make_penalties, make_sampler, make_stops
+from rwkvkit.engine import Engine, Handle, Request, check_limits
 from rwkvkit.constraints import constraint_maker, constraint_spec
 from rwkvkit.errors import PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.interfaces import Callback
+from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.paths import candidates, model_file
+from rwkvkit.prompt_cache import PromptCache
+from rwkvkit.prompts_file import BatchProgress, PromptLine, batch_metrics, read_prompts, result_record
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
 
+_SINGLE_STREAM = ("stdout", "progress", "jsonl", "metrics")  # replaced in a prompts_file run (see above)
 SHA256 = re.compile(r"[0-9a-f]{64}")
 log = logging.getLogger(__name__)  # Hydra's job logging writes it to run.log (see rwkvkit.config)
 
@@ -99,6 +113,15 @@ def _origin(key: str, group: str) -> str:
     return f"{key} in {group}={hc.runtime.choices.get(group)}"
 
 
+def _check_prompt_source(cfg: DictConfig) -> None:
+    """``prompts_file`` is the whole input of a run: a prompt given too is an error, not ignored."""
+    if cfg.prompts_file is None:
+        return
+    given = [k for k in ("prompt", "prompt_file") if cfg[k] != getattr(RunConfig, k)]
+    if given:
+        raise RwkvkitError(f"{' and '.join(given)} and prompts_file are both given: prompts_file={cfg.prompts_file} holds every prompt of the run; give one or the other")
+
+
 def _take_prompt_file(cfg: DictConfig) -> None:
     """Put prompt_file's text into ``cfg.prompt``, so config.yaml and run.json show the prompt used."""
     if cfg.prompt_file is None:
@@ -108,6 +131,12 @@ def _take_prompt_file(cfg: DictConfig) -> None:
         cfg.prompt = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RwkvkitError(f"prompt_file={cfg.prompt_file}: cannot read it as UTF-8 text ({exc.__class__.__name__}: {exc})") from None
+
+
+def _check_engine(cfg: DictConfig) -> None:
+    check_limits(cfg.engine.max_batch, cfg.engine.prefill_budget, ("engine.max_batch", "engine.prefill_budget"))
+    if cfg.engine.cache_mb < 0:
+        raise RwkvkitError(f"engine.cache_mb={cfg.engine.cache_mb}: expected an integer >= 0 (0: no prompt cache)")
 
 
 def _check_device(cfg: DictConfig) -> None:
@@ -142,12 +171,30 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     stops = make_stops(cfg.sampling)
     constraint = constraint_spec(**cfg.constraint)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
+    return {"sampler": sampler, "stops": stops, "constraint": constraint, "callbacks": callbacks, "model_path": _check_model(cfg)}
+
+
+def _check_model(cfg: DictConfig) -> Path:
+    """The checkpoint's path, once it and the strategy's device and threads are checked."""
     _check_threads(cfg.strategy.threads)
     model_path = model_file(cfg.model.path)
     if not any(c.is_file() for c in candidates(model_path)):
         raise RwkvkitError(f"model file not found: {model_path} (set by {_origin('model.path', 'model')})")
     _check_device(cfg)
-    return {"sampler": sampler, "stops": stops, "constraint": constraint, "callbacks": callbacks, "model_path": model_path}
+    return model_path
+
+
+def _load(cfg: DictConfig, model_path: Path, record: _Record) -> Model:
+    """The model, recorded in run.json (checkpoint hashes, the backends that run it)."""
+    from rwkvkit.compat import RWKV
+
+    if cfg.strategy.threads:
+        torch.set_num_threads(cfg.strategy.threads)
+    model = RWKV(model_path, cfg.strategy.spec, backend=cfg.strategy.backend)
+    path = model.checkpoint_path
+    backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
+    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
+    return model
 
 
 @dataclass
@@ -162,33 +209,73 @@ class _Record:
     stop_reason: str | None = None  # generate's, once it returns
 
     def write(self, status: str, error: str | None = None) -> dict[str, float]:
-        """run.json, and output.txt + metrics.json once generation has begun; returns the metrics."""
+        """run.json, and the output + metrics.json once generation has begun; returns the metrics."""
         metrics: dict[str, float] = {}
-        outcome = {"status": status} if error is None else {"status": status, "error": error}
+        outcome: dict[str, Any] = {"status": status} if error is None else {"status": status, "error": error}
         if self.generating:
-            write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
-            metrics = {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens), "peak_memory_mb": memory.peak_mb()}
+            metrics = {**self.write_output(), "peak_memory_mb": memory.peak_mb()}
             write_json(self.out_dir / "metrics.json", metrics)
-            outcome["stop_reason"] = self.stop_reason or ("error" if status == "failed" else status)
-        write_json(self.out_dir / "run.json", {**self.info, **outcome, "tokens": self.recorder.tokens})
+            outcome.update(self.ending(status))
+        write_json(self.out_dir / "run.json", {**self.info, **outcome, **self.produced()})
         return metrics
+
+    def write_output(self) -> dict[str, float]:
+        """output.txt; returns the generation's metrics."""
+        write_text(self.out_dir / "output.txt", "".join(self.recorder.pieces))
+        return {**self.metrics.metrics, "generated_tokens": len(self.recorder.tokens)}
+
+    def ending(self, status: str) -> dict[str, Any]:
+        """How generation ended, for run.json."""
+        return {"stop_reason": self.stop_reason or ("error" if status == "failed" else status)}
+
+    def produced(self) -> dict[str, Any]:
+        """What generation made so far, for run.json."""
+        return {"tokens": self.recorder.tokens}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        return f"{metrics.get('generated_tokens', 0)} tokens, {metrics.get('decode_tok_per_s', 0.0):.1f} tok/s, stop: {self.stop_reason}"
+
+
+@dataclass
+class _BatchRecord(_Record):
+    """A prompts_file run: results.jsonl (one line per prompt, in file order) instead of output.txt."""
+
+    lines: list[PromptLine] = field(default_factory=list)
+    handles: list[Handle] = field(default_factory=list)  # lines[i]'s, once submitted
+    engine: Engine | None = None
+    started: float = 0.0
+
+    def write_output(self) -> dict[str, float]:
+        records = [result_record(line, handle) for line, handle in zip(self.lines, self.handles)]
+        write_text(self.out_dir / "results.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        metrics = batch_metrics(records, time.perf_counter() - self.started)
+        if self.engine is not None:
+            metrics.update(self.engine.memory().metrics())
+        return metrics
+
+    def ending(self, status: str) -> dict[str, Any]:
+        return {"stop_reasons": dict(Counter(h.result.stop_reason for h in self.handles if h.result is not None))}
+
+    def produced(self) -> dict[str, Any]:
+        return {"prompts": len(self.lines)}
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        reasons = ", ".join(f"{n} {reason}" for reason, n in self.ending("completed")["stop_reasons"].items())
+        return (
+            f"{metrics.get('prompts', 0)} prompts ({reasons}), {metrics.get('generated_tokens', 0)} tokens, "
+            f"{metrics.get('generated_tok_per_s', 0.0):.1f} tok/s"
+        )
 
 
 def _generate(cfg: DictConfig, record: _Record) -> None:
-    from rwkvkit.compat import RWKV
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
     tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     origin = " ".join(f"constraint.{k}={v}" for k, v in cfg.constraint.items() if v is not None)
     constraint = constraint_maker(job["constraint"], tokenizer, origin)() if job["constraint"] else None  # compiled before the model loads
-    if cfg.strategy.threads:
-        torch.set_num_threads(cfg.strategy.threads)
-    model = RWKV(job["model_path"], cfg.strategy.spec, backend=cfg.strategy.backend)
+    model = _load(cfg, job["model_path"], record)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
-    path = model.checkpoint_path
-    backends = ", ".join(dict.fromkeys(stage.ops.name for stage in model.stages))
-    record.info.update(model_path=str(path), model_sha256=file_sha256(path), model_fingerprint=model.fingerprint, backend=backends)
     record.generating = True
     try:
         result = generate(
@@ -211,6 +298,42 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     record.stop_reason = result.stop_reason
 
 
+def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
+    """Every prompt of the file through one engine; the first prompt's error (if any) is raised
+    once all have ended, after each is recorded in results.jsonl."""
+    _check_engine(cfg)
+    record.lines = read_prompts(cfg.prompts_file, cfg)
+    names = [n for n in cfg.callbacks.names if n not in _SINGLE_STREAM]
+    try:
+        factories = [registry.get("callbacks", n) for n in names]
+    except PluginError as exc:
+        raise PluginError(f"callbacks.names: {exc}") from None
+    model_path = _check_model(cfg)
+    tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    cuts = [line.cache_prefix_len(tokenizer, cfg.prompts_file) for line in record.lines]
+    model = _load(cfg, model_path, record)
+    cache = PromptCache(cfg.engine.cache_mb << 20) if cfg.engine.cache_mb else None
+    record.engine = engine = Engine(model, tokenizer, max_batch=cfg.engine.max_batch, prefill_tokens_per_step=cfg.engine.prefill_budget, cache=cache)
+    progress = BatchProgress(len(record.lines))
+    requests = [
+        Request(
+            line.prompt, line.token_count, line.sampler, line.penalties(model.spec.vocab_size), line.stops, line.sampling.chunk_len,
+            seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)], cache_prefix_len=cut,
+        )
+        for line, cut in zip(record.lines, cuts)
+    ]
+    record.generating, record.started = True, time.perf_counter()
+    try:
+        record.handles = [engine.submit(r) for r in requests]
+        engine.run()
+    finally:
+        progress.close()
+    failed = next((h for h in record.handles if h.error is not None), None)
+    if failed is not None:
+        line = record.lines[record.handles.index(failed)]
+        raise RwkvkitError(f"prompt {line.index} (line {line.line} of {cfg.prompts_file}): {_describe(failed.error)}") from failed.error
+
+
 def _describe(exc: BaseException) -> str:
     """One line for run.json and the terminal; an unexpected error (a bug, often in a plugin) also
     names where it was raised."""
@@ -229,14 +352,16 @@ def run_job(cfg: DictConfig) -> dict[str, float]:
     the sweep goes on; a single run exits with code 2 (130/143 when stopped by Ctrl-C/SIGTERM).
     """
     hydra_cfg = HydraConfig.get()
-    record = _Record(Path(hydra_cfg.runtime.output_dir), _planned_info(cfg))
+    batch = cfg.prompts_file is not None
+    record = (_BatchRecord if batch else _Record)(Path(hydra_cfg.runtime.output_dir), _planned_info(cfg))
     memory.reset_peak()  # this job's peak, not the sweep process's so far
     stop: BaseException | None = None
     try:
+        _check_prompt_source(cfg)
         _take_prompt_file(cfg)
-        record.info["prompt"] = cfg.prompt
+        record.info.update({"prompts_file": cfg.prompts_file} if batch else {"prompt": cfg.prompt})
         write_text(record.out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        _generate(cfg, record)
+        _generate_batch(cfg, record) if batch else _generate(cfg, record)
     except (KeyboardInterrupt, Exception) as exc:  # recorded first, then reported
         stop = exc
         if not isinstance(exc, (KeyboardInterrupt, RwkvkitError)):
@@ -260,10 +385,7 @@ def _shown(path: Path) -> str:
 
 def _summarize(record: _Record, metrics: dict[str, float], on_terminal: bool) -> None:
     """The line that ends a completed run: what it made and where it went (run.log keeps it too)."""
-    line = (
-        f"{metrics.get('generated_tokens', 0)} tokens, {metrics.get('decode_tok_per_s', 0.0):.1f} tok/s, "
-        f"stop: {record.stop_reason}; run directory {_shown(record.out_dir)}"
-    )
+    line = f"{record.summary(metrics)}; run directory {_shown(record.out_dir)}"
     log.info(line)
     if on_terminal:
         print(f"rwkvkit: {line}", file=sys.stderr)

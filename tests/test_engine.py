@@ -290,6 +290,34 @@ def test_cached_prefix_gives_the_uncached_tokens(load, backend, mode):
     assert cache.stats().hits == 2
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("mode", ["greedy", "nucleus"])
+def test_cache_prefix_len_shares_a_header_between_different_prompts(load, backend, mode):
+    """The first prompt stores the state after its 300-token header (its cut point); a prompt with
+    the same header and another tail starts from it, and both give their uncached tokens."""
+    model, tok = load("world", backend)
+    header, tail_a, tail_b = prompts(model, (300, 50, 20), seed=9)
+    cache = PromptCache(1 << 28)
+    engine = Engine(model, tok, prefill_tokens_per_step=BUDGET, cache=cache)
+    rec_a, rec_b = Recorder(), Recorder()
+    first = engine.generate([request(header + tail_a, mode, 0, cache_prefix_len=300, callbacks=[rec_a])])[0]
+    assert [e[1] for e in rec_a.events if e[0] == "prefill"] == [128, 256, 300, 350]  # prefill stopped at the cut
+    assert cache.stats().entries == 2  # the header, and the whole prompt
+    second = engine.generate([request(header + tail_b, mode, 1, callbacks=[rec_b])])[0]
+    assert rec_b.events[1] == ("prefill", 300, 320)  # started from the header's state
+    assert_same(first, alone(model, tok, request(header + tail_a, mode, 0)))
+    assert_same(second, alone(model, tok, request(header + tail_b, mode, 1)))
+
+
+def test_cache_prefix_len_is_checked_and_needs_a_cache(load):
+    model, tok = load("tiny")
+    with pytest.raises(InputError, match=r"cache_prefix_len=4: expected an integer in 1..3"):
+        Engine(model, tok).submit(Request([1, 2, 3], 1, GreedySampler(), cache_prefix_len=4))
+    rec = Recorder()
+    Engine(model, tok, prefill_tokens_per_step=None).generate([Request([1, 2, 3, 4], 1, GreedySampler(), cache_prefix_len=2, callbacks=[rec])])
+    assert [e for e in rec.events if e[0] == "prefill"] == [("prefill", 4, 4)]  # no cache: no cut
+
+
 # --- PIPELINE.generate(list) -----------------------------------------------------------------------
 
 
@@ -306,3 +334,28 @@ def test_pipeline_list_equals_one_call_per_prompt(load):
     with pytest.raises(InputError, match="one integer per prompt"):
         PIPELINE(model, tok).generate(texts, 2, args, seed=[1])
     assert isinstance(PIPELINE(model, tok).generate(tok.encode(texts[1]), 2, args), str)  # a list of ids is one prompt
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+
+def test_memory_is_reported_and_bounded_by_the_configuration(load):
+    """In-flight states never exceed max_batch sequences (measured after every step), and reach it
+    when that many decode at once; the cache stays within max_bytes while it evicts."""
+    model, tok = load("world")
+    state_bytes = sum(t.nbytes for layer in model.zero_state().layers for t in layer.tensors())
+    sequence = state_bytes + model.spec.vocab_size * 4
+    cache = PromptCache(int(2.5 * sequence))  # two entries fit, a third evicts
+    engine = Engine(model, tok, max_batch=3, prefill_tokens_per_step=BUDGET, cache=cache)
+    for i, ids in enumerate(prompts(model, (3, 200, 9, 40, 1, 17), seed=8)):
+        engine.submit(request(ids, "greedy", i, token_count=6))
+    while engine.pending:
+        engine.step()
+        m = engine.memory()
+        assert (m.sequence, m.max_in_flight, m.max_cache) == (sequence, 3 * sequence, cache.max_bytes)
+        assert m.in_flight <= m.peak_in_flight <= m.max_in_flight and m.cache <= m.peak_cache <= m.max_cache
+    m = engine.memory()
+    assert m.in_flight == 0 and m.peak_in_flight == 3 * sequence  # three decoded together
+    assert cache.stats().evictions == 4 and m.peak_cache == cache.stats().peak_bytes > 2 * state_bytes
+    assert m.metrics()["engine_max_in_flight_mb"] == 3 * sequence / 2**20
+    assert Engine(model, tok).memory().max_cache == 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
@@ -32,6 +33,35 @@ from rwkvkit.nonfinite import check_logits
 from rwkvkit.penalties import Penalties, is_int
 from rwkvkit.prompt_cache import PromptCache
 from rwkvkit.state import LayerState, State
+
+
+@dataclass(frozen=True)
+class EngineMemory:
+    """What the engine holds for its sequences and its prompt cache, in bytes.
+
+    ``in_flight``: the states and next-token logits of the sequences admitted and not ended
+    (prefilling or decoding), measured after each step's prefill and at its end; ``peak_in_flight``
+    their maximum, never above ``max_in_flight`` = ``max_batch`` x ``sequence`` (one state plus one
+    row of float32 logits). Within a step the batch is briefly held twice (the forward's output
+    next to its input; the copy that drops ended rows), so the process peak is up to
+    2 x ``max_in_flight``. ``cache``/``peak_cache`` are the prompt cache's, bounded by
+    ``max_cache`` (its ``max_bytes``; 0 without a cache)."""
+
+    sequence: int
+    in_flight: int
+    peak_in_flight: int
+    max_in_flight: int
+    cache: int
+    peak_cache: int
+    max_cache: int
+
+    def metrics(self) -> dict[str, float]:
+        """The same in MiB, named for a run's metrics.json."""
+        return {f"engine_{k}_mb": v / 2**20 for k, v in asdict(self).items()}
+
+
+def _state_bytes(state: State | None) -> int:
+    return 0 if state is None else sum(t.nbytes for layer in state.layers for t in layer.tensors())
 
 
 class Handle:
@@ -103,6 +133,15 @@ def _sample(sampler: Sampler, scores: torch.Tensor, ctxs: list[SampleContext]) -
     return tokens
 
 
+def check_limits(max_batch: int, prefill_tokens_per_step: int | None, names: tuple[str, str] = ("max_batch", "prefill_tokens_per_step")) -> None:
+    """InputError for an engine size out of range, naming it as ``names`` do (``rwkvkit run``
+    checks its config keys before loading a model)."""
+    if not is_int(max_batch) or max_batch < 1:
+        raise InputError(f"{names[0]}={max_batch!r}: expected an integer >= 1")
+    if prefill_tokens_per_step is not None and (not is_int(prefill_tokens_per_step) or prefill_tokens_per_step < 1):
+        raise InputError(f"{names[1]}={prefill_tokens_per_step!r}: expected an integer >= 1, or None for no limit")
+
+
 class Engine:
     """Generates many requests at once with one model: ``submit`` them, then ``run`` (or ``step``
     yourself), or ``generate`` a list in one call.
@@ -112,7 +151,8 @@ class Engine:
     the automatic prefill chunk, and a step always runs at least one chunk, so an explicit
     ``chunk_len`` larger than the budget is honoured. ``cache``: a prompt without an initial state
     starts from its longest prefix in the cache (a whole prompt found there needs no forward
-    step), and its state after the whole prompt is stored there.
+    step), and its state after the whole prompt is stored there, as is the state after its first
+    ``cache_prefix_len`` tokens when the request gives that cut point (prefill stops there).
     """
 
     def __init__(
@@ -124,10 +164,7 @@ class Engine:
         prefill_tokens_per_step: int | None = 512,
         cache: PromptCache | None = None,
     ) -> None:
-        if not is_int(max_batch) or max_batch < 1:
-            raise InputError(f"max_batch={max_batch!r}: expected an integer >= 1")
-        if prefill_tokens_per_step is not None and (not is_int(prefill_tokens_per_step) or prefill_tokens_per_step < 1):
-            raise InputError(f"prefill_tokens_per_step={prefill_tokens_per_step!r}: expected an integer >= 1, or None for no limit")
+        check_limits(max_batch, prefill_tokens_per_step)
         self.model, self.tokenizer, self.cache = model, tokenizer, cache
         self.max_batch, self.prefill_tokens_per_step = max_batch, prefill_tokens_per_step
         self._default_chunk = min(auto_chunk_len(model), prefill_tokens_per_step or math.inf)
@@ -137,11 +174,21 @@ class Engine:
         self._rows: list[Generation] = []  # row i of _batch and _logits (ended ones until the next regroup)
         self._batch: State | None = None
         self._logits: torch.Tensor | None = None
+        self._sequence_bytes = _state_bytes(model.zero_state()) + model.spec.vocab_size * torch.float32.itemsize
+        self._peak_in_flight = 0
 
     @property
     def pending(self) -> int:
         """Requests submitted and not yet ended."""
         return len(self._waiting) + len(self._active)
+
+    def memory(self) -> EngineMemory:
+        """The bytes held for sequences in flight and in the prompt cache, their peaks and bounds."""
+        cache = self.cache.stats() if self.cache is not None else None
+        return EngineMemory(
+            self._sequence_bytes, self._in_flight(), self._peak_in_flight, self.max_batch * self._sequence_bytes,
+            cache.bytes if cache else 0, cache.peak_bytes if cache else 0, self.cache.max_bytes if self.cache is not None else 0,
+        )
 
     def submit(self, request: Request) -> Handle:
         """Queue a request (checked now: InputError for bad options) and return its handle."""
@@ -174,9 +221,13 @@ class Engine:
             for g in [*self._waiting, *self._active]:
                 if g.cancelled:
                     self._end(g, "cancelled")
+            self._regroup()  # a cancelled row's memory is free before its slot is reused
             self._admit()
             self._prefill()
+            self._measure()
             self._decode()
+            self._regroup()  # without the rows that just ended
+            self._measure()
         except BaseException as exc:
             for g in [*self._active, *self._waiting]:
                 self._end(g, stop_reason_of(exc), error=exc)
@@ -186,6 +237,17 @@ class Engine:
                 self._rows, self._batch, self._logits = [], None, None
 
     # --- the parts of a step ----------------------------------------------------------------
+
+    def _in_flight(self) -> int:
+        """Bytes of the batch and of the states and logits of sequences not (yet) in it."""
+        own = [g for g in self._active if g.row is None]
+        logits = [t for t in [self._logits, *(g.logits for g in own)] if t is not None]
+        # a prefilling sequence's state is the caller's until its first chunk: the engine holds it from then on
+        states = [self._batch, *(g.state for g in own if g.state is not g.request.state)]
+        return sum(map(_state_bytes, states)) + sum(t.nbytes for t in logits)
+
+    def _measure(self) -> None:
+        self._peak_in_flight = max(self._peak_in_flight, self._in_flight())
 
     def _prepare(self, requests: Sequence[Request]) -> list[Generation]:
         """Check every request before queueing any (a refused list leaves nothing behind)."""
@@ -229,12 +291,17 @@ class Engine:
 
     def _start(self, g: Generation) -> None:
         g.start()
-        hit = self.cache.lookup(g.ids) if self.cache is not None and g.request.state is None else None
+        if self.cache is None or g.request.state is not None:
+            return
+        hit = self.cache.lookup(g.ids)
         if hit is not None:
             g.state = self.model.adopt_state(hit.state)
             g.advance_prefill(hit.length)
-            if not g.prefilling:  # the whole prompt: no forward at all
-                self._prefilled(g, hit.logits.to(self._logits_device, torch.float32))
+        cut = g.request.cache_prefix_len
+        if cut is not None and g.prefilled < cut < len(g.ids):
+            g.cut = cut
+        if not g.prefilling:  # the whole prompt was cached: no forward at all
+            self._prefilled(g, hit.logits.to(self._logits_device, torch.float32))
 
     def _prefill(self) -> None:
         """Chunks of prompts in admission order while the budget lasts (at least one per step)."""
@@ -249,6 +316,8 @@ class Engine:
         before = g.state
         logits, g.state = self.model.forward(chunk, before)
         g.advance_prefill(len(chunk))
+        if g.prefilled == g.cut:
+            self.cache.store(g.ids[: g.cut], g.state, logits)
         if not g.prefilling:
             check_logits(logits, self.model, chunk, before, f"after the prompt's {len(g.ids)} tokens")
             if self.cache is not None and g.request.state is None:

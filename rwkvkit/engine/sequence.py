@@ -63,6 +63,10 @@ class Request:
     in ``RunInfo.seed``). ``penalties`` count this sequence's tokens: one object per request.
     ``constraint`` (structured output, :mod:`rwkvkit.constraints`) masks each next token; it holds
     this sequence's state: one object per request.
+    ``cache_prefix_len``: with an engine's prompt cache, also keep the state after the prompt's
+    first so many tokens (a shared system prompt or few-shot header), so a later prompt that
+    starts with them but goes on differently is prefilled from there; the whole prompt's state
+    is kept in any case.
     """
 
     prompt: str | Sequence[int]
@@ -75,6 +79,7 @@ class Request:
     seed: int | None = None
     callbacks: Sequence[Callback] = ()
     constraint: Constraint | None = None
+    cache_prefix_len: int | None = None
 
 
 def check_chunk_len(chunk_len: int | None) -> None:
@@ -194,6 +199,9 @@ class Generation:
             raise InputError(f"seed={r.seed!r:.80}: expected an integer, or None for a random seed")
         self.ids = _prompt_ids(r.prompt, tokenizer, model.spec.vocab_size)
         self.constraint = check_constraint(r.constraint)
+        if r.cache_prefix_len is not None and (not is_int(r.cache_prefix_len) or not 1 <= r.cache_prefix_len <= len(self.ids)):
+            raise InputError(f"cache_prefix_len={r.cache_prefix_len!r:.80}: expected an integer in 1..{len(self.ids)} (the prompt's tokens), or None")
+        self.cut: int | None = None  # where prefill stops to store a state in the cache (set by the engine)
         self.request, self.tokenizer, self.vocab_size = r, tokenizer, model.spec.vocab_size
         self.chunk = r.chunk_len or default_chunk
         self.seed = random.SystemRandom().randrange(2**63) if r.seed is None else r.seed
@@ -218,7 +226,11 @@ class Generation:
         return self.prefilled < len(self.ids)
 
     def next_chunk(self) -> list[int]:
-        return self.ids[self.prefilled : self.prefilled + self.chunk]
+        """The next chunk, ending at the cut point if it lies within."""
+        end = self.prefilled + self.chunk
+        if self.cut is not None and self.prefilled < self.cut:
+            end = min(end, self.cut)
+        return self.ids[self.prefilled : end]
 
     def start(self) -> None:
         r = self.request
