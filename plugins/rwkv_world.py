@@ -55,6 +55,8 @@ class RwkvWorldTokenizer(Tokenizer):
         self._path = Path(vocab_file or VOCAB_FILE).resolve()
         self._tokens = _load_vocab(self._path)
         self._vocab_size = WORLD_VOCAB_SIZE if vocab_file is None else len(self._tokens)
+        # the World models' end-of-text id (structured output lets a model end with it)
+        self.eos_token_id: int | None = 0 if vocab_file is None else None
         self._native = native
 
     @property

@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from rwkvkit.checkpoint import load_checkpoint
+from rwkvkit.constraints import Constraint, constraint_maker
 from rwkvkit.engine import Engine, Request
 from rwkvkit.errors import InputError
 from rwkvkit.formats.lora import as_loras, merge_loras
@@ -141,6 +142,7 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         sampler: Sampler | str | None = None,
         sampler_options: dict[str, Any] | None = None,
         seed: int | Sequence[int] | None = None,
+        constraint: Constraint | Mapping[str, Any] | None = None,
         return_result: bool = False,
     ) -> str | GenerationResult | list[str] | list[GenerationResult]:
         """ChatRWKV's ``generate``: returns the text. ``sampler`` (name or instance) replaces the
@@ -154,14 +156,20 @@ class PIPELINE:  # noqa: N801 - ChatRWKV's name
         gives one per prompt. ``callback`` applies to every prompt: a registered name becomes one
         instance per prompt (``"metrics"`` fills each result's metrics), a Callback object or a
         function is shared and receives the events of all prompts, interleaved.
+
+        ``constraint`` makes the output parse: ``{"json_schema": schema}``, ``{"regex": pattern}``,
+        ``{"grammar": lark_or_gbnf}`` (each prompt gets its own, compiled before any token), or a
+        :class:`rwkvkit.constraints.Constraint` object (one prompt only). See the stop reasons
+        ``constraint`` and ``constraint_incomplete`` in :mod:`rwkvkit.constraints`.
         """
         args = args or PIPELINE_ARGS()
         args.check()
         chosen = resolve_sampler(sampler, sampler_options) if sampler is not None else args.sampler()
         batch = _prompt_list(ctx)
         prompts = [ctx] if batch is None else batch
+        make = constraint_maker(constraint, self.tokenizer) if constraint is not None else lambda: None
         requests = [
-            Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback))
+            Request(prompt, token_count, chosen, args.penalties(), args.token_stop, args.chunk_len, state, prompt_seed, as_callbacks(callback), constraint=make())
             for prompt, prompt_seed in zip(prompts, self._seeds(seed, len(prompts)))
         ]
         if batch is None:

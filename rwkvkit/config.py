@@ -84,6 +84,13 @@ class CallbacksConfig:
 
 
 @dataclass
+class ConstraintConfig:  # at most one is set (rwkvkit.constraints.constraint_spec)
+    json_schema: Optional[str] = key(None, "a JSON schema file: the output is JSON valid against it")
+    regex: Optional[str] = key(None, "a regex the whole output matches")
+    grammar: Optional[str] = key(None, "a grammar file (Lark, or GBNF with root ::= ...): the output parses with it")
+
+
+@dataclass
 class EngineConfig:
     max_batch: int = key(64, "prompts_file: sequences generated at once (the rest wait for a slot)")
     prefill_budget: Optional[int] = key(512, "prompts_file: prompt tokens one step may prefill while the others decode; null: no limit")
@@ -102,6 +109,7 @@ class ModelGroups:
 @dataclass
 class RunConfig(ModelGroups):
     callbacks: CallbacksConfig = key(factory=CallbacksConfig)
+    constraint: ConstraintConfig = key(factory=ConstraintConfig)
     engine: EngineConfig = key(factory=EngineConfig)
     prompt: str = key("\nOnce upon a time,", "the prompt text (taken literally, see Quoting)")
     prompt_file: Optional[str] = key(None, "read the prompt from this UTF-8 file instead")

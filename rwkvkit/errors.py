@@ -37,6 +37,10 @@ class TokenizerError(RwkvkitError, ValueError):
     """A tokenizer or vocabulary file is missing, unreadable or malformed."""
 
 
+class ConstraintError(RwkvkitError, ValueError):
+    """A JSON schema, regex or grammar for structured output is invalid, or generation left it."""
+
+
 class RunDirError(RwkvkitError):
     """A run directory already holds other files, or cannot be created or written."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from rwkvkit.constraints import Constraint
 from rwkvkit.engine import AUTO_CHUNK_RANGE, Engine, GenerationResult, Request, RunInfo, auto_chunk_len, check_chunk_len
 from rwkvkit.interfaces import Callback, Sampler, Tokenizer
 from rwkvkit.model import Model
@@ -28,6 +29,7 @@ def generate(
     state: State | None = None,
     seed: int | None = None,
     callbacks: Sequence[Callback] = (),
+    constraint: Constraint | None = None,
 ) -> GenerationResult:
     """Generate up to ``token_count`` tokens after ``prompt`` (text or ids), continuing ``state``.
 
@@ -35,9 +37,10 @@ def generate(
     (stop when the text contains one; it is not emitted). ``chunk_len``: prompt tokens per forward
     call; None picks one for speed within a memory bound (:func:`auto_chunk_len`).
     ``seed`` seeds the sampler's generator (a random seed when None; ``RunInfo.seed`` reports it).
+    ``constraint`` restricts the output to a JSON schema, regex or grammar (:mod:`rwkvkit.constraints`).
     An error ends the callbacks (``on_end``) and is raised.
     """
-    return generate_request(model, tokenizer, Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks))
+    return generate_request(model, tokenizer, Request(prompt, token_count, sampler, penalties, stop_tokens, chunk_len, state, seed, callbacks, constraint=constraint))
 
 
 def generate_request(model: Model, tokenizer: Tokenizer, request: Request) -> GenerationResult:

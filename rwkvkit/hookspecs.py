@@ -60,3 +60,14 @@ def register_callbacks(register: Register) -> None:
     ``factory(**options)`` returns a :class:`rwkvkit.interfaces.Callback`; selected by name in
     ``generate(..., callback="stdout")``. Example: ``register(MyLogger, name="mylog")``.
     """
+
+
+@hookspec
+def register_constraints(register: Register) -> None:
+    """Register structured-output constraint factories: ``register(factory, name="json_schema")``.
+
+    ``factory(source, tokenizer)`` compiles ``source`` (what the user gave: ``{"name": source}``)
+    for the tokenizer and returns a fresh :class:`rwkvkit.constraints.Constraint` for one sequence;
+    a bad source raises :class:`rwkvkit.errors.ConstraintError`. Selected by
+    ``PIPELINE.generate(..., constraint={"name": source})``. Example: ``register(Regex, name="regex")``.
+    """

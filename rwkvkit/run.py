@@ -43,6 +43,7 @@ from rwkvkit.errors import fail, report
 from rwkvkit import memory
 from rwkvkit.config import RunConfig, make_penalties, make_sampler, make_stops
 from rwkvkit.engine import Engine, Handle, Request, check_limits
+from rwkvkit.constraints import constraint_maker, constraint_spec
 from rwkvkit.errors import InputError, PluginError, RunDirError, RwkvkitError, StrategyError, SweepError, stop_of
 from rwkvkit.formats.lora import Lora, as_loras
 from rwkvkit.interfaces import Callback
@@ -183,8 +184,9 @@ def _prepare(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     sampler = make_sampler(cfg.sampling)
     make_penalties(cfg.sampling)  # range checks; ids are checked against the vocabulary later
     stops = make_stops(cfg.sampling)
+    constraint = constraint_spec(**cfg.constraint)
     callbacks = _make_callbacks(list(cfg.callbacks.names), out_dir)
-    return {"sampler": sampler, "stops": stops, "callbacks": callbacks, "model_path": check_model(cfg)}
+    return {"sampler": sampler, "stops": stops, "constraint": constraint, "callbacks": callbacks, "model_path": check_model(cfg)}
 
 
 def check_model(cfg: DictConfig) -> Path:
@@ -307,8 +309,10 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
     from rwkvkit.generation import generate
 
     job = _prepare(cfg, record.out_dir)
-    model = _load(cfg, job["model_path"], record)
     tokenizer = resolve_tokenizer(cfg.model.tokenizer)
+    origin = " ".join(f"constraint.{k}={v}" for k, v in cfg.constraint.items() if v is not None)
+    constraint = constraint_maker(job["constraint"], tokenizer, origin)() if job["constraint"] else None  # compiled before the model loads
+    model = _load(cfg, job["model_path"], record)
     initial = initial_state(cfg, model)
     penalties = make_penalties(cfg.sampling, model.spec.vocab_size)
     record.generating = True
@@ -325,6 +329,7 @@ def _generate(cfg: DictConfig, record: _Record) -> None:
             state=initial,
             seed=cfg.seed,
             callbacks=[record.recorder, record.metrics, *job["callbacks"]],
+            constraint=constraint,
         )
     except OSError as exc:  # a callback's file in the run directory (generation.jsonl)
         if exc.filename is None or Path(exc.filename).parent != record.out_dir:

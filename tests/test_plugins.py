@@ -47,6 +47,11 @@ class NoopBackend(Backend):
         return r, kv
 
 
+def constraint_factory(source, tokenizer):
+    """A constraint kind's factory (tests/test_constraints.py exercises real ones)."""
+    raise NotImplementedError
+
+
 def make_plugin():
     plugin = types.SimpleNamespace()
 
@@ -66,7 +71,11 @@ def make_plugin():
     def register_callbacks(register):
         register(Callback, name="nothing")
 
-    for fn in (register_backends, register_tokenizers, register_samplers, register_callbacks):
+    @hookimpl
+    def register_constraints(register):
+        register(constraint_factory, name="anything")
+
+    for fn in (register_backends, register_tokenizers, register_samplers, register_callbacks, register_constraints):
         setattr(plugin, fn.__name__, fn)
     return plugin
 
@@ -78,7 +87,10 @@ def test_plugin():
     registry.remove("test-plugin")
 
 
-@pytest.mark.parametrize("kind, name, cls", [("backends", "noop", NoopBackend), ("tokenizers", "echo", EchoTokenizer), ("samplers", "first", FirstSampler), ("callbacks", "nothing", Callback)])
+@pytest.mark.parametrize(
+    "kind, name, cls",
+    [("backends", "noop", NoopBackend), ("tokenizers", "echo", EchoTokenizer), ("samplers", "first", FirstSampler), ("callbacks", "nothing", Callback), ("constraints", "anything", constraint_factory)],
+)
 def test_every_hook_registers(test_plugin, kind, name, cls):
     assert registry.get(kind, name) is cls
     assert name in registry.names(kind)

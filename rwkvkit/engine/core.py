@@ -127,6 +127,11 @@ def _stack(states: list[State]) -> State:
     return stacked
 
 
+def _per_sequence(request: Request) -> tuple[Any, ...]:
+    """The objects of a request that hold one sequence's state (two requests must not share one)."""
+    return request.penalties, request.constraint
+
+
 def _sample(sampler: Sampler, scores: torch.Tensor, ctxs: list[SampleContext]) -> list[Any]:
     tokens = list(sampler.sample_batch(scores, ctxs))
     if len(tokens) != len(ctxs):
@@ -269,15 +274,15 @@ class Engine:
     def _prepare(self, requests: Sequence[Request]) -> list[Generation]:
         """Check every request before queueing any (a refused list leaves nothing behind)."""
         gens: list[Generation] = []
-        in_use = {id(g.request.penalties) for g in [*self._waiting, *self._active] if g.request.penalties is not None}
+        in_use = {id(obj) for g in [*self._waiting, *self._active] for obj in _per_sequence(g.request) if obj is not None}
         for request in requests:
             if not isinstance(request, Request):
                 raise InputError(f"expected an rwkvkit.engine.Request, got {type(request).__name__}")
             gens.append(Generation(request, self.model, self.tokenizer, self._default_chunk))
-            if request.penalties is not None:
-                if id(request.penalties) in in_use:
-                    raise InputError("two requests in flight share one Penalties object: its counts are per sequence, give each request its own")
-                in_use.add(id(request.penalties))
+            for obj in _per_sequence(request):
+                if obj is not None and id(obj) in in_use:
+                    raise InputError(f"two requests in flight share one {type(obj).__name__} object: it holds one sequence's state, give each request its own")
+                in_use.add(id(obj))
         return gens
 
     def _enqueue(self, gens: list[Generation]) -> list[Handle]:
@@ -348,7 +353,7 @@ class Engine:
     def _prefilled(self, g: Generation, logits: torch.Tensor) -> None:
         g.logits = logits
         if g.request.token_count == 0:
-            self._end(g, "length")
+            self._end(g, g.length_reason())
 
     def _regroup(self) -> None:
         """Drop ended sequences' rows and append the newly prefilled ones (a no-op when neither)."""
@@ -432,13 +437,19 @@ class Engine:
     def _sample_rows(self) -> None:
         rows = self._rows
         scores = Penalties.apply_batch(self._logits, [g.penalties for g in rows])
+        for i, g in enumerate(rows):
+            if g.constraint is not None:  # after bans and penalties, before any sampler
+                self._guard(g, g.constraint.mask, scores[i])
         possible = torch.isfinite(scores).any(dim=1).tolist()
         groups: dict[int, list[int]] = {}
         for i, g in enumerate(rows):
+            if g.ended:
+                continue
             if possible[i]:
                 groups.setdefault(id(g.request.sampler), []).append(i)
             else:
-                self._end(g, "error", error=InputError("every token is banned: nothing left to sample"))
+                banned = "the constraint allows only banned tokens" if g.constraint is not None else "every token is banned"
+                self._end(g, "error", error=InputError(f"{banned}: nothing left to sample"))
         for idx in groups.values():
             try:
                 tokens = _sample(rows[idx[0]].request.sampler, scores if len(idx) == len(rows) else scores[idx], [rows[i].ctx for i in idx])

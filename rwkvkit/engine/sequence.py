@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rwkvkit.constraints import Constraint, check_constraint
 from rwkvkit.errors import InputError, PluginError
 from rwkvkit.interfaces import Callback, SampleContext, Sampler, Tokenizer
 from rwkvkit.model import Model
@@ -67,8 +68,8 @@ class GenerationResult:
     # after the prompt and every token in ``tokens``; None only for a request that ended before
     # its first forward step without an initial state (cancelled or interrupted while waiting)
     state: State | None
-    # "length", "stop_token", "stop_string", "cancelled" (Handle.cancel), "interrupted" (Ctrl-C),
-    # "terminated", "error"
+    # "length", "stop_token", "stop_string", "constraint", "constraint_incomplete" (see
+    # rwkvkit.constraints), "cancelled" (Handle.cancel), "interrupted" (Ctrl-C), "terminated", "error"
     stop_reason: str
     metrics: dict[str, float] = field(default_factory=dict)
     stop: int | str | None = None  # the stop token id or stop string that ended generation
@@ -90,6 +91,8 @@ class Request:
     alternatives (None: none recorded); ``prompt_logprobs``: also every prompt token's after the
     first (what evaluation harnesses score; the prompt is then prefilled in chunks of at most
     PROMPT_LOGPROBS_CHUNK and never taken from the prompt cache).
+    ``constraint`` (structured output, :mod:`rwkvkit.constraints`) masks each next token; it holds
+    this sequence's state: one object per request.
     ``cache_prefix_len``: with an engine's prompt cache, also keep the state after the prompt's
     first so many tokens (a shared system prompt or few-shot header), so a later prompt that
     starts with them but goes on differently is prefilled from there; the whole prompt's state
@@ -105,6 +108,7 @@ class Request:
     state: State | None = None
     seed: int | None = None
     callbacks: Sequence[Callback] = ()
+    constraint: Constraint | None = None
     cache_prefix_len: int | None = None
     logprobs: int | None = None
     prompt_logprobs: bool = False
@@ -205,7 +209,7 @@ def _prompt_ids(prompt: str | Sequence[int], tokenizer: Tokenizer, vocab_size: i
     return ids
 
 
-_FLUSHED = frozenset({"length", "stop_token", "cancelled"})  # normal ends: held-back text is released
+_FLUSHED = frozenset({"length", "stop_token", "cancelled", "constraint", "constraint_incomplete"})  # normal ends: held-back text is released
 
 
 class Generation:
@@ -226,6 +230,7 @@ class Generation:
         if r.seed is not None and not is_int(r.seed):
             raise InputError(f"seed={r.seed!r:.80}: expected an integer, or None for a random seed")
         self.ids = _prompt_ids(r.prompt, tokenizer, model.spec.vocab_size)
+        self.constraint = check_constraint(r.constraint)
         if r.cache_prefix_len is not None and (not is_int(r.cache_prefix_len) or not 1 <= r.cache_prefix_len <= len(self.ids)):
             raise InputError(f"cache_prefix_len={r.cache_prefix_len!r:.80}: expected an integer in 1..{len(self.ids)} (the prompt's tokens), or None")
         self.cut: int | None = None  # where prefill stops to store a state in the cache (set by the engine)
@@ -294,6 +299,11 @@ class Generation:
         if token in self.stop_ids:
             self.ending = ("stop_token", token)
             return False
+        if self.constraint is not None:
+            self.constraint.advance(token)
+            if token in self.constraint.end_tokens:  # end-of-text where the text was complete
+                self.ending = ("constraint", token)
+                return False
         if self.logprobs is not None and logits is not None:
             self.logprobs.extend(token_logprobs(logits[None], [token], self.top))
         self.ctx.tokens.append(token)
@@ -304,9 +314,16 @@ class Generation:
         matched = self.stream.add(raw)
         if matched is not None:
             self.ending = ("stop_string", matched)
+        elif self.constraint is not None and self.constraint.is_finished():
+            self.ending = ("constraint", None)
         elif len(self.ctx.tokens) == self.request.token_count:
-            self.ending = ("length", None)
+            self.ending = (self.length_reason(), None)
         return True
+
+    def length_reason(self) -> str:
+        """Why ``token_count`` tokens end it: ``length``, or ``constraint_incomplete`` when they do
+        not satisfy its constraint (never valid-looking output labelled as success)."""
+        return "length" if self.constraint is None or self.constraint.is_accepting() else "constraint_incomplete"
 
     def finish(self, reason: str, state: State | None, stop: int | str | None = None, error: BaseException | None = None) -> None:
         """End with ``reason``: release held-back text on a normal end, then ``on_end`` for every
