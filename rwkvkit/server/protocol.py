@@ -43,6 +43,8 @@ class SamplingParams(_Body):
     alpha_decay: Optional[float] = Field(None, ge=0, le=1)
     sampler: Optional[str] = None
     sampler_options: Optional[dict[str, Any]] = None
+    # structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
+    response_format: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingParams):

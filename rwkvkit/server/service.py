@@ -13,8 +13,9 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from rwkvkit.config import SamplingConfig, make_sampler, make_stops
+from rwkvkit.constraints import ConstraintMaker, constraint_from_response_format, constraint_maker
 from rwkvkit.engine import Engine, Request, TokenLogprob
-from rwkvkit.errors import RwkvkitError
+from rwkvkit.errors import ConstraintError, InputError, RwkvkitError
 from rwkvkit.interfaces import Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
@@ -25,7 +26,8 @@ from rwkvkit.server.protocol import APIError, SamplingParams
 from rwkvkit.server.template import ChatTemplate
 from rwkvkit.server.worker import EngineWorker, Event, Job
 
-FINISH = {"length": "length", "stop_token": "stop", "stop_string": "stop"}
+# a complete constrained text stops; one the token budget cut short is incomplete: "length"
+FINISH = {"length": "length", "stop_token": "stop", "stop_string": "stop", "constraint": "stop", "constraint_incomplete": "length"}
 SAMPLER_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 _SAMPLERS_KEPT = 64  # distinct sampler settings kept (rows of one sampler are sampled in one call)
 
@@ -101,6 +103,15 @@ class Service:
         decay = s.alpha_decay if body.alpha_decay is None else body.alpha_decay
         return Penalties(presence, frequency, decay, list(s.token_ban))
 
+    def constraint(self, body: SamplingParams) -> ConstraintMaker | None:
+        """``response_format`` compiled once for the request (a fresh constraint per choice); a bad
+        one is a 400 before anything is queued."""
+        try:
+            spec = constraint_from_response_format(body.response_format)
+            return constraint_maker(spec, self.tokenizer, "response_format") if spec else None
+        except (InputError, ConstraintError) as exc:
+            raise APIError(400, str(exc), "response_format") from None
+
     def submit(
         self,
         body: SamplingParams,
@@ -116,13 +127,21 @@ class Service:
         together or refused (429). Choice j takes ``seed + j``, so choices differ and a seed
         reproduces all of them."""
         sampler = self.sampler(body)
+        constraint = self.constraint(body)
         asked = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in asked):
             raise APIError(400, "stop: a stop string is empty", "stop")
         stop_tokens = [*self.stops, *asked, *stops]
         seed = body.seed if body.seed is not None else random.SystemRandom().randrange(2**62)
         jobs = [
-            Job(i * body.n + j, Request(ids, max_tokens, sampler, self.penalties(body), stop_tokens, seed=seed + j, logprobs=logprobs, prompt_logprobs=prompt_logprobs), sink)
+            Job(
+                i * body.n + j,
+                Request(
+                    ids, max_tokens, sampler, self.penalties(body), stop_tokens, seed=seed + j, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    constraint=constraint() if constraint else None,
+                ),
+                sink,
+            )
             for i, ids in enumerate(prompts)
             for j in range(body.n)
         ]
