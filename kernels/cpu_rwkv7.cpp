@@ -164,7 +164,7 @@ inline void store(const Product& p, int64_t b, int64_t o, float sum) {
 }
 
 // Input rows per pass over a block of weight rows: two accumulators each stay in registers.
-constexpr int kTile = 8;
+constexpr int kTile = 4;
 constexpr int64_t kRowBlock = 8;  // weight rows per block: reread from cache for every tile of inputs
 
 template <int NB>
@@ -206,103 +206,142 @@ bool has_vnni() {
     return yes;
 }
 
-template <int NB>
-__attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t b0, int64_t lo, int64_t hi) {
-    const float* W = static_cast<const float*>(p.m->w);
+// NO weight rows from o against NB input rows (x: the tile's first, b0 its index), fp32: per pair,
+// two accumulators over alternate 16-column halves, reduced as for a lone row.
+template <int NO, int NB>
+__attribute__((target("avx512f"), always_inline)) inline void f32_block(const Product& p, const float* x, int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 32 * 32;
-    const float* x = p.x + b0 * cols;
-    for (int64_t o = lo; o < hi; ++o) {
-        const float* wr = W + o * cols;
-        __m512 acc0[NB], acc1[NB];
-#pragma GCC unroll 8
-        for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < vec; c += 32) {
-            const __m512 w0 = _mm512_loadu_ps(wr + c), w1 = _mm512_loadu_ps(wr + c + 16);
-#pragma GCC unroll 8
-            for (int b = 0; b < NB; ++b) {
-                acc0[b] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + b * cols + c), acc0[b]);
-                acc1[b] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + b * cols + c + 16), acc1[b]);
+    const float* wr = static_cast<const float*>(p.m->w) + o * cols;
+    __m512 acc0[NO][NB], acc1[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < vec; c += 32) {
+        __m512 w0[NO], w1[NO];
+        for (int r = 0; r < NO; ++r) w0[r] = _mm512_loadu_ps(wr + r * cols + c), w1[r] = _mm512_loadu_ps(wr + r * cols + c + 16);
+        for (int b = 0; b < NB; ++b) {
+            const __m512 x0 = _mm512_loadu_ps(x + b * cols + c), x1 = _mm512_loadu_ps(x + b * cols + c + 16);
+            for (int r = 0; r < NO; ++r) {
+                acc0[r][b] = _mm512_fmadd_ps(w0[r], x0, acc0[r][b]);
+                acc1[r][b] = _mm512_fmadd_ps(w1[r], x1, acc1[r][b]);
             }
         }
+    }
+    for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const float* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[b], acc1[b]));
-            for (int64_t c = vec; c < cols; ++c) sum += wr[c] * xb[c];
-            store(p, b0 + b, o, sum);
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
+            for (int64_t c = vec; c < cols; ++c) sum += wr[r * cols + c] * xb[c];
+            store(p, b0 + b, o + r, sum);
         }
     }
 }
 
-// x: the input rows [n, cols] rounded to bf16 (as torch's bf16 linear rounds them)
 template <int NB>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t b0, int64_t lo, int64_t hi) {
-    const uint16_t* W = static_cast<const uint16_t*>(p.m->w);
+__attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t b0, int64_t lo, int64_t hi) {
+    const float* x = p.x + b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) f32_block<2, NB>(p, x, b0, o);
+    for (; o < hi; ++o) f32_block<1, NB>(p, x, b0, o);
+}
+
+// The same for bf16 weights and inputs (x: rounded to bf16, as torch's bf16 linear rounds it):
+// accumulators over alternate 32-column halves of each 64, a last 32 columns into the first.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void bf16_block(const Product& p, const uint16_t* x, int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 32 * 32;
-    x += b0 * cols;
-    for (int64_t o = lo; o < hi; ++o) {
-        const uint16_t* wr = W + o * cols;
-        __m512 acc0[NB], acc1[NB];
-#pragma GCC unroll 8
-        for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 64 <= vec; c += 64) {
-            const __m512bh w0 = (__m512bh)_mm512_loadu_si512(wr + c), w1 = (__m512bh)_mm512_loadu_si512(wr + c + 32);
-#pragma GCC unroll 8
-            for (int b = 0; b < NB; ++b) {
-                acc0[b] = _mm512_dpbf16_ps(acc0[b], w0, (__m512bh)_mm512_loadu_si512(x + b * cols + c));
-                acc1[b] = _mm512_dpbf16_ps(acc1[b], w1, (__m512bh)_mm512_loadu_si512(x + b * cols + c + 32));
+    const uint16_t* wr = static_cast<const uint16_t*>(p.m->w) + o * cols;
+    __m512 acc0[NO][NB], acc1[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= vec; c += 64) {
+        __m512bh w0[NO], w1[NO];
+        for (int r = 0; r < NO; ++r) w0[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c), w1[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c + 32);
+        for (int b = 0; b < NB; ++b) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + b * cols + c), x1 = (__m512bh)_mm512_loadu_si512(x + b * cols + c + 32);
+            for (int r = 0; r < NO; ++r) {
+                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], w0[r], x0);
+                acc1[r][b] = _mm512_dpbf16_ps(acc1[r][b], w1[r], x1);
             }
         }
-        for (; c < vec; c += 32)
-            for (int b = 0; b < NB; ++b) acc0[b] = _mm512_dpbf16_ps(acc0[b], (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + b * cols + c));
+    }
+    for (; c < vec; c += 32)
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b)
+                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], (__m512bh)_mm512_loadu_si512(wr + r * cols + c), (__m512bh)_mm512_loadu_si512(x + b * cols + c));
+    for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const uint16_t* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[b], acc1[b]));
-            for (int64_t t = c; t < cols; ++t) sum += bf16_to_f32(wr[t]) * bf16_to_f32(xb[t]);
-            store(p, b0 + b, o, sum);
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
+            for (int64_t t = c; t < cols; ++t) sum += bf16_to_f32(wr[r * cols + t]) * bf16_to_f32(xb[t]);
+            store(p, b0 + b, o + r, sum);
         }
     }
 }
 
-// x: the input rows [n, cols] as int16 steps of step[b] (see Input); integer sums are exact, so
-// only the per-chunk conversions and the epilogue order matter, and they are a lone row's.
+// x: all input rows [n, cols] in bf16
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t b0, int64_t lo, int64_t hi) {
+    x += b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) bf16_block<2, NB>(p, x, b0, o);
+    for (; o < hi; ++o) bf16_block<1, NB>(p, x, b0, o);
+}
+
+// NO weight rows from o against NB input rows from b0 (x: the tile's first row). x: the input rows
+// as int16 steps of step[b] (see Input); integer sums are exact, so only the lanes, the per-chunk
+// conversions and the epilogue order matter, and they are a lone row's.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_block(const Product& p, const int16_t* x, const float* step,
+                                                                                          int64_t b0, int64_t o) {
+    const int64_t cols = p.m->cols, vec = cols / 64 * 64;
+    constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
+    const int8_t* qr = static_cast<const int8_t*>(p.m->w) + o * cols;
+    __m512 total[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) total[r][b] = _mm512_setzero_ps();
+    for (int64_t start = 0; start < vec; start += kFlush) {
+        __m512i acc0[NO][NB], acc1[NO][NB];
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_si512();
+        const int64_t end = std::min(vec, start + kFlush);
+        for (int64_t c = start; c < end; c += 64) {
+            __m512i lo16[NO], hi16[NO];
+            for (int r = 0; r < NO; ++r) {
+                const __m512i codes = _mm512_loadu_si512(qr + r * cols + c);
+                lo16[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
+                hi16[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
+            }
+            for (int b = 0; b < NB; ++b) {
+                const __m512i xl = _mm512_loadu_si512(x + b * cols + c), xh = _mm512_loadu_si512(x + b * cols + c + 32);
+                for (int r = 0; r < NO; ++r) {
+                    acc0[r][b] = _mm512_dpwssd_epi32(acc0[r][b], lo16[r], xl);
+                    acc1[r][b] = _mm512_dpwssd_epi32(acc1[r][b], hi16[r], xh);
+                }
+            }
+        }
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b) total[r][b] = _mm512_add_ps(total[r][b], _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[r][b], acc1[r][b])));
+    }
+    for (int r = 0; r < NO; ++r) {
+        for (int b = 0; b < NB; ++b) {
+            const int16_t* xb = x + b * cols;
+            float sum = _mm512_reduce_add_ps(total[r][b]);
+            for (int64_t c = vec; c < cols; ++c) sum += float(qr[r * cols + c]) * float(xb[c]);
+            store(p, b0 + b, o + r, sum * step[b0 + b] * p.m->scale[o + r]);
+        }
+    }
+}
+
+// Weight rows [lo, hi) against the NB input rows from b0, two weight rows at a time for a tile of
+// several (each x load serves both), one at a time for a lone row (one stream: bandwidth-bound).
 template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_i8_vnni(const Product& p, const int16_t* x, const float* step, int64_t b0, int64_t lo,
                                                                        int64_t hi) {
-    const int8_t* Q = static_cast<const int8_t*>(p.m->w);
-    const int64_t cols = p.m->cols, vec = cols / 64 * 64;
-    constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
-    x += b0 * cols;
-    for (int64_t o = lo; o < hi; ++o) {
-        const int8_t* qr = Q + o * cols;
-        __m512 total[NB];
-#pragma GCC unroll 8
-        for (int b = 0; b < NB; ++b) total[b] = _mm512_setzero_ps();
-        for (int64_t start = 0; start < vec; start += kFlush) {
-            __m512i acc0[NB], acc1[NB];
-#pragma GCC unroll 8
-            for (int b = 0; b < NB; ++b) acc0[b] = acc1[b] = _mm512_setzero_si512();
-            const int64_t end = std::min(vec, start + kFlush);
-            for (int64_t c = start; c < end; c += 64) {
-                const __m512i codes = _mm512_loadu_si512(qr + c);
-                const __m512i lo16 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
-                const __m512i hi16 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
-#pragma GCC unroll 8
-                for (int b = 0; b < NB; ++b) {
-                    acc0[b] = _mm512_dpwssd_epi32(acc0[b], lo16, _mm512_loadu_si512(x + b * cols + c));
-                    acc1[b] = _mm512_dpwssd_epi32(acc1[b], hi16, _mm512_loadu_si512(x + b * cols + c + 32));
-                }
-            }
-#pragma GCC unroll 8
-            for (int b = 0; b < NB; ++b) total[b] = _mm512_add_ps(total[b], _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[b], acc1[b])));
-        }
-        for (int b = 0; b < NB; ++b) {
-            const int16_t* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(total[b]);
-            for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * float(xb[c]);
-            store(p, b0 + b, o, sum * step[b0 + b] * p.m->scale[o]);
-        }
-    }
+    x += b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) i8_block<2, NB>(p, x, step, b0, o);
+    for (; o < hi; ++o) i8_block<1, NB>(p, x, step, b0, o);
 }
 
 // (The fallbacks below take one input row at a time.)
