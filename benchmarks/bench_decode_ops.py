@@ -50,7 +50,9 @@ def test_step(benchmark, strategy, B):
     _, state = m.forward(_tokens(B, 4), None)
     tokens = _tokens(B, 1)
     benchmark.pedantic(m.forward, (tokens, state), rounds=12, warmup_rounds=2)
-    benchmark.extra_info.update(strategy=strategy, B=B, agg_tok_per_s=B / benchmark.stats.stats.median)
+    benchmark.extra_info.update(strategy=strategy, B=B)
+    if benchmark.stats:  # None with --benchmark-disable (a smoke run)
+        benchmark.extra_info["agg_tok_per_s"] = B / benchmark.stats.stats.median
 
 
 def _layer_ops(m: RWKV, B: int) -> dict[str, tuple]:
