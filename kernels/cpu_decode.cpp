@@ -1,6 +1,6 @@
-// A stage's RWKV-7 blocks for one token (decode, batch 1) in one native call (after cpu_rwkv7.cpp
-// and cpu_mix.cpp in the same translation unit). Decode reads every weight once per token, so it is
-// bound by memory bandwidth; running the ops from Python also pays ~10 calls per layer, which this
+// A stage's RWKV-7 blocks for one token of each of B sequences (decode) in one native call (after
+// cpu_rwkv7.cpp and cpu_mix.cpp in the same translation unit). Decode reads every weight once per
+// step for all B rows; running the ops from Python also pays ~10 calls per layer, which this
 // removes. It is composed of exactly the functions the op entry points call (ln_mix_rows,
 // project_products, lora_products, time_mix_core_rows), in the order rwkvkit/models/rwkv7.py's
 // `block` calls the ops, with fp32 activations throughout; the tests hold each op to its torch
@@ -31,13 +31,14 @@ bool fits(const Layer& L, int64_t C, bool residual) {
            (!residual || (fits(L.v, C) && L.tm.v0 != nullptr));
 }
 
-// rwkv7.block for one token. x [C] in/out (the residual stream); v_first [C] written when
-// !residual (the model's first layer), read otherwise; the state is read from *_in and written to
-// *_out (distinct buffers: the caller's state is never modified).
-void decode_layer(const Layer* L, bool residual, float* x, float* v_first, const float* att_x_in, float* att_x_out, const float* kv_in,
-                  float* kv_out, const float* ffn_x_in, float* ffn_x_out, int threads) {
-    const int64_t C = L->C;
-    const auto buf = scratch<float>(C * 13 + L->F);
+// rwkv7.block for one token of B sequences. x [B, C] in/out (the residual stream); v_first [B, C]
+// written when !residual (the model's first layer), read otherwise; the state ([B, C] and
+// [B, H, N, N]) is read from *_in and written to *_out (distinct buffers: the caller's state is
+// never modified).
+void decode_layer(const Layer* L, int64_t B, bool residual, float* x, float* v_first, const float* att_x_in, float* att_x_out,
+                  const float* kv_in, float* kv_out, const float* ffn_x_in, float* ffn_x_out, int threads) {
+    const int64_t C = B * L->C;  // one [B, C] activation
+    const auto buf = scratch<float>(C * 13 + B * L->F);
     float *mixed = buf.get(), *r = mixed + 6 * C, *k = r + C, *v = k + C, *lw = v + C, *la = lw + C, *g = la + C, *lv = g + C;
     float* hidden = lv + C;
 
@@ -45,23 +46,23 @@ void decode_layer(const Layer* L, bool residual, float* x, float* v_first, const
     // decay LoRA, [2] K, [3] V and the value-residual LoRA, [4] the rate LoRA, [5] the gate LoRA.
     float* m[6];
     for (int i = 0; i < 6; ++i) m[i] = mixed + i * C;
-    ln_mix_rows<float>(1, 1, C, x, L->ln1_w, L->ln1_b, att_x_in, L->att_mixes, 6, L->ln_eps, att_x_out, mixed, threads);
-    const Product rkv[3] = {{&L->R, m[0], r, nullptr, NONE}, {&L->K, m[2], k, nullptr, NONE}, {&L->V, m[3], v, nullptr, NONE}};
+    ln_mix_rows<float>(B, 1, L->C, x, L->ln1_w, L->ln1_b, att_x_in, L->att_mixes, 6, L->ln_eps, att_x_out, mixed, threads);
+    const Product rkv[3] = {{&L->R, m[0], r, nullptr, B, NONE}, {&L->K, m[2], k, nullptr, B, NONE}, {&L->V, m[3], v, nullptr, B, NONE}};
     project_products(rkv, 3, threads);
-    const LoraJob loras[4] = {{&L->w, m[1], lw, TANH}, {&L->a, m[4], la, NONE}, {&L->g, m[5], g, SIGMOID}, {&L->v, m[3], lv, NONE}};
+    const LoraJob loras[4] = {{&L->w, m[1], lw, B, TANH}, {&L->a, m[4], la, B, NONE}, {&L->g, m[5], g, B, SIGMOID}, {&L->v, m[3], lv, B, NONE}};
     lora_products(loras, residual ? 4 : 3, threads);
     float* y = mixed;  // the mixes are spent
-    time_mix_core_rows<float>(L->tm, 1, 1, r, k, v, lw, la, residual ? lv : nullptr, g, residual ? v_first : nullptr, kv_in, kv_out, y, threads);
+    time_mix_core_rows<float>(L->tm, B, 1, r, k, v, lw, la, residual ? lv : nullptr, g, residual ? v_first : nullptr, kv_in, kv_out, y, threads);
     if (!residual) std::memcpy(v_first, v, sizeof(float) * C);
-    const Product out = {&L->O, y, x, x, NONE};  // x += O y
+    const Product out = {&L->O, y, x, x, B, NONE};  // x += O y
     project_products(&out, 1, threads);
 
     // ---- rwkv7.channel_mix
     float* xk = mixed;
-    ln_mix_rows<float>(1, 1, C, x, L->ln2_w, L->ln2_b, ffn_x_in, &L->ffn_mix, 1, L->ln_eps, ffn_x_out, xk, threads);
-    const Product key = {&L->FK, xk, hidden, nullptr, RELU_SQUARE};
+    ln_mix_rows<float>(B, 1, L->C, x, L->ln2_w, L->ln2_b, ffn_x_in, &L->ffn_mix, 1, L->ln_eps, ffn_x_out, xk, threads);
+    const Product key = {&L->FK, xk, hidden, nullptr, B, RELU_SQUARE};
     project_products(&key, 1, threads);
-    const Product value = {&L->FV, hidden, x, x, NONE};  // x += FV relu(FK xk)^2
+    const Product value = {&L->FV, hidden, x, x, B, NONE};  // x += FV relu(FK xk)^2
     project_products(&value, 1, threads);
 }
 
@@ -76,26 +77,28 @@ int64_t layer_layout(int64_t* out, int64_t n) {
     const int64_t values[] = {
         sizeof(Mat),        sizeof(Product),        sizeof(LoraPair),           sizeof(LoraJob),    sizeof(TimeMix),
         sizeof(Layer),      offsetof(Layer, att_mixes), offsetof(Layer, w),     offsetof(Layer, R), offsetof(Layer, tm),
-        offsetof(Layer, C), offsetof(Layer, ln_eps), offsetof(TimeMix, H),      offsetof(TimeMix, kk_eps),
+        offsetof(Layer, C), offsetof(Layer, ln_eps), offsetof(TimeMix, H),      offsetof(TimeMix, kk_eps), offsetof(Product, n),
+        offsetof(LoraJob, n),
     };
     const int64_t count = sizeof values / sizeof values[0];
     std::memcpy(out, values, sizeof(int64_t) * std::min(std::max(n, int64_t(0)), count));
     return count;
 }
 
-// A stage's n layers for one token, in order. att_in / ffn_in / att_out / ffn_out are [n, C]
-// (layer i at row i), kv_out [n, H*N*N]; kv_in holds each layer's state pointer. x [C] in/out;
-// v_first [C] read when has_v_first, else written by the first layer (the model's first).
-// Returns 0, or 1 (nothing computed) when a layer's dimensions or weights do not fit.
-int decode_layers(int64_t n, const Layer* const* layers, int has_v_first, float* x, float* v_first, const float* att_in,
+// A stage's n layers for one token of each of B sequences, in order. att_in / ffn_in / att_out /
+// ffn_out are [n, B, C] (layer i at row i), kv_out [n, B, H*N*N]; kv_in holds each layer's
+// [B, H, N, N] state pointer. x [B, C] in/out; v_first [B, C] read when has_v_first, else written
+// by the first layer (the model's first). Returns 0, or 1 (nothing computed) when a layer's
+// dimensions or weights do not fit.
+int decode_layers(int64_t n, const Layer* const* layers, int64_t B, int has_v_first, float* x, float* v_first, const float* att_in,
                   const float* const* kv_in, const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
-    if (n < 1) return n < 0;
-    const int64_t C = layers[0]->C, S = C * layers[0]->tm.N;
+    if (n < 1 || B < 1) return n < 0 || B < 0;
+    const int64_t C = layers[0]->C, S = B * C * layers[0]->tm.N, X = B * C;
     for (int64_t i = 0; i < n; ++i)
         if (!fits(*layers[i], C, has_v_first || i > 0) || layers[i]->tm.N != layers[0]->tm.N) return 1;
     for (int64_t i = 0; i < n; ++i)
-        decode_layer(layers[i], has_v_first || i > 0, x, v_first, att_in + i * C, att_out + i * C, kv_in[i], kv_out + i * S, ffn_in + i * C,
-                     ffn_out + i * C, threads);
+        decode_layer(layers[i], B, has_v_first || i > 0, x, v_first, att_in + i * X, att_out + i * X, kv_in[i], kv_out + i * S, ffn_in + i * X,
+                     ffn_out + i * X, threads);
     return 0;
 }
 

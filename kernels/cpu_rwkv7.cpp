@@ -7,14 +7,17 @@
 // rwkvkit/models/rwkv7.py as arguments.
 //
 // This file:
-//   project: y = epilogue(M x) [+ residual] for several matrices, each with its own input vector, in
-//     one parallel region (each matrix's rows split evenly over the threads). Decode reads every
-//     weight once per token, so it is bound by memory bandwidth: the row kernels stream a matrix
+//   project: y = epilogue(M x) [+ residual] for several matrices, each with its own inputs (one row
+//     per decoded sequence), in one parallel region (each matrix's rows split evenly over the
+//     threads). Decode reads every weight once per step, for all the batch's rows at once (tiles
+//     of up to kTile rows per pass over a block of weight rows), so one row is bound by memory
+//     bandwidth and a batch by arithmetic; each input row's sums are formed exactly as for a lone
+//     row, so a sequence's result does not depend on its batch. The row kernels stream a matrix
 //     in its stored format (fp32 AVX512; bf16 with AVX512-BF16 `vdpbf16ps`; int8 with one scale
 //     per row, through AVX512-VNNI `vpdpwssd` on activations rounded once per call to int16 steps
 //     of max|x|/32767, 1.5e-5 of the largest entry: far below bf16's error), with portable
 //     fallbacks where the CPU lacks the instructions.
-//   lora: act(x A) B for several low-rank factor pairs (fp32 or bf16), in two parallel regions.
+//   lora: act(x A) B for several low-rank factor pairs (fp32 or bf16) and rows, in two parallel regions.
 //   wkv7_f32: the WKV-7 scan alone (for heads the time-mix kernel cannot take).
 //   quantize_rows_i8 / rescale_i32: the int8 prefill GEMM's activations and output.
 //   relu_square: the FFN activation in place, for the GEMM path.
@@ -25,6 +28,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <memory>
+#include <type_traits>
 #include <omp.h>
 #include <vector>
 
@@ -142,18 +146,50 @@ struct Mat {
     int32_t format;
 };
 
-// One product of `project`: y = epilogue(M x), plus residual when it is not null (it may be y).
+// One product of `project`: y = epilogue(M x), plus residual when it is not null (it may be y),
+// for n input rows (one per decoded sequence).
 struct Product {
     const Mat* m;
-    const float* x;  // [cols]
-    float* y;        // [rows]
+    const float* x;  // [n, cols]
+    float* y;        // [n, rows]
     const float* residual;
+    int64_t n;
     int32_t epilogue;
 };
 
-inline void store(const Product& p, int64_t o, float sum) {
+inline void store(const Product& p, int64_t b, int64_t o, float sum) {
+    const int64_t i = b * p.m->rows + o;
     const float v = activate(sum, p.epilogue);
-    p.y[o] = p.residual != nullptr ? p.residual[o] + v : v;
+    p.y[i] = p.residual != nullptr ? p.residual[i] + v : v;
+}
+
+// Input rows per pass over a block of weight rows: two accumulators each stay in registers.
+constexpr int kTile = 4;
+constexpr int64_t kRowBlock = 8;  // weight rows per block: reread from cache for every tile of inputs
+
+template <int NB>
+using Tile = std::integral_constant<int, NB>;
+
+// kernel(Tile<NB>, b0, lo, hi) over input rows [b0, b0 + NB) and weight rows [lo, hi): for each
+// block of weight rows, every tile of input rows, so each weight is read from memory once for all
+// n rows. A row's arithmetic is the same in any tile (the tile only repeats it NB times).
+template <class Kernel>
+void over_tiles(int64_t n, int64_t lo, int64_t hi, Kernel kernel) {
+    for (int64_t o = lo; o < hi; o += kRowBlock) {
+        const int64_t end = std::min(hi, o + kRowBlock);
+        int64_t b = 0;
+        for (; b + kTile <= n; b += kTile) kernel(Tile<kTile>{}, b, o, end);
+        switch (n - b) {
+            case 1: kernel(Tile<1>{}, b, o, end); break;
+            case 2: kernel(Tile<2>{}, b, o, end); break;
+            case 3: kernel(Tile<3>{}, b, o, end); break;
+            case 4: kernel(Tile<4>{}, b, o, end); break;
+            case 5: kernel(Tile<5>{}, b, o, end); break;
+            case 6: kernel(Tile<6>{}, b, o, end); break;
+            case 7: kernel(Tile<7>{}, b, o, end); break;
+            default: break;
+        }
+    }
 }
 
 // What the CPU runs (asked on first use: __builtin_cpu_supports is not ready during static initialization)
@@ -170,72 +206,149 @@ bool has_vnni() {
     return yes;
 }
 
-__attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t lo, int64_t hi) {
-    const float *W = static_cast<const float*>(p.m->w), *x = p.x;
+// NO weight rows from o against NB input rows (x: the tile's first, b0 its index), fp32: per pair,
+// two accumulators over alternate 16-column halves, reduced as for a lone row.
+template <int NO, int NB>
+__attribute__((target("avx512f"), always_inline)) inline void f32_block(const Product& p, const float* x, int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 32 * 32;
-    for (int64_t o = lo; o < hi; ++o) {
-        const float* wr = W + o * cols;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (int64_t c = 0; c < vec; c += 32) {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c), _mm512_loadu_ps(x + c), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(wr + c + 16), _mm512_loadu_ps(x + c + 16), acc1);
+    const float* wr = static_cast<const float*>(p.m->w) + o * cols;
+    __m512 acc0[NO][NB], acc1[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < vec; c += 32) {
+        __m512 w0[NO], w1[NO];
+        for (int r = 0; r < NO; ++r) w0[r] = _mm512_loadu_ps(wr + r * cols + c), w1[r] = _mm512_loadu_ps(wr + r * cols + c + 16);
+        for (int b = 0; b < NB; ++b) {
+            const __m512 x0 = _mm512_loadu_ps(x + b * cols + c), x1 = _mm512_loadu_ps(x + b * cols + c + 16);
+            for (int r = 0; r < NO; ++r) {
+                acc0[r][b] = _mm512_fmadd_ps(w0[r], x0, acc0[r][b]);
+                acc1[r][b] = _mm512_fmadd_ps(w1[r], x1, acc1[r][b]);
+            }
         }
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        for (int64_t c = vec; c < cols; ++c) sum += wr[c] * x[c];
-        store(p, o, sum);
+    }
+    for (int r = 0; r < NO; ++r) {
+        for (int b = 0; b < NB; ++b) {
+            const float* xb = x + b * cols;
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
+            for (int64_t c = vec; c < cols; ++c) sum += wr[r * cols + c] * xb[c];
+            store(p, b0 + b, o + r, sum);
+        }
     }
 }
 
-// x: the input rounded to bf16 (as torch's bf16 linear rounds it)
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t lo, int64_t hi) {
-    const uint16_t* W = static_cast<const uint16_t*>(p.m->w);
+template <int NB>
+__attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t b0, int64_t lo, int64_t hi) {
+    const float* x = p.x + b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) f32_block<2, NB>(p, x, b0, o);
+    for (; o < hi; ++o) f32_block<1, NB>(p, x, b0, o);
+}
+
+// The same for bf16 weights and inputs (x: rounded to bf16, as torch's bf16 linear rounds it):
+// accumulators over alternate 32-column halves of each 64, a last 32 columns into the first.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void bf16_block(const Product& p, const uint16_t* x, int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 32 * 32;
-    for (int64_t o = lo; o < hi; ++o) {
-        const uint16_t* wr = W + o * cols;
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 64 <= vec; c += 64) {
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
-            acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(wr + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
+    const uint16_t* wr = static_cast<const uint16_t*>(p.m->w) + o * cols;
+    __m512 acc0[NO][NB], acc1[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= vec; c += 64) {
+        __m512bh w0[NO], w1[NO];
+        for (int r = 0; r < NO; ++r) w0[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c), w1[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c + 32);
+        for (int b = 0; b < NB; ++b) {
+            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + b * cols + c), x1 = (__m512bh)_mm512_loadu_si512(x + b * cols + c + 32);
+            for (int r = 0; r < NO; ++r) {
+                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], w0[r], x0);
+                acc1[r][b] = _mm512_dpbf16_ps(acc1[r][b], w1[r], x1);
+            }
         }
-        for (; c < vec; c += 32)
-            acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(wr + c), (__m512bh)_mm512_loadu_si512(x + c));
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-        for (; c < cols; ++c) sum += bf16_to_f32(wr[c]) * bf16_to_f32(x[c]);
-        store(p, o, sum);
+    }
+    for (; c < vec; c += 32)
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b)
+                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], (__m512bh)_mm512_loadu_si512(wr + r * cols + c), (__m512bh)_mm512_loadu_si512(x + b * cols + c));
+    for (int r = 0; r < NO; ++r) {
+        for (int b = 0; b < NB; ++b) {
+            const uint16_t* xb = x + b * cols;
+            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
+            for (int64_t t = c; t < cols; ++t) sum += bf16_to_f32(wr[r * cols + t]) * bf16_to_f32(xb[t]);
+            store(p, b0 + b, o + r, sum);
+        }
     }
 }
 
-// x: the input as int16 steps of `step` (see vnni_input)
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_i8_vnni(const Product& p, const int16_t* x, float step, int64_t lo, int64_t hi) {
-    const int8_t* Q = static_cast<const int8_t*>(p.m->w);
+// x: all input rows [n, cols] in bf16
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t b0, int64_t lo, int64_t hi) {
+    x += b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) bf16_block<2, NB>(p, x, b0, o);
+    for (; o < hi; ++o) bf16_block<1, NB>(p, x, b0, o);
+}
+
+// NO weight rows from o against NB input rows from b0 (x: the tile's first row). x: the input rows
+// as int16 steps of step[b] (see Input); integer sums are exact, so only the lanes, the per-chunk
+// conversions and the epilogue order matter, and they are a lone row's.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_block(const Product& p, const int16_t* x, const float* step,
+                                                                                          int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 64 * 64;
     constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
-    for (int64_t o = lo; o < hi; ++o) {
-        const int8_t* qr = Q + o * cols;
-        __m512 total = _mm512_setzero_ps();
-        for (int64_t start = 0; start < vec; start += kFlush) {
-            __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
-            const int64_t end = std::min(vec, start + kFlush);
-            for (int64_t c = start; c < end; c += 64) {
-                const __m512i codes = _mm512_loadu_si512(qr + c);
-                const __m512i lo16 = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
-                const __m512i hi16 = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
-                acc0 = _mm512_dpwssd_epi32(acc0, lo16, _mm512_loadu_si512(x + c));
-                acc1 = _mm512_dpwssd_epi32(acc1, hi16, _mm512_loadu_si512(x + c + 32));
+    const int8_t* qr = static_cast<const int8_t*>(p.m->w) + o * cols;
+    __m512 total[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) total[r][b] = _mm512_setzero_ps();
+    for (int64_t start = 0; start < vec; start += kFlush) {
+        __m512i acc0[NO][NB], acc1[NO][NB];
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_si512();
+        const int64_t end = std::min(vec, start + kFlush);
+        for (int64_t c = start; c < end; c += 64) {
+            __m512i lo16[NO], hi16[NO];
+            for (int r = 0; r < NO; ++r) {
+                const __m512i codes = _mm512_loadu_si512(qr + r * cols + c);
+                lo16[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
+                hi16[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
             }
-            total = _mm512_add_ps(total, _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1)));
+            for (int b = 0; b < NB; ++b) {
+                const __m512i xl = _mm512_loadu_si512(x + b * cols + c), xh = _mm512_loadu_si512(x + b * cols + c + 32);
+                for (int r = 0; r < NO; ++r) {
+                    acc0[r][b] = _mm512_dpwssd_epi32(acc0[r][b], lo16[r], xl);
+                    acc1[r][b] = _mm512_dpwssd_epi32(acc1[r][b], hi16[r], xh);
+                }
+            }
         }
-        float sum = _mm512_reduce_add_ps(total);
-        for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * float(x[c]);
-        store(p, o, sum * step * p.m->scale[o]);
+        for (int r = 0; r < NO; ++r)
+            for (int b = 0; b < NB; ++b) total[r][b] = _mm512_add_ps(total[r][b], _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[r][b], acc1[r][b])));
+    }
+    for (int r = 0; r < NO; ++r) {
+        for (int b = 0; b < NB; ++b) {
+            const int16_t* xb = x + b * cols;
+            float sum = _mm512_reduce_add_ps(total[r][b]);
+            for (int64_t c = vec; c < cols; ++c) sum += float(qr[r * cols + c]) * float(xb[c]);
+            store(p, b0 + b, o + r, sum * step[b0 + b] * p.m->scale[o + r]);
+        }
     }
 }
 
-__attribute__((target("avx512f,avx512bw"))) void rows_i8_avx512(const Product& p, int64_t lo, int64_t hi) {
+// Weight rows [lo, hi) against the NB input rows from b0, two weight rows at a time for a tile of
+// several (each x load serves both), one at a time for a lone row (one stream: bandwidth-bound).
+template <int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_i8_vnni(const Product& p, const int16_t* x, const float* step, int64_t b0, int64_t lo,
+                                                                       int64_t hi) {
+    x += b0 * p.m->cols;
+    int64_t o = lo;
+    for (; NB > 1 && o + 2 <= hi; o += 2) i8_block<2, NB>(p, x, step, b0, o);
+    for (; o < hi; ++o) i8_block<1, NB>(p, x, step, b0, o);
+}
+
+// (The fallbacks below take one input row at a time.)
+__attribute__((target("avx512f,avx512bw"))) void rows_i8_avx512(const Product& p, int64_t b, int64_t lo, int64_t hi) {
     const int8_t* Q = static_cast<const int8_t*>(p.m->w);
-    const float* x = p.x;
     const int64_t cols = p.m->cols, vec = cols / 64 * 64;
+    const float* x = p.x + b * cols;
     for (int64_t o = lo; o < hi; ++o) {
         const int8_t* qr = Q + o * cols;
         __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
@@ -248,40 +361,60 @@ __attribute__((target("avx512f,avx512bw"))) void rows_i8_avx512(const Product& p
         }
         float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
         for (int64_t c = vec; c < cols; ++c) sum += float(qr[c]) * x[c];
-        store(p, o, sum * p.m->scale[o]);
+        store(p, b, o, sum * p.m->scale[o]);
     }
 }
 
+// x: input row b
 template <class W, class X>
-void rows_portable(const Product& p, const X* x, int64_t lo, int64_t hi) {
+void rows_portable(const Product& p, const X* x, int64_t b, int64_t lo, int64_t hi) {
     const W* M = static_cast<const W*>(p.m->w);
     const int64_t cols = p.m->cols;
     for (int64_t o = lo; o < hi; ++o) {
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t c = 0; c < cols; ++c) sum += to_f32(M[o * cols + c]) * to_f32(x[c]);
-        store(p, o, p.m->format == I8 ? sum * p.m->scale[o] : sum);
+        store(p, b, o, p.m->format == I8 ? sum * p.m->scale[o] : sum);
     }
 }
 
-// A product's input in the form its row kernel reads: bf16 for bf16 weights, int16 steps for int8
-// weights on a VNNI CPU, else the fp32 input itself.
+// One row of x as int16 steps of max|x|/32767, rounded to nearest even (as lrintf), 16 lanes at a time.
+__attribute__((target("avx512f,avx512bw"))) float to_i16_steps(const float* x, int64_t cols, int16_t* out) {
+    const int64_t vec = cols / kLanes * kLanes;
+    __m512 vmax = _mm512_setzero_ps();
+    for (int64_t c = 0; c < vec; c += kLanes) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+    float amax = _mm512_reduce_max_ps(vmax);
+    for (int64_t c = vec; c < cols; ++c) amax = std::fmax(amax, std::fabs(x[c]));
+    const float step = amax > 0.f ? amax / 32767.f : 1.f;
+    const __m512 vstep = _mm512_set1_ps(step);
+    for (int64_t c = 0; c < vec; c += kLanes)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_div_ps(_mm512_loadu_ps(x + c), vstep))));
+    for (int64_t c = vec; c < cols; ++c) out[c] = int16_t(std::lrintf(x[c] / step));
+    return step;
+}
+
+// A product's input rows in the form its row kernel reads: bf16 for bf16 weights, int16 steps
+// (one step per row) for int8 weights on a VNNI CPU, else the fp32 input itself.
 struct Input {
     std::vector<uint16_t> bf16;
     std::vector<int16_t> i16;
-    float step = 1.f;
+    std::vector<float> step;
 
     explicit Input(const Product& p) {
-        const int64_t cols = p.m->cols;
+        const int64_t cols = p.m->cols, n = p.n;
         if (p.m->format == BF16) {
-            bf16.resize(cols);
-            for (int64_t c = 0; c < cols; ++c) bf16[c] = to_bf16(p.x[c]);
+            bf16.resize(n * cols);
+            const int64_t vec = cols / kLanes * kLanes;
+            for (int64_t b = 0; b < n; ++b) {
+                const float* x = p.x + b * cols;
+                uint16_t* out = bf16.data() + b * cols;
+                for (int64_t c = 0; c < vec; c += kLanes) vstore(out + c, vload(x + c));
+                for (int64_t c = vec; c < cols; ++c) out[c] = to_bf16(x[c]);
+            }
         } else if (p.m->format == I8 && has_vnni()) {
-            float amax = 0.f;
-            for (int64_t c = 0; c < cols; ++c) amax = std::fmax(amax, std::fabs(p.x[c]));
-            step = amax > 0.f ? amax / 32767.f : 1.f;
-            i16.resize(cols);
-            for (int64_t c = 0; c < cols; ++c) i16[c] = int16_t(std::lrintf(p.x[c] / step));
+            i16.resize(n * cols);
+            step.resize(n);
+            for (int64_t b = 0; b < n; ++b) step[b] = to_i16_steps(p.x + b * cols, cols, i16.data() + b * cols);
         }
     }
 };
@@ -290,23 +423,23 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
     switch (p.m->format) {
         case BF16:
             if (has_bf16_dot())
-                rows_bf16_avx512(p, in.bf16.data(), lo, hi);
+                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_bf16_avx512<nb.value>(p, in.bf16.data(), b0, o0, o1); });
             else
-                rows_portable<uint16_t>(p, in.bf16.data(), lo, hi);
+                for (int64_t b = 0; b < p.n; ++b) rows_portable<uint16_t>(p, in.bf16.data() + b * p.m->cols, b, lo, hi);
             break;
         case I8:
             if (has_vnni())
-                rows_i8_vnni(p, in.i16.data(), in.step, lo, hi);
+                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_i8_vnni<nb.value>(p, in.i16.data(), in.step.data(), b0, o0, o1); });
             else if (has_avx512())
-                rows_i8_avx512(p, lo, hi);
+                for (int64_t b = 0; b < p.n; ++b) rows_i8_avx512(p, b, lo, hi);
             else
-                rows_portable<int8_t>(p, p.x, lo, hi);
+                for (int64_t b = 0; b < p.n; ++b) rows_portable<int8_t>(p, p.x + b * p.m->cols, b, lo, hi);
             break;
         default:
             if (has_avx512())
-                rows_f32_avx512(p, lo, hi);
+                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_f32_avx512<nb.value>(p, b0, o0, o1); });
             else
-                rows_portable<float>(p, p.x, lo, hi);
+                for (int64_t b = 0; b < p.n; ++b) rows_portable<float>(p, p.x + b * p.m->cols, b, lo, hi);
     }
 }
 
@@ -322,7 +455,7 @@ void project_products(const Product* ps, int64_t n, int threads) {
     int64_t rows = 0;
     for (int64_t i = 0; i < n; ++i) {
         inputs.emplace_back(ps[i]);
-        rows += ps[i].m->rows;
+        rows += ps[i].m->rows * ps[i].n;
     }
     parallel(rows >= 64, threads, [&](int64_t tid, int64_t nth) {
         for (int64_t i = 0; i < n; ++i) {
@@ -342,32 +475,38 @@ struct LoraPair {
     int32_t format;
 };
 
-// One job of `lora`: y [out] = act(x [in] first) second.
+// One job of `lora`: y [n, out] = act(x [n, in] first) second, for n rows (one per decoded sequence).
 struct LoraJob {
     const LoraPair* pair;
     const float* x;
     float* y;
+    int64_t n;
     int32_t act;
 };
 
-// y [D] = x [K] A for A [K, D] row-major.
+// y [n, D] = x [n, K] A for A [K, D] row-major.
 struct VecMat {
     const float* x;
     const void* A;
-    int64_t K, D;
+    int64_t K, D, n;
     int32_t format;
     float* y;
 };
 
+// out[b] += x[b, k] A[k] for k in [k0, k1), every row b (out[b] at out + b * stride): each row of A is
+// read once for all n rows, and row b's sums are formed as for a lone row.
 template <class W>
-void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out) {
+void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out, int64_t stride) {
     const W* A = static_cast<const W*>(job.A);
     for (int64_t k = k0; k < k1; ++k) {
-        const float xk = job.x[k];
         const W* row = A + k * job.D;
-        int64_t d = 0;
-        for (; d + kLanes <= job.D; d += kLanes) vstore(out + d, vload(out + d) + xk * vload(row + d));
-        for (; d < job.D; ++d) out[d] += xk * to_f32(row[d]);
+        for (int64_t b = 0; b < job.n; ++b) {
+            const float xk = job.x[b * job.K + k];
+            float* o = out + b * stride;
+            int64_t d = 0;
+            for (; d + kLanes <= job.D; d += kLanes) vstore(o + d, vload(o + d) + xk * vload(row + d));
+            for (; d < job.D; ++d) o[d] += xk * to_f32(row[d]);
+        }
     }
 }
 
@@ -379,51 +518,58 @@ void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out) {
 // neither does the result: `strategy.threads` changes speed, never the generated text.
 constexpr int64_t kLoraParts = 8;
 
+// All jobs have the same number of rows; a part's partial sums are [rows, width] (the jobs' outputs side by side).
 void vector_products(const VecMat* jobs, int64_t n, int threads) {
     int64_t width = 0;
     for (int64_t i = 0; i < n; ++i) width += jobs[i].D;
-    std::vector<float> partial(size_t(kLoraParts * width), 0.f);
+    const int64_t rows = n > 0 ? jobs[0].n : 0, share = rows * width;
+    std::vector<float> partial(size_t(kLoraParts * share), 0.f);
     parallel(true, threads, [&](int64_t tid, int64_t nth) {
         for (int64_t part = kLoraParts * tid / nth; part < kLoraParts * (tid + 1) / nth; ++part) {
-            float* mine = partial.data() + part * width;
+            float* mine = partial.data() + part * share;
             for (int64_t i = 0; i < n; ++i) {
                 const VecMat& job = jobs[i];
                 const int64_t k0 = job.K * part / kLoraParts, k1 = job.K * (part + 1) / kLoraParts;
                 if (job.format == BF16)
-                    add_rows<uint16_t>(job, k0, k1, mine);
+                    add_rows<uint16_t>(job, k0, k1, mine, width);
                 else
-                    add_rows<float>(job, k0, k1, mine);
+                    add_rows<float>(job, k0, k1, mine, width);
                 mine += job.D;
             }
         }
     });
     int64_t offset = 0;
     for (int64_t i = 0; i < n; ++i) {
-        for (int64_t d = 0; d < jobs[i].D; ++d) {
-            float sum = 0.f;
-            for (int64_t part = 0; part < kLoraParts; ++part) sum += partial[part * width + offset + d];
-            jobs[i].y[d] = sum;
+        const int64_t D = jobs[i].D;
+        for (int64_t b = 0; b < rows; ++b) {
+            for (int64_t d = 0; d < D; ++d) {
+                float sum = 0.f;
+                for (int64_t part = 0; part < kLoraParts; ++part) sum += partial[part * share + b * width + offset + d];
+                jobs[i].y[b * D + d] = sum;
+            }
         }
-        offset += jobs[i].D;
+        offset += D;
     }
 }
 
 // The jobs' down products in one region, their activations, then the up products in another.
+// All jobs have the same number of rows (the first's; checked by `lora`).
 void lora_products(const LoraJob* jobs, int64_t n, int threads) {
+    const int64_t rows = n > 0 ? jobs[0].n : 0;
     int64_t width = 0;
     for (int64_t i = 0; i < n; ++i) width += jobs[i].pair->rank;
-    const auto hidden = scratch<float>(width);
+    const auto hidden = scratch<float>(rows * width);
     std::vector<VecMat> down(n), up(n);
     float* h = hidden.get();
     for (int64_t i = 0; i < n; ++i) {
         const LoraPair& p = *jobs[i].pair;
-        down[i] = {jobs[i].x, p.first, p.in, p.rank, p.format, h};
-        up[i] = {h, p.second, p.rank, p.out, p.format, jobs[i].y};
-        h += p.rank;
+        down[i] = {jobs[i].x, p.first, p.in, p.rank, rows, p.format, h};
+        up[i] = {h, p.second, p.rank, p.out, rows, p.format, jobs[i].y};
+        h += rows * p.rank;
     }
     vector_products(down.data(), n, threads);
     for (int64_t i = 0; i < n; ++i)
-        for (int64_t d = 0; d < down[i].D; ++d) down[i].y[d] = activate(down[i].y[d], jobs[i].act);
+        for (int64_t d = 0; d < rows * down[i].D; ++d) down[i].y[d] = activate(down[i].y[d], jobs[i].act);
     vector_products(up.data(), n, threads);
 }
 
@@ -453,19 +599,19 @@ void relu_square_typed(int64_t n, T* h, int threads) {
 extern "C" {
 
 // y = epilogue(M x) [+ residual] for n products (see Product). Returns 0, or 1 (nothing computed)
-// for a malformed matrix or epilogue.
+// for a malformed matrix, epilogue or row count.
 int project(const Product* ps, int64_t n, int threads) {
     for (int64_t i = 0; i < n; ++i)
-        if (ps[i].m == nullptr || !valid(*ps[i].m) || !is_epilogue(ps[i].epilogue)) return 1;
+        if (ps[i].m == nullptr || !valid(*ps[i].m) || !is_epilogue(ps[i].epilogue) || ps[i].n < 0) return 1;
     project_products(ps, n, threads);
     return 0;
 }
 
 // y = act(x first) second for n jobs (see LoraJob). Returns 0, or 1 (nothing computed) for a
-// malformed pair or activation.
+// malformed pair or activation, or jobs of different row counts.
 int lora(const LoraJob* jobs, int64_t n, int threads) {
     for (int64_t i = 0; i < n; ++i)
-        if (jobs[i].pair == nullptr || !valid(*jobs[i].pair) || !is_epilogue(jobs[i].act)) return 1;
+        if (jobs[i].pair == nullptr || !valid(*jobs[i].pair) || !is_epilogue(jobs[i].act) || jobs[i].n < 0 || jobs[i].n != jobs[0].n) return 1;
     lora_products(jobs, n, threads);
     return 0;
 }

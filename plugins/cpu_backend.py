@@ -2,13 +2,15 @@
 
 - ``ln_mix`` and ``time_mix_core`` (any batch and token count): native kernels in fp32 inside,
   instead of ~50 torch ops that each read and wrote whole [T, C] tensors.
-- ``project``, ``lora`` and ``linear`` for one row (decode, the head): matrix-vector kernels that
-  stream the weights in their stored format (fp32 AVX512, AVX512-BF16 ``vdpbf16ps``, int8 VNNI):
-  decode reads every weight once per token, so it is bound by memory bandwidth, and torch's bf16
-  GEMV is compute-bound here (see shared/PERF_NOTES.md). For many rows: GEMMs through oneDNN
+- ``project``, ``lora`` and ``linear`` for one row per sequence (decode ``[B, 1, C]``, the head's
+  ``[B, C]``), up to :attr:`CpuBackend.native_rows` rows: kernels that read each weight once per
+  step, in its stored format (fp32 AVX512, AVX512-BF16 ``vdpbf16ps``, int8 VNNI), for all B rows,
+  each row's sums formed exactly as for a lone row, so a sequence's result does not depend on its
+  batch. One row is bound by memory bandwidth, and torch's bf16 GEMV is compute-bound here (see
+  shared/PERF_NOTES.md). For more rows, and a sequence's many rows (prefill): GEMMs through oneDNN
   (AVX512-BF16 for bf16; faster than MKL's sgemm here for fp32) and a native relu².
-- ``fused_stage`` for one token at batch 1: a stage's blocks in one native call composed of the
-  same kernels, instead of ~10 op calls per layer from Python.
+- ``fused_stage`` for one token per sequence (up to ``native_rows`` of them): a stage's blocks in
+  one native call composed of the same kernels, instead of ~10 op calls per layer from Python.
 - ``wkv``: a C++ scan over all T tokens, for heads ``time_mix_core``'s kernel cannot take.
 Each op falls back to the torch default for shapes and dtypes its kernels do not take. Threads
 follow ``torch.get_num_threads()`` (the strategy's ``threads`` option sets it); decode results do
@@ -18,7 +20,7 @@ and runs the torch backend's ops.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -44,16 +46,14 @@ def _native(first: torch.Tensor, *ts: torch.Tensor | None) -> bool:
     return True
 
 
-def _one_row(xs: Sequence[torch.Tensor]) -> bool:
-    for x in xs:
-        if x.numel() != x.shape[-1]:
-            return False
-    return True
-
-
 class CpuBackend(TorchBackend):
     name = "cpu"
     priority = 20
+    # Decoded rows per step up to which fp32/bf16 products (and the whole stage) run in the native
+    # row kernels; beyond, oneDNN's GEMMs won here (single-thread CPU time of a 0.1B-shape step at
+    # B = 16: fp32 ~1.4x, bf16 ~1.3x faster), while at B = 4 the native stage was even (fp32) or
+    # ~1.3x faster (bf16). None: no limit.
+    native_rows: ClassVar[int | None] = 4
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
@@ -66,6 +66,10 @@ class CpuBackend(TorchBackend):
     @property
     def threads(self) -> int:
         return torch.get_num_threads()
+
+    def _row_kernels(self, xs: Sequence[torch.Tensor]) -> bool:
+        """Whether these inputs go to the native row kernels: one row per sequence, at most ``native_rows``."""
+        return cpu.decoded(xs) and (self.native_rows is None or xs[0].numel() <= self.native_rows * xs[0].shape[-1])
 
     def prepare_block(self, weights: BlockWeights, spec: ModelSpec, constants: Constants) -> BlockWeights:
         """The block's weights plus their native layout for the decode stage
@@ -82,7 +86,7 @@ class CpuBackend(TorchBackend):
         self, weights: Sequence[BlockWeights], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState]
     ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]] | None:
         layers = [getattr(w, "native", None) for w in weights]
-        if x.shape[:2] != (1, 1) or not layers or None in layers or not _native(x):
+        if x.dim() != 3 or x.shape[1] != 1 or not self._row_kernels([x]) or not layers or None in layers or not _native(x):
             return None
         return cpu.decode_stage(layers, x, v_first, states, self.placement.dtype, self.threads)
 
@@ -99,7 +103,7 @@ class CpuBackend(TorchBackend):
         epilogues = project_epilogues(xs, epilogues, residual)
         if not _native(*xs):
             return super().project(xs, weights, epilogues, residual)
-        if _one_row(xs) and all(map(cpu.takes_matrix, weights)):
+        if self._row_kernels(xs) and all(map(cpu.takes_matrix, weights)):
             return cpu.project(xs, weights, epilogues, residual, self.threads)
         ys = [self._activate(self.linear(x, w), e) for x, w, e in zip(xs, weights, epilogues)]
         return ys if residual is None else [ys[0].to(residual.dtype).add_(residual)]  # a fresh tensor: added in place
@@ -112,7 +116,7 @@ class CpuBackend(TorchBackend):
     def lora(self, xs: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.Tensor, Epilogue]]) -> list[torch.Tensor]:
         if not _native(*xs, *(t for first, second, _ in pairs for t in (first, second))):
             return super().lora(xs, pairs)
-        if _one_row(xs) and all(first.dim() == 2 and first.is_contiguous() and second.is_contiguous() for first, second, _ in pairs):
+        if self._row_kernels(xs) and all(first.dim() == 2 and first.is_contiguous() and second.is_contiguous() for first, second, _ in pairs):
             return cpu.lora(xs, pairs, self.threads)
         return [cpu.lora_gemm(x, first, second, act) for x, (first, second, act) in zip(xs, pairs)]
 
@@ -128,7 +132,7 @@ class CpuBackend(TorchBackend):
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
         if not _native(x) or getattr(weight, "dtype", x.dtype) != x.dtype:
             return super().linear(x, weight)
-        if _one_row([x]) and cpu.takes_matrix(weight):
+        if self._row_kernels([x]) and cpu.takes_matrix(weight):
             return cpu.project([x], [weight], [Epilogue.NONE], None, self.threads)[0]
         return cpu.gemm(x, weight)
 

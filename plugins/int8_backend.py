@@ -7,10 +7,12 @@ token reads one row, but the table is as large as the head, so keeping it in fp3
 resident memory at ~0.45x fp32's instead of ~0.25x. LoRA factors and per-channel vectors stay in
 the activation dtype: small, and sensitive.
 
-Decode (one row) reads a quarter of fp32's bytes per token through the ``cpu`` backend's
-matrix-vector kernel for int8, which rounds the activation vector to 16 bits (AVX512-VNNI
-``vpdpwssd``); ``project``, ``fused_stage`` and the rest are the ``cpu`` backend's, which read
-int8 matrices as they read fp32 and bf16 ones. Prefill is compute-bound, so it rounds
+Decode reads a quarter of fp32's bytes per step through the ``cpu`` backend's row kernel for
+int8, which rounds each sequence's activation row to 16 bits with its own step (AVX512-VNNI
+``vpdpwssd``) and reads each weight once for all the batch's rows, a row's integer sums and
+epilogue exactly a lone row's (so a sequence's logits do not depend on its batch);
+``project``, ``fused_stage`` and the rest are the ``cpu`` backend's, which read int8 matrices as
+they read fp32 and bf16 ones. Prefill is compute-bound, so it rounds
 each activation row to int8 with its own scale and runs one int8 GEMM (``torch._int_mm``): ~3.6x
 an fp32 GEMM here, for < 0.1% held-out perplexity (tests/test_int8.py holds both paths to fp32).
 
@@ -25,12 +27,12 @@ next to the user's files.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.backend import Epilogue, Role
+from rwkvkit.backend import Role
 from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import cpu
@@ -46,6 +48,10 @@ class Int8Backend(CpuBackend):
     name = "int8"
     priority = 20
     quants = ("i8",)
+    # Decoded rows always take the row kernels: each row's own 16-bit rounding makes a sequence's
+    # logits equal its lone run's, and at B = 16 the batched int8 kernel beat the GEMM path by ~1.7x
+    # (single-thread CPU time of a 0.1B-shape step).
+    native_rows = None
     _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod
@@ -82,37 +88,17 @@ class Int8Backend(CpuBackend):
     def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
         return table.q[ids].to(self.placement.dtype) * table.scale[ids].unsqueeze(-1).to(self.placement.dtype)
 
-    def project(
-        self, xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue] | None = None, residual: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """Decoded rows of a batch (``[B, 1, C]``) one by one, each exactly as a lone sequence's:
-        see :meth:`linear`."""
-        if not _decoded_rows(xs[0]) or not any(isinstance(w, Int8Weight) for w in weights):
-            return super().project(xs, weights, epilogues, residual)
-        rows = [super(Int8Backend, self).project([x[b : b + 1] for x in xs], weights, epilogues, None if residual is None else residual[b : b + 1]) for b in range(xs[0].shape[0])]
-        return [torch.cat(ys) for ys in zip(*rows)]
-
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
-        """One row: the int8 matrix-vector kernel (``CpuBackend``'s ``project``), which rounds the
-        activations to 16 bits. Decoded rows of a batch (and the head's ``[B, C]``) go through it one
-        row at a time, so a sequence's logits do not depend on its batch (the engine's promise;
-        a kernel reading each weight once for B rows is the batched-decode speed work to come).
-        Many rows of one sequence (prefill): an int8 GEMM on per-row int8 activations
-        (:func:`rwkvkit.native.cpu.int8_gemm`)."""
+        """One row per sequence (decode, the head): the ``cpu`` backend's row kernel, which rounds
+        each row's activations to 16 bits. A sequence's many rows (prefill): an int8 GEMM on
+        per-row int8 activations (:func:`rwkvkit.native.cpu.int8_gemm`)."""
         if not isinstance(weight, Int8Weight):
             return super().linear(x, weight)
         if cpu.library() is None:
             return F.linear(x, weight.dequantize(x.dtype))
-        if x.numel() == x.shape[-1]:
+        if cpu.decoded([x]):
             return super().linear(x, weight)
-        if _decoded_rows(x) or x.dim() == 2:
-            return torch.cat([super(Int8Backend, self).linear(row, weight) for row in x.split(1)])
         return cpu.int8_gemm(x, weight)
-
-
-def _decoded_rows(x: torch.Tensor) -> bool:
-    """One token for each of several sequences: ``[B > 1, 1, C]``."""
-    return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] > 1
 
 
 @hookimpl

@@ -108,16 +108,18 @@ def test_fused_decode_matches_the_python_math(model_paths, monkeypatch, spec, ba
     assert fused_state.layers[0].att_x_prev.dtype == ref_state.layers[0].att_x_prev.dtype
 
 
+@pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("spec, backend", [("cpu fp32", "cpu"), ("cpu fp32i8", "int8")])
-def test_fused_stage_is_the_ops_composed(model_paths, spec, backend):
+def test_fused_stage_is_the_ops_composed(model_paths, spec, backend, B):
     """decode_layers calls the very kernels of the op entry points, in rwkv7.block's order: with
     fp32 activations (nothing to round between ops) it equals rwkv7.block over the backend's ops,
-    one Python call per op, bit for bit."""
+    one Python call per op, bit for bit, for one sequence and for a batch."""
     model = RWKV(model_paths["world"], spec, backend=backend)
     stage = model.stages[0]
-    _, state = model.forward([1, 2, 3], None)
-    x = torch.randn(1, 1, model.spec.n_embd, generator=torch.Generator().manual_seed(0))
+    _, state = model.forward(torch.tensor([[1, 2, 3]] * B), None)
+    x = torch.randn(B, 1, model.spec.n_embd, generator=torch.Generator().manual_seed(0))
     fused = stage.ops.fused_stage(stage.blocks, x, None, state.layers)
+    assert fused is not None
     y, v_first, layers = x, None, []
     for w, s in zip(stage.blocks, state.layers):
         y, v_first, s = rwkv7.block(stage.ops, w, y, v_first, s)
@@ -210,3 +212,35 @@ def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatc
     assert _rel(fused, ref) < tol
     for a, b in zip((t for layer in fused_state.layers for t in layer.tensors()), (t for layer in ref_state.layers for t in layer.tensors())):
         assert a.dtype == b.dtype and _rel(a, b) < tol
+
+
+@pytest.mark.parametrize("spec, backend, B", [("cpu fp32", "cpu", 3), ("cpu bf16", "cpu", 4), ("cpu fp32i8", "int8", 11), ("cpu bf16i8", "int8", 3)])
+def test_batched_decode_equals_each_sequence_alone_bit_for_bit(model_paths, spec, backend, B):
+    """A decode step of B sequences reads each weight once for all rows, yet forms each row's sums
+    exactly as for a lone row (int8: the row's own 16-bit step), so logits and states equal each
+    sequence decoded alone, bit for bit (B = 11: tiles of 4 and a remainder of 3)."""
+    model = RWKV(model_paths["world"], spec, backend=backend)
+    g = torch.Generator().manual_seed(B)
+    _, state = model.forward(torch.randint(0, 65536, (B, 5), generator=g), None)
+    tokens = torch.randint(0, 65536, (B, 1), generator=g)
+    together, new = model.forward(tokens, state)
+    for b in range(B):
+        alone, new_b = model.forward(tokens[b], state[b])
+        assert torch.equal(alone, together[b])
+        for a, t in zip((t for layer in new_b.layers for t in layer.tensors()), (t for layer in new[b].layers for t in layer.tensors())):
+            assert torch.equal(a, t)
+
+
+def test_more_rows_than_native_rows_take_the_gemm_and_match_the_python_math(model_paths, monkeypatch):
+    """Past ``native_rows`` decoded rows, fp32 products go to oneDNN's GEMM (and no fused stage):
+    the same math in another summation order (2e-5, as for the oracle)."""
+    model = RWKV(model_paths["world"], "cpu fp32", backend="cpu")
+    B = model.stages[0].ops.native_rows + 1
+    g = torch.Generator().manual_seed(0)
+    _, state = model.forward(torch.randint(0, 65536, (B, 5), generator=g), None)
+    tokens = torch.randint(0, 65536, (B, 1), generator=g)
+    assert model.stages[0].ops.fused_stage(model.stages[0].blocks, torch.zeros(B, 1, model.spec.n_embd), None, state.layers) is None
+    got, _ = model.forward(tokens, state)
+    use_the_torch_ops(monkeypatch)
+    ref, _ = model.forward(tokens, state)
+    assert _rel(got, ref) < 2e-5

@@ -6,11 +6,13 @@ Ops (each for any batch and token count its backend routes to it):
 
 - :func:`ln_mix` and :func:`time_mix_core`: the elementwise work around the products, in fp32
   inside, activations read and written in fp32 or bf16;
-- :func:`project` and :func:`lora`: one-row products (decode) that stream each weight once in its
-  stored format (fp32, bf16 or int8 with row scales); many rows go through :func:`gemm` (oneDNN)
-  or :func:`int8_gemm` instead;
-- :func:`decode_stage`: a stage's blocks for one token in one native call (``decode_layers``),
-  composed in C++ of the very functions the op entry points call.
+- :func:`project` and :func:`lora`: products for one row per sequence (decode, the head) that
+  read each weight once per step in its stored format (fp32, bf16 or int8 with row scales) for
+  all the batch's rows, each row's sums formed exactly as for a lone row (a sequence's result
+  does not depend on its batch); a sequence's many rows (prefill) go through :func:`gemm`
+  (oneDNN) or :func:`int8_gemm` instead;
+- :func:`decode_stage`: a stage's blocks for one token of each sequence in one native call
+  (``decode_layers``), composed in C++ of the very functions the op entry points call.
 
 Native code trusts the sizes it is given, so every wrapper checks each tensor's shape, dtype and
 device first (:func:`expect`): a wrong size is an error here, never an out-of-bounds access there.
@@ -50,7 +52,7 @@ class _Mat(ctypes.Structure):
 
 
 class _Product(ctypes.Structure):
-    _fields_ = [("m", ctypes.POINTER(_Mat)), ("x", _ptr), ("y", _ptr), ("residual", _ptr), ("epilogue", _i32)]
+    _fields_ = [("m", ctypes.POINTER(_Mat)), ("x", _ptr), ("y", _ptr), ("residual", _ptr), ("n", _i64), ("epilogue", _i32)]
 
 
 class _LoraPair(ctypes.Structure):
@@ -58,7 +60,7 @@ class _LoraPair(ctypes.Structure):
 
 
 class _LoraJob(ctypes.Structure):
-    _fields_ = [("pair", ctypes.POINTER(_LoraPair)), ("x", _ptr), ("y", _ptr), ("act", _i32)]
+    _fields_ = [("pair", ctypes.POINTER(_LoraPair)), ("x", _ptr), ("y", _ptr), ("n", _i64), ("act", _i32)]
 
 
 _TM_VECTORS = ("w0", "a0", "v0", "k_k", "k_a", "r_k", "ln_x_weight", "ln_x_bias")
@@ -102,7 +104,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "lora": ([_ptr, _i64, c_int], c_int),
         "ln_mix": ([_i64, _i64, _i64, *[_ptr] * 5, _i64, _f32, _ptr, _ptr, c_int, c_int], c_int),
         "time_mix_core": ([_ptr, _i64, _i64, *[_ptr] * 11, c_int, c_int], c_int),
-        "decode_layers": ([_i64, _ptr, c_int, *[_ptr] * 8, c_int], c_int),
+        "decode_layers": ([_i64, _ptr, _i64, c_int, *[_ptr] * 8, c_int], c_int),
         "wkv7_f32": ([_i64, _i64, _i64, _i64, *[_ptr] * 8, c_int], c_int),
         "quantize_rows_i8": ([_i64, _i64, _ptr, c_int, _ptr, _ptr, c_int], None),
         "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
@@ -117,7 +119,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 def _layout() -> tuple[int, ...]:
     """What ``layer_layout`` reports, computed from the ctypes mirrors."""
     sizes = tuple(ctypes.sizeof(s) for s in (_Mat, _Product, _LoraPair, _LoraJob, _TimeMix, _Layer))
-    return (*sizes, *(getattr(_Layer, f).offset for f in ("att_mixes", "w", "R", "tm", "C", "ln_eps")), _TimeMix.H.offset, _TimeMix.kk_eps.offset)
+    offsets = (*(getattr(_Layer, f).offset for f in ("att_mixes", "w", "R", "tm", "C", "ln_eps")), _TimeMix.H.offset, _TimeMix.kk_eps.offset)
+    return (*sizes, *offsets, _Product.n.offset, _LoraJob.n.offset)
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
@@ -157,6 +160,16 @@ def takes_matrix(weight: Any) -> bool:
     """Whether the one-row products read this weight as it is (fp32, bf16 or int8, contiguous, on the CPU)."""
     t = weight.q if isinstance(weight, Int8Weight) else weight
     return isinstance(t, torch.Tensor) and t.dim() == 2 and t.device.type == "cpu" and t.is_contiguous() and (isinstance(weight, Int8Weight) or t.dtype in _FORMATS)
+
+
+def decoded(xs: Sequence[torch.Tensor]) -> bool:
+    """Whether every row of these inputs is a different sequence's (one token each), as
+    :func:`project` and :func:`lora` take them: decode ``[B, 1, C]``, the head's ``[B, C]``, one
+    row ``[C]``; not a sequence's many tokens ``[B, T > 1, C]`` (a GEMM's work)."""
+    for x in xs:
+        if x.dim() > 3 or (x.dim() == 3 and x.shape[1] != 1):
+            return False
+    return True
 
 
 def _mat(weight: Any) -> _Mat:
@@ -265,26 +278,28 @@ def ln_mix(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: to
     return last, list(out.unbind(0))
 
 
-def _row(x: torch.Tensor, width: int) -> torch.Tensor:
-    """The one row of ``x [..., width]`` as a contiguous fp32 vector (what the one-row kernels read)."""
+def _rows(x: torch.Tensor, width: int, n: int) -> torch.Tensor:
+    """``x [..., width]`` as ``n`` contiguous fp32 rows (what the row kernels read)."""
     expect(x, (*x.shape[:-1], width), "x")
-    if x.numel() != width:
-        raise InputError(f"native kernel input x: got {list(x.shape)}, expected one row")
-    return x.reshape(width).to(torch.float32).contiguous()
+    if x.numel() != n * width:
+        raise InputError(f"native kernel input x: got {list(x.shape)}, expected {n} rows like the first input's")
+    return x.reshape(n, width).to(torch.float32).contiguous()
 
 
 def project(xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Sequence[Epilogue], residual: torch.Tensor | None, threads: int) -> list[torch.Tensor]:
-    """``Backend.project`` for one row per input (``x [..., in]``), in one native call: the products
-    share one parallel region. Outputs in each input's dtype (``residual``'s with one)."""
+    """``Backend.project`` for inputs ``x [..., in]`` whose rows are all different sequences (one
+    token each: decode, the head), in one native call: the products share one parallel region,
+    and each weight is read once for all rows. Outputs in each input's dtype (``residual``'s with one)."""
     mats = [_mat(w) for w in weights]
-    rows = [_row(x, mat.cols) for x, mat in zip(xs, mats)]
+    n = xs[0].numel() // max(1, xs[0].shape[-1])
+    rows = [_rows(x, mat.cols, n) for x, mat in zip(xs, mats)]
     if residual is None:
-        ys = [torch.empty(mat.rows) for mat in mats]
+        ys = [torch.empty(n, mat.rows) for mat in mats]
     else:
         expect(residual, (*xs[0].shape[:-1], mats[0].rows), "residual")
-        ys = [residual.reshape(-1).to(torch.float32, copy=True)]  # y = residual + ..., in place
+        ys = [residual.reshape(n, -1).to(torch.float32, copy=True)]  # y = residual + ..., in place
     products = (_Product * len(xs))(
-        *(_Product(ctypes.pointer(m), x.data_ptr(), y.data_ptr(), None if residual is None else y.data_ptr(), int(e)) for m, x, y, e in zip(mats, rows, ys, epilogues))
+        *(_Product(ctypes.pointer(m), x.data_ptr(), y.data_ptr(), None if residual is None else y.data_ptr(), n, int(e)) for m, x, y, e in zip(mats, rows, ys, epilogues))
     )
     checked(library().project)(products, len(xs), threads)
     dtypes = [x.dtype for x in xs] if residual is None else [residual.dtype]
@@ -292,11 +307,13 @@ def project(xs: Sequence[torch.Tensor], weights: Sequence[Any], epilogues: Seque
 
 
 def lora(xs: Sequence[torch.Tensor], pairs: Sequence[tuple[torch.Tensor, torch.Tensor, Epilogue]], threads: int) -> list[torch.Tensor]:
-    """``Backend.lora`` for one row per input, in one native call (two parallel regions for all pairs)."""
+    """``Backend.lora`` for inputs whose rows are all different sequences (as :func:`project`), in
+    one native call (two parallel regions for all pairs)."""
     factors = [_lora_pair(first, second) for first, second, _ in pairs]
-    rows = [_row(x, pair.in_) for x, pair in zip(xs, factors)]
-    ys = [torch.empty(pair.out) for pair in factors]
-    jobs = (_LoraJob * len(xs))(*(_LoraJob(ctypes.pointer(p), x.data_ptr(), y.data_ptr(), int(act)) for p, x, y, (_, _, act) in zip(factors, rows, ys, pairs)))
+    n = xs[0].numel() // max(1, xs[0].shape[-1])
+    rows = [_rows(x, pair.in_, n) for x, pair in zip(xs, factors)]
+    ys = [torch.empty(n, pair.out) for pair in factors]
+    jobs = (_LoraJob * len(xs))(*(_LoraJob(ctypes.pointer(p), x.data_ptr(), y.data_ptr(), n, int(act)) for p, x, y, (_, _, act) in zip(factors, rows, ys, pairs)))
     checked(library().lora)(jobs, len(xs), threads)
     return [y.view(*x.shape[:-1], -1).to(x.dtype) for x, y in zip(xs, ys)]
 
@@ -328,30 +345,30 @@ def time_mix_core(
 def decode_stage(
     layers: Sequence[NativeLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]]:
-    """``rwkv7.block`` on each layer in turn for ``x [1, 1, C]``, in one native call
-    (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``. The new states are
-    rows of three stacked buffers (one allocation each instead of three per layer)."""
-    n, C = len(layers), layers[0].struct.C
+    """``rwkv7.block`` on each layer in turn for one token of each of B sequences, ``x [B, 1, C]``,
+    in one native call (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``.
+    The new states are rows of three stacked buffers (one allocation each instead of three per layer)."""
+    n, C, B = len(layers), layers[0].struct.C, x.shape[0]
     if len(states) != n:
         raise InputError(f"native decode: {n} layers but {len(states)} layer states")
-    expect(x, (1, 1, C), "x")
+    expect(x, (B, 1, C), "x")
     if v_first is not None:
-        expect(v_first, (1, 1, C), "v_first")
+        expect(v_first, (B, 1, C), "v_first")
     for layer, s in zip(layers, states):
-        layer.check_state(s, 1)
-    x32 = x.reshape(C).to(torch.float32, copy=True)
-    vf = torch.empty(C) if v_first is None else v_first.reshape(C).to(torch.float32, copy=True)  # read, or written by the first layer
-    att_in, ffn_in = (torch.stack([getattr(s, name).reshape(C) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
+        layer.check_state(s, B)
+    x32 = x.reshape(B, C).to(torch.float32, copy=True)
+    vf = torch.empty(B, C) if v_first is None else v_first.reshape(B, C).to(torch.float32, copy=True)  # read, or written by the first layer
+    att_in, ffn_in = (torch.stack([getattr(s, name) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
     kv_in = [s.att_kv.contiguous() for s in states]
-    att_out, ffn_out, kv_out = torch.empty(n, C), torch.empty(n, C), torch.empty(n, *kv_in[0].shape[1:])
+    att_out, ffn_out, kv_out = torch.empty(n, B, C), torch.empty(n, B, C), torch.empty(n, *kv_in[0].shape)
     checked(library().decode_layers)(
-        n, (_ptr * n)(*(ctypes.addressof(layer.struct) for layer in layers)), int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
+        n, (_ptr * n)(*(ctypes.addressof(layer.struct) for layer in layers)), B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
         att_in.data_ptr(), (_ptr * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(),
         ffn_out.data_ptr(), threads,
     )  # fmt: skip
     att_out, ffn_out = att_out.to(dtype), ffn_out.to(dtype)
-    new_states = [LayerState(att_out[i : i + 1], kv_out[i : i + 1], ffn_out[i : i + 1]) for i in range(n)]
-    return x32.view(1, 1, C).to(dtype), vf.view(1, 1, C).to(dtype), new_states
+    new_states = [LayerState(att_out[i], kv_out[i], ffn_out[i]) for i in range(n)]
+    return x32.view(B, 1, C).to(dtype), vf.view(B, 1, C).to(dtype), new_states
 
 
 # ---- many rows, and the scan alone
