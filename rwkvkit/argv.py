@@ -30,8 +30,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rwkvkit.errors import UsageError
 
-FREE_TEXT_KEYS = ("prompt", "prompt_file", "model.path", "model.tokenizer", "model.state", "strategy.spec")
-PROMPT_KEYS = ("prompt", "prompt_file")
+FREE_TEXT_KEYS = ("prompt", "prompt_file", "prompts_file", "model.path", "model.tokenizer", "model.state", "strategy.spec")
+PROMPT_KEYS = ("prompt", "prompt_file", "prompts_file")  # any of them: stdin is not read as the prompt
 SWEEP_FLAGS = ("-m", "--multirun")
 _INTERPOLATION = re.compile(r"(\\*)\$\{")
 

@@ -70,8 +70,8 @@ rwkvkit run: generate text with an RWKV-7 model from composed Hydra configs.
 
 usage: rwkvkit run [group=option ...] [key=value ...] [--prompt TEXT] [-m] [--cfg job] [--config-dir DIR]
 
-Each run writes config.yaml, run.json, output.txt and metrics.json into its run directory
-(hydra.run.dir, default outputs/DATE/TIME) and ends by naming it on stderr.
+Each run writes config.yaml, run.json, output.txt (a prompts_file run: results.jsonl) and metrics.json
+into its run directory (hydra.run.dir, default outputs/DATE/TIME) and ends by naming it on stderr.
 
 == Config groups (group=option) ==
 $APP_CONFIG_GROUPS
