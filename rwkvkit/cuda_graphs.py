@@ -19,7 +19,7 @@ import torch
 
 from rwkvkit.errors import InputError, StrategyError
 from rwkvkit.model import Model
-from rwkvkit.state import LayerState, State
+from rwkvkit.state import LayerTensors, State
 
 
 class GraphedDecoder:
@@ -80,7 +80,7 @@ class GraphedDecoder:
         return self.logits
 
 
-def _tensors(layers: Sequence[LayerState]) -> list[torch.Tensor]:
+def _tensors(layers: Sequence[LayerTensors]) -> list[torch.Tensor]:
     return [t for layer in layers for t in layer.tensors()]
 
 

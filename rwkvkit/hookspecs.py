@@ -60,3 +60,12 @@ def register_callbacks(register: Register) -> None:
     ``factory(**options)`` returns a :class:`rwkvkit.interfaces.Callback`; selected by name in
     ``generate(..., callback="stdout")``. Example: ``register(MyLogger, name="mylog")``.
     """
+
+
+@hookspec
+def register_architectures(register: Register) -> None:
+    """Register model architectures (subclasses of :class:`rwkvkit.architecture.Architecture`).
+
+    ``register(cls)`` uses ``cls.name``. A checkpoint is run by the one architecture whose
+    ``claims(keys)`` accepts its keys; ``rwkvkit info`` names it. Example: ``register(MyVariant)``.
+    """

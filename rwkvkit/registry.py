@@ -34,8 +34,9 @@ BUILTIN_MODULES = (
     "rwkvkit.plugins.callbacks",
     "rwkvkit.plugins.rwkv_world",
     "rwkvkit.plugins.hf_tokenizer",
+    "rwkvkit.plugins.architectures",
 )
-KINDS = ("backends", "tokenizers", "samplers", "callbacks")
+KINDS = ("backends", "tokenizers", "samplers", "callbacks", "architectures")
 ALLOW_ENV, BLOCK_ENV = "RWKVKIT_PLUGINS", "RWKVKIT_BLOCK_PLUGINS"
 
 

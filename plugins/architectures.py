@@ -1,0 +1,12 @@
+"""The built-in architectures: every RWKV generation the `rwkv` package runs, registered through
+the same hook a third-party generation uses. Their math lives in ``rwkvkit.models``."""
+
+from __future__ import annotations
+
+from rwkvkit.hookspecs import hookimpl
+from rwkvkit.models.rwkv7 import Rwkv7
+
+
+@hookimpl
+def register_architectures(register) -> None:
+    register(Rwkv7)
