@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping, Sequence
 
 import torch
@@ -20,6 +20,7 @@ from rwkvkit.backend import Backend, Role
 from rwkvkit.checkpoint import WeightSource
 from rwkvkit.errors import CheckpointError
 from rwkvkit.state import LayerTensors, StateLayout
+from rwkvkit.weights import Transform
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -32,11 +33,16 @@ class Loader:
 
     tensors: Mapping[str, torch.Tensor]
     ops: Backend
+    overrides: Mapping[str, Transform] = field(default_factory=dict)  # key -> a load-time transform of its rows
 
-    def __call__(self, key: str, role: Role, optional: bool = False) -> Any:
+    def __call__(self, key: str, role: Role, optional: bool = False, transform: Transform | None = None) -> Any:
         if key not in self.tensors and optional:
             return None
-        return self.ops.prepare_source(WeightSource(key, self.tensors[key]), role)
+        transform = transform or self.overrides.get(key)
+        if transform is None:
+            return self.ops.prepare_source(WeightSource(key, self.tensors[key]), role)
+        name, fn = transform
+        return self.ops.prepare_source(WeightSource(key, self.tensors[key], fn, name), role)
 
     def source(self, source: WeightSource, role: Role) -> Any:
         """A weight derived from checkpoint tensors (a slice, rescaled rows): ``source.derivation``

@@ -8,12 +8,15 @@ from typing import Any, Callable
 
 from rwkvkit.backend import Role
 
-Fetch = Callable[[str, Role, bool], Any]
+Fetch = Callable[..., Any]  # (key, role, optional[, transform]) -> prepared weight or None
+Transform = tuple[str, Callable[[Any], Any]]
 
 
-def weight(key: str, role: Role, optional: bool = False) -> Any:
-    """A weight field read from checkpoint key ``<prefix><key>``."""
-    return field(metadata={"key": key, "role": role, "optional": optional})
+def weight(key: str, role: Role, optional: bool = False, transform: Transform | None = None) -> Any:
+    """A weight field read from checkpoint key ``<prefix><key>``; ``transform`` is a load-time
+    ``(name, rows -> rows)`` applied to the stored rows before the backend prepares them (it must
+    treat every row alone, and its name say what it does: prepared weights are cached by it)."""
+    return field(metadata={"key": key, "role": role, "optional": optional, "transform": transform})
 
 
 def derived(role: Role) -> Any:
@@ -36,7 +39,8 @@ def load_weights(cls: type, prefix: str, fetch: Fetch) -> Any:
         if meta.get("derived"):
             continue
         if "role" in meta:
-            values[f.name] = fetch(prefix + meta["key"], meta["role"], meta["optional"])
+            extra = (meta["transform"],) if meta.get("transform") else ()
+            values[f.name] = fetch(prefix + meta["key"], meta["role"], meta["optional"], *extra)
         elif "group" in meta:
             values[f.name] = load_weights(meta["group"], prefix + meta["key"], fetch)
     return cls(**values)

@@ -1,4 +1,5 @@
-"""Runs the reference `rwkv` pip package (RWKV-7 mode) in its own process.
+"""Runs the reference `rwkv` pip package in its own process: RWKV-7 mode (``RWKV_V7_ON=1``)
+unless the job says ``"v7": False`` (RWKV-4/5/6 run in its generic class).
 
 Its import sets process-wide torch flags and module globals (dtype, device), so the tests never
 import it themselves. Usage: ``python oracle_runner.py JOB OUT`` where JOB is a torch-saved dict
@@ -12,18 +13,19 @@ token its sampler returned.
 import os
 import sys
 
-os.environ["RWKV_V7_ON"] = "1"
-os.environ.setdefault("RWKV_JIT_ON", "1")
-
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)
-from rwkv.model import RWKV  # noqa: E402
-from rwkv.utils import PIPELINE, PIPELINE_ARGS  # noqa: E402
 
 
 def main(job_path: str, out_path: str) -> None:
     job = torch.load(job_path)
+    if job.get("v7", True):
+        os.environ["RWKV_V7_ON"] = "1"
+    os.environ.setdefault("RWKV_JIT_ON", "1")
+    from rwkv.model import RWKV
+    from rwkv.utils import PIPELINE, PIPELINE_ARGS
+
     model = RWKV(model=job["model"], strategy=job["strategy"])
     results = {}
     for name, run in job.get("runs", {}).items():
