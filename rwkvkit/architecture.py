@@ -65,7 +65,9 @@ class Architecture(ABC):
     @abstractmethod
     def spec(self, tensors: Mapping[str, torch.Tensor]) -> Any:
         """The model's dimensions from its shapes, every key checked (:func:`check_tensors`);
-        CheckpointError naming the key and the expected shape otherwise."""
+        CheckpointError naming the key and the expected shape otherwise. A spec is a frozen
+        dataclass with at least ``n_layer``, ``n_embd``, ``vocab_size``, ``dim_ffn`` (prefill
+        sizes its chunks by it), ``version`` and a class attribute ``architecture`` (this name)."""
 
     @abstractmethod
     def expected_shapes(self, spec: Any) -> dict[str, tuple[int, ...]]:
