@@ -11,15 +11,15 @@ LayerNorms (and the final one) do not see, so logits are unchanged up to roundin
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 
-from rwkvkit.architecture import Loader, shape2d
+from rwkvkit.architecture import Architecture, Loader, shape2d
 from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.checkpoint import WeightSource
 from rwkvkit.models import rwkv7
-from rwkvkit.weights import Transform, weight
+from rwkvkit.weights import Transform, load_weights, weight
 
 LN_EPS = 1e-5  # ln0/ln1/ln2/ln_out
 GROUP_NORM_EPS = 64e-5  # RWKV-5/6 ln_x
@@ -30,6 +30,17 @@ HeadWeights = rwkv7.HeadWeights
 # ChatRWKV's v4/v5 token shift is ``x * m + shifted * (1 - m)``: with ``1 - m`` stored it is
 # ``ln_mix``'s ``x + (shifted - x) * m'``, so every generation shares one op.
 COMPLEMENT: Transform = ("1 - mix", lambda rows: 1 - rows)
+
+
+@dataclass
+class NormWeights:
+    """A block's two LayerNorms (before the time mix and before the FFN); each generation's block
+    weights add their ``att``/``ffn`` groups and a ``halve_after`` flag (fp16 rescaling)."""
+
+    ln1_weight: torch.Tensor = weight("ln1.weight", Role.VECTOR)
+    ln1_bias: torch.Tensor = weight("ln1.bias", Role.VECTOR)
+    ln2_weight: torch.Tensor = weight("ln2.weight", Role.VECTOR)
+    ln2_bias: torch.Tensor = weight("ln2.bias", Role.VECTOR)
 
 
 @dataclass
@@ -100,3 +111,24 @@ def block_shapes(p: str, C: int, F: int, att_matrices: tuple[str, ...]) -> dict[
     shapes[f"{p}ffn.receptance.weight"] = (C, C)
     shapes[f"{p}ffn.value.weight"] = (C, F)
     return shapes
+
+
+class GatedFfnArchitecture(Architecture):
+    """What RWKV-4/5/6 architectures share: embedding, head, and loading a block (fp16 rescaling included)."""
+
+    block_weights: ClassVar[type]  # the generation's block weights dataclass (with a ``halve_after`` flag)
+
+    def embedding(self, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
+        return embedding(tensors)
+
+    def load_block(self, spec: Any, layer: int, fetch: Loader) -> Any:
+        fetch, halve_after = rescaling(fetch, layer)
+        b = load_weights(self.block_weights, f"blocks.{layer}.", fetch)
+        b.halve_after = halve_after
+        return b
+
+    def load_head(self, spec: Any, fetch: Loader) -> HeadWeights:
+        return load_weights(HeadWeights, "", fetch)
+
+    def head(self, ops: Backend, weights: HeadWeights, x: torch.Tensor) -> torch.Tensor:
+        return head(ops, weights, x)

@@ -12,13 +12,12 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from rwkvkit.architecture import Architecture, Loader, check_tensors, n_layers
+from rwkvkit.architecture import check_tensors, n_layers
 from rwkvkit.backend import Backend, Epilogue, Role
-from rwkvkit.checkpoint import WeightSource
 from rwkvkit.models import gated_ffn, rwkv6
-from rwkvkit.models.gated_ffn import COMPLEMENT, LN_EPS, ChannelMixWeights45, HeadWeights
+from rwkvkit.models.gated_ffn import COMPLEMENT, LN_EPS, ChannelMixWeights45
 from rwkvkit.state import LayerTensors, StateField, StateLayout
-from rwkvkit.weights import group, load_weights, weight
+from rwkvkit.weights import group, weight
 
 PP_START = -1e30  # the running maximum exponent of a fresh state: "no past yet"
 
@@ -56,11 +55,7 @@ class TimeMixWeights:
 
 
 @dataclass
-class BlockWeights:
-    ln1_weight: torch.Tensor = weight("ln1.weight", Role.VECTOR)
-    ln1_bias: torch.Tensor = weight("ln1.bias", Role.VECTOR)
-    ln2_weight: torch.Tensor = weight("ln2.weight", Role.VECTOR)
-    ln2_bias: torch.Tensor = weight("ln2.bias", Role.VECTOR)
+class BlockWeights(gated_ffn.NormWeights):
     att: TimeMixWeights = group("att.", TimeMixWeights)
     ffn: ChannelMixWeights45 = group("ffn.", ChannelMixWeights45)
     halve_after: bool = False  # fp16: halve the residual stream after this block
@@ -76,9 +71,11 @@ def block(ops: Backend, w: BlockWeights, x: torch.Tensor, carry: Any, s: Rwkv4La
     return rwkv6.halve(x, w), carry, Rwkv4LayerState(att_xx, aa, bb, pp, ffn_xx)
 
 
-class Rwkv4(Architecture):
+class Rwkv4(gated_ffn.GatedFfnArchitecture):
     name = "rwkv4"
     version = "v4"
+    block_weights = BlockWeights
+    block = staticmethod(block)
     title = "RWKV-4"
 
     def claims(self, keys: set[str]) -> bool:
@@ -111,21 +108,3 @@ class Rwkv4(Architecture):
             Rwkv4LayerState,
             (StateField("att_xx", (C,)), StateField("aa", (C,), True), StateField("bb", (C,), True), StateField("pp", (C,), True, PP_START), StateField("ffn_xx", (C,))),
         )
-
-    def embedding(self, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
-        return gated_ffn.embedding(tensors)
-
-    def load_block(self, spec: Rwkv4Spec, layer: int, fetch: Loader) -> BlockWeights:
-        fetch, halve_after = gated_ffn.rescaling(fetch, layer)
-        b = load_weights(BlockWeights, f"blocks.{layer}.", fetch)
-        b.halve_after = halve_after
-        return b
-
-    def load_head(self, spec: Any, fetch: Loader) -> HeadWeights:
-        return load_weights(HeadWeights, "", fetch)
-
-    def block(self, ops: Backend, weights: Any, x: torch.Tensor, carry: Any, state: Any) -> tuple[torch.Tensor, Any, Any]:
-        return block(ops, weights, x, carry, state)
-
-    def head(self, ops: Backend, weights: HeadWeights, x: torch.Tensor) -> torch.Tensor:
-        return gated_ffn.head(ops, weights, x)

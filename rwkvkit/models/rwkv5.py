@@ -11,14 +11,13 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
-from rwkvkit.architecture import Architecture, Loader, check_tensors, n_layers, shape2d
+from rwkvkit.architecture import check_tensors, n_layers, shape2d
 from rwkvkit.backend import Backend, Role
-from rwkvkit.checkpoint import WeightSource
 from rwkvkit.errors import CheckpointError
 from rwkvkit.models import gated_ffn, rwkv6
-from rwkvkit.models.gated_ffn import COMPLEMENT, LN_EPS, ChannelMixWeights45, HeadWeights
+from rwkvkit.models.gated_ffn import COMPLEMENT, LN_EPS, ChannelMixWeights45
 from rwkvkit.state import LayerState, StateLayout
-from rwkvkit.weights import group, load_weights, weight
+from rwkvkit.weights import group, weight
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,7 @@ class TimeMixWeights:
 
 
 @dataclass
-class BlockWeights:
-    ln1_weight: torch.Tensor = weight("ln1.weight", Role.VECTOR)
-    ln1_bias: torch.Tensor = weight("ln1.bias", Role.VECTOR)
-    ln2_weight: torch.Tensor = weight("ln2.weight", Role.VECTOR)
-    ln2_bias: torch.Tensor = weight("ln2.bias", Role.VECTOR)
+class BlockWeights(gated_ffn.NormWeights):
     att: TimeMixWeights = group("att.", TimeMixWeights)
     ffn: ChannelMixWeights45 = group("ffn.", ChannelMixWeights45)
     halve_after: bool = False  # fp16: halve the residual stream after this block
@@ -77,9 +72,11 @@ def block(ops: Backend, w: BlockWeights, x: torch.Tensor, carry: Any, s: LayerSt
     return rwkv6.halve(x, w), carry, LayerState(att_x_prev, att_kv, ffn_x_prev)
 
 
-class Rwkv5(Architecture):
+class Rwkv5(gated_ffn.GatedFfnArchitecture):
     name = "rwkv5"
     version = "x052"
+    block_weights = BlockWeights
+    block = staticmethod(block)
     title = "RWKV-5.2 (Eagle)"
 
     def claims(self, keys: set[str]) -> bool:
@@ -117,21 +114,3 @@ class Rwkv5(Architecture):
 
     def state_layout(self, spec: Rwkv5Spec) -> StateLayout:
         return rwkv6.Rwkv6().state_layout(spec)
-
-    def embedding(self, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
-        return gated_ffn.embedding(tensors)
-
-    def load_block(self, spec: Rwkv5Spec, layer: int, fetch: Loader) -> BlockWeights:
-        fetch, halve_after = gated_ffn.rescaling(fetch, layer)
-        b = load_weights(BlockWeights, f"blocks.{layer}.", fetch)
-        b.halve_after = halve_after
-        return b
-
-    def load_head(self, spec: Any, fetch: Loader) -> HeadWeights:
-        return load_weights(HeadWeights, "", fetch)
-
-    def block(self, ops: Backend, weights: Any, x: torch.Tensor, carry: Any, state: Any) -> tuple[torch.Tensor, Any, Any]:
-        return block(ops, weights, x, carry, state)
-
-    def head(self, ops: Backend, weights: HeadWeights, x: torch.Tensor) -> torch.Tensor:
-        return gated_ffn.head(ops, weights, x)

@@ -14,14 +14,14 @@ from typing import Any, ClassVar, Mapping
 import torch
 import torch.nn.functional as F
 
-from rwkvkit.architecture import Architecture, Loader, check_tensors, n_layers, shape2d
+from rwkvkit.architecture import Loader, check_tensors, n_layers, shape2d
 from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.checkpoint import WeightSource
 from rwkvkit.errors import CheckpointError
 from rwkvkit.models import gated_ffn
-from rwkvkit.models.gated_ffn import GROUP_NORM_EPS, LN_EPS, ChannelMixWeights, HeadWeights
+from rwkvkit.models.gated_ffn import GROUP_NORM_EPS, LN_EPS, ChannelMixWeights
 from rwkvkit.state import LayerState, StateField, StateLayout
-from rwkvkit.weights import derived, group, load_weights, weight
+from rwkvkit.weights import derived, group, weight
 
 MIXES = ("w", "k", "v", "r", "g")  # the order of time_maa_w2's five LoRA outputs
 
@@ -64,11 +64,7 @@ class TimeMixWeights:
 
 
 @dataclass
-class BlockWeights:
-    ln1_weight: torch.Tensor = weight("ln1.weight", Role.VECTOR)
-    ln1_bias: torch.Tensor = weight("ln1.bias", Role.VECTOR)
-    ln2_weight: torch.Tensor = weight("ln2.weight", Role.VECTOR)
-    ln2_bias: torch.Tensor = weight("ln2.bias", Role.VECTOR)
+class BlockWeights(gated_ffn.NormWeights):
     att: TimeMixWeights = group("att.", TimeMixWeights)
     ffn: ChannelMixWeights = group("ffn.", ChannelMixWeights)
     halve_after: bool = False  # fp16: halve the residual stream after this block (gated_ffn.RESCALE_LAYER)
@@ -124,9 +120,11 @@ def _columns(start: int, stop: int):
     return lambda rows: rows[:, start:stop]
 
 
-class Rwkv6(Architecture):
+class Rwkv6(gated_ffn.GatedFfnArchitecture):
     name = "rwkv6"
     version = "x060"
+    block_weights = BlockWeights
+    block = staticmethod(block)
     title = "RWKV-6 (Finch)"
 
     def claims(self, keys: set[str]) -> bool:
@@ -170,22 +168,8 @@ class Rwkv6(Architecture):
         C, H, N = spec.n_embd, spec.n_head, spec.head_size
         return StateLayout(LayerState, (StateField("att_x_prev", (C,)), StateField("att_kv", (H, N, N), float32=True), StateField("ffn_x_prev", (C,))))
 
-    def embedding(self, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
-        return gated_ffn.embedding(tensors)
-
     def load_block(self, spec: Rwkv6Spec, layer: int, fetch: Loader) -> BlockWeights:
-        fetch, halve_after = gated_ffn.rescaling(fetch, layer)
-        b = load_weights(BlockWeights, f"blocks.{layer}.", fetch)
+        b = super().load_block(spec, layer, fetch)
         p = f"blocks.{layer}.att."
         b.att.maa_down, b.att.maa_up = split_lora(fetch, p + "time_maa_w1", p + "time_maa_w2", len(MIXES))
-        b.halve_after = halve_after
         return b
-
-    def load_head(self, spec: Any, fetch: Loader) -> HeadWeights:
-        return load_weights(HeadWeights, "", fetch)
-
-    def block(self, ops: Backend, weights: Any, x: torch.Tensor, carry: Any, state: Any) -> tuple[torch.Tensor, Any, Any]:
-        return block(ops, weights, x, carry, state)
-
-    def head(self, ops: Backend, weights: HeadWeights, x: torch.Tensor) -> torch.Tensor:
-        return gated_ffn.head(ops, weights, x)
