@@ -6,8 +6,8 @@ import it themselves. Usage: ``python oracle_runner.py JOB OUT`` where JOB is a 
 ``{"model": path without .pth, "strategy": str, "runs": {name: {"chunks": [[id, ...], ...], "full_output": bool}}}``;
 OUT receives, per run, the logits after each chunk and the final state. An optional
 ``"generations": {name: {"prompt": str, "token_count": int, "args": {PIPELINE_ARGS kwargs}}}``
-runs ``rwkv.utils.PIPELINE.generate`` with the World tokenizer and records its text and every
-token its sampler returned.
+runs ``rwkv.utils.PIPELINE.generate`` with the World tokenizer (or ``"tokenizer"``: an HF
+``tokenizer.json`` path) and records its text and every token its sampler returned.
 """
 
 import os
@@ -34,7 +34,7 @@ def main(job_path: str, out_path: str) -> None:
             out, state = model.forward(chunk, state, full_output=run["full_output"]) if len(chunk) > 1 else model.forward(chunk, state)
             logits.append(out.float().clone())
         results[name] = {"logits": logits, "state": [s.float().clone() for s in state]}
-    pipeline = PIPELINE(model, "rwkv_vocab_v20230424")
+    pipeline = PIPELINE(model, job.get("tokenizer", "rwkv_vocab_v20230424"))  # or an HF tokenizer.json path
     sample_logits = pipeline.sample_logits
     for name, gen in job.get("generations", {}).items():
         sampled = []

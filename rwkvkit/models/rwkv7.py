@@ -21,7 +21,7 @@ from rwkvkit.backend import Backend, Epilogue, Role
 from rwkvkit.checkpoint import ModelSpec, WeightSource
 from rwkvkit.errors import CheckpointError
 from rwkvkit.state import LayerState, StateField, StateLayout
-from rwkvkit.weights import Fetch, group, load_weights, map_role
+from rwkvkit.weights import group, load_weights
 from rwkvkit.weights import weight as _w
 
 LN_EPS = 1e-5  # ln0/ln1/ln2/ln_out
@@ -99,9 +99,6 @@ class HeadWeights:
     ln_out_weight: torch.Tensor = _w("ln_out.weight", Role.VECTOR)
     ln_out_bias: torch.Tensor = _w("ln_out.bias", Role.VECTOR)
     head: Any = _w("head.weight", Role.MATRIX)  # [V, C]
-
-
-__all__ = ["Fetch", "load_weights", "map_role"]  # re-exported: their home was here
 
 
 def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor, eps: float) -> torch.Tensor:
