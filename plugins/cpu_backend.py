@@ -75,8 +75,8 @@ class CpuBackend(TorchBackend):
         """The block's weights plus their native layout for the decode stage
         (:class:`~rwkvkit.native.cpu.NativeBlockWeights`), built once here from the checkpoint's
         head layout and the architecture's constants; the weights as they are where it cannot run them."""
-        if cpu.library() is None or not cpu.head_fits(spec.head_size):
-            return weights
+        if not isinstance(weights, BlockWeights) or cpu.library() is None or not cpu.head_fits(spec.head_size):
+            return weights  # the native layout is RWKV-7's
         att, ffn = weights.att, weights.ffn
         if not all(map(cpu.takes_matrix, (att.receptance, att.key, att.value, att.output, ffn.key, ffn.value))):
             return weights

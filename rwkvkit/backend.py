@@ -10,7 +10,8 @@ from the architecture as arguments, never from a backend's own copy.
 Ops: ``ln_mix`` (norm + token shift + mixes), ``project`` (several matrices against their inputs,
 with an epilogue and a residual add), ``lora`` (low-rank factor pairs), ``time_mix_core``
 (RWKV-7: everything between the projections and the output projection) over ``wkv`` (the scan)
-and ``group_norm``; ``linear``, ``layer_norm`` and ``embed`` underneath.
+and ``group_norm``; ``linear``, ``layer_norm`` and ``embed`` underneath. The older generations'
+scans: ``wkv6`` (RWKV-5 and -6) and ``wkv4`` (RWKV-4, with its max-tracking state).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Role(Enum):
     LORA_IN = "lora_in"  # the first of a low-rank pair, [in, rank], applied with ``Backend.lora``
     LORA_OUT = "lora_out"  # the second, [rank, out]
     VECTOR = "vector"  # per-channel parameters, stored flat
+    VECTOR_F32 = "vector_f32"  # per-channel parameters kept in float32 whatever the activation dtype (decays, bonuses: exponents)
     EMBEDDING = "embedding"  # [vocab, C] rows gathered by token id
 
 
@@ -89,9 +91,10 @@ class Backend(ABC):
 
     def prepare(self, tensor: torch.Tensor, role: Role) -> Any:
         """Move a checkpoint tensor to this placement (no copy when it already matches)."""
-        if role is Role.VECTOR:
+        if role in (Role.VECTOR, Role.VECTOR_F32):
             tensor = tensor.flatten()
-        return tensor.to(device=self.placement.device, dtype=self.placement.dtype).contiguous()
+        dtype = torch.float32 if role is Role.VECTOR_F32 else self.placement.dtype
+        return tensor.to(device=self.placement.device, dtype=dtype).contiguous()
 
     @contextmanager
     def loading(self, checkpoint: Checkpoint, layers: range) -> Iterator[None]:
@@ -212,3 +215,49 @@ class Backend(ABC):
         y = self.group_norm(y, H, w.ln_x_weight, w.ln_x_bias, c.group_norm_eps)
         bonus = (r * k * w.r_k).view(heads).sum(dim=-1, keepdim=True) * v.view(heads)  # the current token's own k.r
         return (y + bonus.view(B, T, C)) * g, kv, v_first
+
+    def wkv6(
+        self, s: torch.Tensor, r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The WKV scan of RWKV-6 (and RWKV-5, whose decay is the same for every token). Inputs
+        ``r, k, v [B, T, H, N]``, decay ``w [B, T, H, N]`` float32 in (0, 1), bonus ``u [H, N]``
+        float32, state ``s [B, H, N, N]`` float32 (key index first). Per token and head::
+
+            a = k v^T ;  y = r (u * a + s) ;  s = a + w * s      (u, w scale the rows: per key)
+
+        Returns ``(y [B, T, H*N]`` float32 — the GroupNorm after it reads unrounded values, as in
+        the reference — ``, new s)``; must not modify ``s`` in place."""
+        B, T, H, N = r.shape
+        r, k, v = (t.float() for t in (r, k, v))
+        u = u.view(H, N, 1)
+        ys = []
+        for t in range(T):
+            a = k[:, t, :, :, None] @ v[:, t, :, None, :]  # [B, H, N, N]
+            ys.append(r[:, t, :, None, :] @ (u * a + s))  # [B, H, 1, N]
+            s = a + w[:, t, :, :, None] * s
+        return torch.stack(ys, dim=1).view(B, T, H * N), s
+
+    def wkv4(
+        self, aa: torch.Tensor, bb: torch.Tensor, pp: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RWKV-4's WKV over T tokens, numerically stable: the state keeps ``aa, bb [B, C]`` scaled
+        by ``exp(-pp)``, ``pp`` the running maximum exponent, so no ``exp`` overflows. ``k, v
+        [B, T, C]`` float32, ``w = -exp(time_decay)`` and ``u = time_first`` ``[C]`` float32.
+        Per token::
+
+            y = (e^u+k v + aa) / (e^u+k + bb)       (each term rescaled by the larger exponent)
+            aa, bb = e^w aa + e^k v, e^w bb + e^k
+
+        Returns ``(y [B, T, C]`` float32, new ``aa, bb, pp)``; the inputs are not modified."""
+        ys = []
+        for t in range(k.shape[1]):
+            kk, vv = k[:, t], v[:, t]
+            ww = u + kk
+            p = torch.maximum(pp, ww)
+            e1, e2 = torch.exp(pp - p), torch.exp(ww - p)
+            ys.append((e1 * aa + e2 * vv) / (e1 * bb + e2))
+            ww = w + pp
+            p = torch.maximum(ww, kk)
+            e1, e2 = torch.exp(ww - p), torch.exp(kk - p)
+            aa, bb, pp = e1 * aa + e2 * vv, e1 * bb + e2, p
+        return torch.stack(ys, dim=1), aa, bb, pp

@@ -12,7 +12,7 @@ import re
 import zipfile
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -21,12 +21,15 @@ from rwkvkit.errors import CheckpointError
 from rwkvkit.paths import candidates, model_file
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Dimensions of an RWKV-7 model, all derived from tensor shapes."""
+    """Dimensions of an RWKV-7 model, all derived from tensor shapes. Other generations have their
+    own spec dataclasses (in their model modules); every spec has ``n_layer``, ``n_embd``,
+    ``vocab_size``, ``version`` and ``architecture`` (the registry name of its architecture)."""
+
+    architecture: ClassVar[str] = "rwkv7"
 
     n_layer: int
     n_embd: int
@@ -46,9 +49,16 @@ class Checkpoint:
     """A validated checkpoint: its spec and tensors (still memory-mapped where the format allows)."""
 
     path: Path
-    spec: ModelSpec
+    spec: Any  # the architecture's spec dataclass (ModelSpec for RWKV-7)
     tensors: dict[str, torch.Tensor]
     merged: tuple[str, ...] = ()  # what was merged into the weights at load (LoRA digests)
+
+    @property
+    def architecture(self) -> Any:
+        """The registered :class:`rwkvkit.architecture.Architecture` of this checkpoint."""
+        from rwkvkit.registry import registry
+
+        return registry.get("architectures", self.spec.architecture)()
 
     def fingerprint(self) -> str:
         """A content fingerprint that is cheap for any model size: sha256 over the spec, what was
@@ -58,9 +68,10 @@ class Checkpoint:
         h = hashlib.sha256(repr(astuple(self.spec)).encode())
         for item in self.merged:
             h.update(item.encode())
-        for key in sorted(set(self.tensors) - set(_OPTIONAL)):
+        small = self.spec.n_embd * getattr(self.spec, "head_size", 64)  # RWKV-4 has no heads
+        for key in sorted(set(self.tensors) - self.architecture.unread):
             t = self.tensors[key]
-            if t.numel() <= self.spec.n_embd * self.spec.head_size:
+            if t.numel() <= small:
                 h.update(key.encode())
                 h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
@@ -145,109 +156,37 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(tensors)
 
 
-def detect_version(keys: set[str]) -> int:
-    """RWKV generation from the key names alone (each generation renamed its time-mix params)."""
+def detect_architecture(keys: set[str]) -> Any:
+    """The registered architecture that claims a checkpoint with these keys (each generation
+    renamed its time-mix parameters, so key names alone tell them apart)."""
+    from rwkvkit.registry import registry
+
     if "emb.weight" not in keys or not any(_BLOCK_KEY.match(k) for k in keys):
         raise CheckpointError("no 'emb.weight' / 'blocks.N.*' keys: this is not an RWKV checkpoint")
-    if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
-        return 7
-    if "blocks.0.att.time_maa_x" in keys:
-        return 6
-    if "blocks.0.att.time_faaaa" in keys or "blocks.0.att.ln_x.weight" in keys:
-        return 5
-    if "blocks.0.att.time_first" in keys:
-        return 4
-    raise CheckpointError("RWKV-like keys but an unrecognised architecture (no v4/v5/v6/v7 time-mix keys)")
+    archs = [registry.get("architectures", name)() for name in registry.names("architectures")]
+    claimed = [arch for arch in archs if arch.claims(keys)]
+    if len(claimed) > 1:
+        raise CheckpointError(f"several architectures claim this checkpoint: {', '.join(a.name for a in claimed)}; uninstall or block one (RWKVKIT_BLOCK_PLUGINS)")
+    if not claimed:
+        known = ", ".join(f"{a.name} ({a.describe()})" for a in archs)
+        raise CheckpointError(f"RWKV-like keys but no installed architecture claims them (installed: {known})")
+    return claimed[0]
 
 
-def _spec_from_shapes(t: Mapping[str, torch.Tensor]) -> ModelSpec:
-    def shape(key: str, what: str) -> tuple[int, ...]:
-        """The shape of ``key``, which must be 2-D (``what`` names its two dimensions)."""
-        if key not in t:
-            raise CheckpointError(f"missing key {key!r}")
-        if t[key].dim() != 2 or 0 in t[key].shape:
-            raise CheckpointError(f"key {key!r} has shape {list(t[key].shape)}; expected a non-empty 2-D tensor [{what}]")
-        return tuple(t[key].shape)
+def expected_shapes(spec: Any) -> dict[str, tuple[int, ...]]:
+    """Every key of a checkpoint of ``spec`` with its shape, as real model files store them."""
+    from rwkvkit.registry import registry
 
-    vocab, n_embd = shape("emb.weight", "vocab_size, n_embd")
-    n_head, head_size = shape("blocks.0.att.r_k", "n_head, head_size")
-    if n_head * head_size != n_embd:
-        raise CheckpointError(f"key 'blocks.0.att.r_k' has shape {[n_head, head_size]}; expected [n_head, head_size] with product {n_embd}")
-    n_layer = 1 + max(int(m.group(1)) for k in t if (m := _BLOCK_KEY.match(k)))
-    return ModelSpec(
-        n_layer=n_layer,
-        n_embd=n_embd,
-        n_head=n_head,
-        head_size=head_size,
-        vocab_size=vocab,
-        dim_ffn=shape("blocks.0.ffn.key.weight", "dim_ffn, n_embd")[0],
-        lora_w=shape("blocks.0.att.w1", "n_embd, rank")[-1],
-        lora_a=shape("blocks.0.att.a1", "n_embd, rank")[-1],
-        lora_v=shape("blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1", "n_embd, rank")[-1],
-        lora_g=shape("blocks.0.att.g1", "n_embd, rank")[-1],
-    )
+    return registry.get("architectures", spec.architecture)().expected_shapes(spec)
 
 
-def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every key of an RWKV-7 checkpoint with its shape, as real World model files store them."""
-    C, V, F, H, N = spec.n_embd, spec.vocab_size, spec.dim_ffn, spec.n_head, spec.head_size
-    vec = (1, 1, C)
-    shapes: dict[str, tuple[int, ...]] = {
-        "emb.weight": (V, C),
-        "blocks.0.ln0.weight": (C,),
-        "blocks.0.ln0.bias": (C,),
-        "ln_out.weight": (C,),
-        "ln_out.bias": (C,),
-        "head.weight": (V, C),
-    }
-    for i in range(spec.n_layer):
-        p = f"blocks.{i}."
-        for name in ("ln1", "ln2", "att.ln_x"):
-            shapes[f"{p}{name}.weight"] = (C,)
-            shapes[f"{p}{name}.bias"] = (C,)
-        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
-            shapes[f"{p}att.{name}"] = vec
-        for name, rank in (("w", spec.lora_w), ("a", spec.lora_a), ("v", spec.lora_v), ("g", spec.lora_g)):
-            shapes[f"{p}att.{name}1"] = (C, rank)
-            shapes[f"{p}att.{name}2"] = (rank, C)
-        shapes[f"{p}att.r_k"] = (H, N)
-        for name in ("receptance", "key", "value", "output"):
-            shapes[f"{p}att.{name}.weight"] = (C, C)
-        shapes[f"{p}ffn.x_k"] = vec
-        shapes[f"{p}ffn.key.weight"] = (F, C)
-        shapes[f"{p}ffn.value.weight"] = (C, F)
-    return shapes
-
-
-# Layer 0 takes v_first from its own value projection, so real files carry unused v0/v1/v2 there
-# (some exporters drop them); the value-residual rank is then read from layer 1.
-_OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
-
-
-def validate(tensors: Mapping[str, torch.Tensor]) -> ModelSpec:
+def validate(tensors: Mapping[str, torch.Tensor]) -> Any:
     """Check every expected key, shape and dtype; return the derived spec."""
-    version = detect_version(set(tensors))
-    if version != 7:
-        raise CheckpointError(f"RWKV-{version} checkpoints are not supported yet (rwkvkit runs RWKV-7 'x070' models)")
-    spec = _spec_from_shapes(tensors)
-    expected = expected_shapes(spec)
-    for key, shape in expected.items():
-        if key not in tensors:
-            if key in _OPTIONAL:
-                continue
-            raise CheckpointError(f"missing key {key!r} (expected shape {list(shape)})")
-        t = tensors[key]
-        if tuple(t.shape) != shape and not (len(shape) == 3 and tuple(t.shape) == shape[-1:]):
-            raise CheckpointError(f"key {key!r} has shape {list(t.shape)}; expected {list(shape)}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"key {key!r} has dtype {t.dtype}; expected float32, float16 or bfloat16")
-    unexpected = sorted(set(tensors) - set(expected))
-    if unexpected:
-        shown = ", ".join(repr(k) for k in unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
-        raise CheckpointError(
-            f"unexpected key(s) {shown}: an RWKV-7 variant rwkvkit does not run (e.g. DeepEmbed), or a damaged file"
-        )
-    return spec
+    arch = detect_architecture(set(tensors))
+    try:
+        return arch.spec(tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{arch.describe()} checkpoint: {exc}") from None
 
 
 def load_checkpoint(name: str | Path) -> Checkpoint:

@@ -31,6 +31,7 @@ def _info(args: argparse.Namespace) -> None:
     ckpt = load_checkpoint(args.checkpoint)  # a path, pkg://package/file, a model config name or an HF folder
     n_params = sum(t.numel() for t in ckpt.tensors.values())
     print(f"{ckpt.path}: RWKV-{ckpt.spec.version}, {n_params / 1e6:.1f}M parameters, fingerprint {ckpt.fingerprint()}")
+    print(f"  {'architecture':<10} {ckpt.architecture.name} ({ckpt.architecture.describe()})")
     if ckpt.path.is_dir():
         from rwkvkit.formats.hf import describe
 

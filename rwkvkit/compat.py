@@ -43,14 +43,8 @@ class RWKV(Model):
         super().__init__(checkpoint, parse_strategy(strategy, checkpoint.spec.n_layer, backend))
         spec = self.spec
         # ChatRWKV exposes these; scripts read e.g. model.args.n_layer
-        self.args = SimpleNamespace(
-            MODEL_NAME=str(model),
-            n_layer=spec.n_layer,
-            n_embd=spec.n_embd,
-            n_head=spec.n_head,
-            head_size=spec.head_size,
-            vocab_size=spec.vocab_size,
-        )
+        dims = ("n_layer", "n_embd", "n_head", "head_size", "vocab_size")  # RWKV-4 has no heads
+        self.args = SimpleNamespace(MODEL_NAME=str(model), **{name: getattr(spec, name) for name in dims if hasattr(spec, name)})
         self.version = spec.version
 
     def generate_zero_state(self) -> State:

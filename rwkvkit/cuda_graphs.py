@@ -23,7 +23,7 @@ import torch
 
 from rwkvkit.errors import InputError, StrategyError
 from rwkvkit.model import Model
-from rwkvkit.state import LayerState, State
+from rwkvkit.state import LayerTensors, State
 
 
 def graph_device(model: Model) -> torch.device | None:
@@ -189,7 +189,7 @@ def _view(pool: State, n: int) -> State:
     return state
 
 
-def _tensors(layers: Sequence[LayerState]) -> list[torch.Tensor]:
+def _tensors(layers: Sequence[LayerTensors]) -> list[torch.Tensor]:
     return [t for layer in layers for t in layer.tensors()]
 
 

@@ -71,3 +71,12 @@ def register_constraints(register: Register) -> None:
     a bad source raises :class:`rwkvkit.errors.ConstraintError`. Selected by
     ``PIPELINE.generate(..., constraint={"name": source})``. Example: ``register(Regex, name="regex")``.
     """
+
+
+@hookspec
+def register_architectures(register: Register) -> None:
+    """Register model architectures (subclasses of :class:`rwkvkit.architecture.Architecture`).
+
+    ``register(cls)`` uses ``cls.name``. A checkpoint is run by the one architecture whose
+    ``claims(keys)`` accepts its keys; ``rwkvkit info`` names it. Example: ``register(MyVariant)``.
+    """

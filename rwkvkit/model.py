@@ -1,8 +1,8 @@
-"""A loaded RWKV-7 model: stages of layers, each prepared by its backend, and ``forward``."""
+"""A loaded RWKV model: stages of layers, each prepared by its backend and sequenced by the
+checkpoint's architecture plugin, and ``forward``."""
 
 from __future__ import annotations
 
-import functools
 import operator
 from contextlib import ExitStack
 from dataclasses import dataclass, fields, is_dataclass
@@ -11,12 +11,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from rwkvkit.architecture import Loader
 from rwkvkit.backend import Backend, Role
-from rwkvkit.checkpoint import Checkpoint, WeightSource
+from rwkvkit.checkpoint import Checkpoint
 from rwkvkit.errors import InputError, StateError, StrategyError
-from rwkvkit.models import rwkv7
 from rwkvkit.registry import registry
-from rwkvkit.state import LayerState, State
+from rwkvkit.state import LayerTensors, State
 from rwkvkit.strategy import Placement, Plan
 from rwkvkit.streaming import Streamer, to_host
 
@@ -46,24 +46,22 @@ def select_backend(name: str, placement: Placement) -> type[Backend]:
 class _Stage:
     ops: Backend
     layers: range
-    blocks: list[rwkv7.BlockWeights]  # matrices in CPU RAM when streamed
+    blocks: list[Any]  # the architecture's block weights; matrices in CPU RAM when streamed
     streamer: Streamer | None = None
 
 
 class Model:
-    """RWKV-7 model prepared for a Plan. ``forward`` is pure: states are returned, never mutated."""
+    """A model prepared for a Plan. ``forward`` is pure: states are returned, never mutated."""
 
     def __init__(self, checkpoint: Checkpoint, plan: Plan) -> None:
         self.spec = checkpoint.spec
+        self.architecture = arch = checkpoint.architecture
+        self.state_layout = arch.state_layout(self.spec)
         self.checkpoint_path = checkpoint.path
         self.fingerprint = checkpoint.fingerprint()
         self.plan = plan
         self.derived: dict[str, Any] = {}  # kept with the model and dropped with it (e.g. captured CUDA graphs)
         t = checkpoint.tensors
-
-        def fetcher(ops: Backend) -> rwkv7.Fetch:
-            return lambda key, role, optional: ops.prepare_source(WeightSource(key, t[key]), role) if key in t or not optional else None
-
         self.stages: list[_Stage] = []
         with ExitStack() as loads:  # each backend's ``loading`` spans all it prepares (its weight cache)
             for stage in plan.stages:
@@ -72,16 +70,12 @@ class Model:
                 streamed = stage.placement.stream
                 blocks = []
                 for i in stage.layers:  # a streamed block goes to the host before the next one is prepared
-                    b = rwkv7.load_weights(rwkv7.BlockWeights, f"blocks.{i}.", fetcher(ops))
-                    if i == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
-                        b.att.v0 = b.att.v1 = b.att.v2 = None
-                    blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec, rwkv7.constants()))
+                    b = arch.load_block(self.spec, i, Loader(t, ops))
+                    blocks.append(to_host(b) if streamed else ops.prepare_block(b, self.spec, arch.constants()))
                 self.stages.append(_Stage(ops, stage.layers, blocks, Streamer(stage.placement.device) if streamed else None))
             first, last = self.stages[0].ops, self.stages[-1].ops
-            eps = rwkv7.LN_EPS
-            ln0 = functools.partial(rwkv7.embed, ln0_weight=t["blocks.0.ln0.weight"], ln0_bias=t["blocks.0.ln0.bias"], eps=eps)
-            self.emb = first.prepare_source(WeightSource("emb.weight", t["emb.weight"], ln0, f"ln0 folded, eps {eps!r}"), Role.EMBEDDING)
-            self.head = rwkv7.load_weights(rwkv7.HeadWeights, "", fetcher(last))
+            self.emb = first.prepare_source(arch.embedding(t), Role.EMBEDDING)
+            self.head = arch.load_head(self.spec, Loader(t, last))
 
     def weight_bytes(self) -> int:
         """Bytes of prepared weights held by the model (what quantization shrinks)."""
@@ -89,6 +83,8 @@ class Model:
         def size(obj: Any) -> int:
             if obj is None:
                 return 0
+            if isinstance(obj, (list, tuple)):
+                return sum(map(size, obj))
             if is_dataclass(obj) and not hasattr(obj, "nbytes"):
                 return sum(size(getattr(obj, f.name)) for f in fields(obj))
             return obj.nbytes
@@ -100,12 +96,7 @@ class Model:
 
     def zero_state(self, batch_size: int = 1) -> State:
         """The state before any token: zeros everywhere."""
-        H, N, C = self.spec.n_head, self.spec.head_size, self.spec.n_embd
-        layers = []
-        for p in self._layer_placements():
-            vec = torch.zeros(batch_size, C, device=p.device, dtype=p.dtype)
-            layers.append(LayerState(vec, torch.zeros(batch_size, H, N, N, device=p.device, dtype=torch.float32), vec.clone()))
-        return self._produced(layers)
+        return self._produced([self.state_layout.zeros(batch_size, p.device, p.dtype) for p in self._layer_placements()])
 
     def adopt_state(self, state: State) -> State:
         """Check a state belongs to this model and fits it (shapes, dtypes, finite values: see
@@ -116,15 +107,10 @@ class Model:
             raise StateError(f"state belongs to another model (fingerprint {state.fingerprint!r}, model has {self.fingerprint!r})")
         if len(state.layers) != self.spec.n_layer:
             raise StateError(f"state has {len(state.layers)} layers; model has {self.spec.n_layer}")
-        C, H, N = self.spec.n_embd, self.spec.n_head, self.spec.head_size
-        state.check({"att_x_prev": (C,), "att_kv": (H, N, N), "ffn_x_prev": (C,)})
-        layers = [
-            LayerState(*(t.to(p.device, dtype).contiguous() for t, dtype in zip(s.tensors(), (p.dtype, torch.float32, p.dtype))))
-            for s, p in zip(state.layers, self._layer_placements())
-        ]
-        return self._produced(layers)
+        state.check(self.state_layout.shapes)
+        return self._produced([self.state_layout.adopt(s, p.device, p.dtype) for s, p in zip(state.layers, self._layer_placements())])
 
-    def _produced(self, layers: list[LayerState]) -> State:
+    def _produced(self, layers: list[LayerTensors]) -> State:
         """A state of this model's making, or one it has checked: known to fit, so ``adopt_state``
         skips its value scan next time."""
         state = State(layers, self.fingerprint)
@@ -166,23 +152,23 @@ class Model:
             batch = torch.tensor([ids], dtype=torch.long)
         return batch, single
 
-    def run(self, batch: torch.Tensor, state: State, full_output: bool = False) -> tuple[torch.Tensor, list[LayerState]]:
+    def run(self, batch: torch.Tensor, state: State, full_output: bool = False) -> tuple[torch.Tensor, list[LayerTensors]]:
         """The layer loop without input checks (they read ids back to the host, which a CUDA-graph
         capture forbids): ``batch [B, T]`` ids on the first stage's device, a state already adopted.
         Returns float32 logits (``[B, V]``, or ``[B, T, V]`` with ``full_output``) and new layer states."""
         x = self.stages[0].ops.embed(self.emb, batch)  # [B, T, C]
-        v_first = None
-        layers: list[LayerState] = []
+        carry = None  # what one block hands the next (RWKV-7: v_first)
+        layers: list[LayerTensors] = []
         for stage in self.stages:
             p = stage.ops.placement
             x = x.to(p.device, p.dtype)
-            v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
+            carry = carry.to(p.device, p.dtype) if isinstance(carry, torch.Tensor) else carry
             blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
-            x, v_first, new_states = rwkv7.blocks(stage.ops, blocks, x, v_first, state.layers[stage.layers.start : stage.layers.stop])
+            x, carry, new_states = self.architecture.blocks(stage.ops, blocks, x, carry, state.layers[stage.layers.start : stage.layers.stop])
             layers += new_states
         if not full_output:
             x = x[:, -1]
-        return rwkv7.head(self.stages[-1].ops, self.head, x).float(), layers
+        return self.architecture.head(self.stages[-1].ops, self.head, x).float(), layers
 
     @torch.inference_mode()
     def forward(self, tokens: Tokens, state: State | None, full_output: bool = False) -> tuple[torch.Tensor, State]:

@@ -12,7 +12,6 @@ import torch
 
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.model import Model
-from rwkvkit.models import rwkv7
 from rwkvkit.state import State
 
 
@@ -32,14 +31,14 @@ def first_nonfinite(model: Model, tokens: Sequence[int], state: State | None) ->
     x = model.stages[0].ops.embed(model.emb, torch.tensor([list(tokens)]))
     if not torch.isfinite(x).all():
         return "the embedding (emb.weight, blocks.0.ln0)"
-    v_first = None
+    carry = None
     for stage in model.stages:
         p = stage.ops.placement
         x = x.to(p.device, p.dtype)
-        v_first = v_first.to(p.device, p.dtype) if v_first is not None else None
+        carry = carry.to(p.device, p.dtype) if isinstance(carry, torch.Tensor) else carry
         blocks = stage.streamer.blocks(stage.blocks) if stage.streamer else stage.blocks
         for i, weights, layer_state in zip(stage.layers, blocks, state.layers[stage.layers.start : stage.layers.stop]):
-            x, v_first, _ = rwkv7.block(stage.ops, weights, x, v_first, layer_state)
+            x, carry, _ = model.architecture.block(stage.ops, weights, x, carry, layer_state)
             if not torch.isfinite(x).all():
                 return f"layer {i} (blocks.{i}.*)"
     return "the output head (ln_out, head.weight)"

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from rwkvkit.errors import InputError, StateError
-from rwkvkit.state import LayerState, State
+from rwkvkit.state import State
 
 Ids = Sequence[int] | np.ndarray | torch.Tensor
 Device = str | torch.device
@@ -104,7 +104,7 @@ def _copy_state(state: State, device: torch.device | None) -> State:
     """A contiguous copy on ``device`` (None: where it is); a model's output stays marked as such,
     so ``Model.adopt_state`` skips its finite-value scan of the copy too."""
     copy = State(
-        [LayerState(*(t.to(device, copy=True, memory_format=torch.contiguous_format) for t in layer.tensors())) for layer in state.layers],
+        [layer.map(lambda t: t.to(device, copy=True, memory_format=torch.contiguous_format)) for layer in state.layers],
         state.fingerprint,
     )
     if state.is_produced():

@@ -35,8 +35,9 @@ BUILTIN_MODULES = (
     "rwkvkit.plugins.rwkv_world",
     "rwkvkit.plugins.hf_tokenizer",
     "rwkvkit.plugins.constraints",
+    "rwkvkit.plugins.architectures",
 )
-KINDS = ("backends", "tokenizers", "samplers", "callbacks", "constraints")
+KINDS = ("backends", "tokenizers", "samplers", "callbacks", "constraints", "architectures")
 ALLOW_ENV, BLOCK_ENV = "RWKVKIT_PLUGINS", "RWKVKIT_BLOCK_PLUGINS"
 
 

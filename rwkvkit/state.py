@@ -1,4 +1,7 @@
-"""The recurrent state of an RWKV-7 model: what a sequence has left behind, per layer.
+"""The recurrent state of an RWKV model: what a sequence has left behind, per layer.
+
+Which tensors a layer holds is its architecture's :class:`StateLayout`: RWKV-5/6/7 keep two token
+shifts and a matrix (:class:`LayerState`), RWKV-4 five vectors; the core only sees named tensors.
 
 ``Model.forward`` never modifies a state passed to it; it returns a new one. A caller may keep an
 old state (for example a prompt's state, reused for several continuations) without copying it;
@@ -7,9 +10,9 @@ ChatRWKV-style ``copy.deepcopy(state)`` keeps working too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
@@ -17,7 +20,6 @@ from rwkvkit.errors import StateError
 from rwkvkit.native import write_atomically
 
 STATE_FORMAT = "rwkvkit-state/1"
-_FIELDS = ("att_x_prev", "att_kv", "ffn_x_prev")
 
 
 class StateOwner(Protocol):
@@ -27,20 +29,75 @@ class StateOwner(Protocol):
     fingerprint: str
     checkpoint_path: Any
     spec: Any
+    state_layout: StateLayout
 
     def adopt_state(self, state: State) -> State: ...
 
     def zero_state(self, batch_size: int = 1) -> State: ...
 
 
-@dataclass
-class LayerState:
-    att_x_prev: torch.Tensor  # [B, C]       last input of time mixing (activation dtype)
-    att_kv: torch.Tensor  # [B, H, N, N]     WKV matrix state, always float32 (value x key)
-    ffn_x_prev: torch.Tensor  # [B, C]       last input of channel mixing (activation dtype)
+_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+class LayerTensors:
+    """One layer's recurrent tensors, each with a leading batch dimension: the base of every
+    architecture's layer-state dataclass, so the engine, caches and files handle any of them."""
+
+    def names(self) -> tuple[str, ...]:
+        cls = type(self)
+        if cls not in _NAMES:
+            _NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
+        return _NAMES[cls]
 
     def tensors(self) -> Iterator[torch.Tensor]:
-        return (getattr(self, f) for f in _FIELDS)
+        return (getattr(self, name) for name in self.names())
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerTensors:
+        """The same layout with ``fn`` applied to every tensor."""
+        return type(self)(*(fn(t) for t in self.tensors()))
+
+
+@dataclass
+class LayerState(LayerTensors):
+    """The layout of RWKV-5, -6 and -7: two token shifts and one matrix per head."""
+
+    att_x_prev: torch.Tensor  # [B, C]       last input of time mixing (activation dtype)
+    att_kv: torch.Tensor  # [B, H, N, N]     WKV matrix state, always float32 (RWKV-7: value x key; RWKV-5/6: key x value)
+    ffn_x_prev: torch.Tensor  # [B, C]       last input of channel mixing (activation dtype)
+
+
+@dataclass(frozen=True)
+class StateField:
+    """One tensor of a layer's state: its shape without the batch dimension, whether it is always
+    float32 (else the layer's activation dtype), and the value a fresh state starts from."""
+
+    name: str
+    shape: tuple[int, ...]
+    float32: bool = False
+    initial: float = 0.0
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """An architecture's per-layer state: the dataclass that holds it and its fields, in order."""
+
+    cls: type[LayerTensors]
+    fields: tuple[StateField, ...]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {f.name: f.shape for f in self.fields}
+
+    def zeros(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> LayerTensors:
+        """A fresh layer state (every field at its initial value)."""
+        return self.cls(*(torch.full((batch_size, *f.shape), f.initial, device=device, dtype=torch.float32 if f.float32 else dtype) for f in self.fields))
+
+    def adopt(self, layer: LayerTensors, device: torch.device, dtype: torch.dtype) -> LayerTensors:
+        """``layer`` on ``device``, each field in its dtype, contiguous."""
+        return self.cls(*(t.to(device, torch.float32 if f.float32 else dtype).contiguous() for t, f in zip(layer.tensors(), self.fields)))
+
+    def from_tensors(self, tensors: Sequence[torch.Tensor]) -> LayerTensors:
+        return self.cls(*tensors)
 
 
 @dataclass
@@ -48,14 +105,14 @@ class State:
     """Per-layer recurrent state with a leading batch dimension, tagged with the model's
     fingerprint so that a state saved from one model is refused by another."""
 
-    layers: list[LayerState]
+    layers: list[LayerTensors]
     fingerprint: str = field(default="")
     # the tensors a model produced (so known finite); set by the model, lost by any copy or edit
     _produced: tuple[torch.Tensor, ...] = field(default=(), init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
-        return self.layers[0].att_x_prev.shape[0]
+        return next(self.layers[0].tensors()).shape[0]
 
     def clone(self) -> State:
         return self._map(torch.Tensor.clone)
@@ -71,9 +128,11 @@ class State:
         size that reached native code would be an out-of-bounds access. Returns the batch size."""
         batch = None
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer, LayerState):
+            if not isinstance(layer, LayerTensors):
                 raise StateError(f"state layer {i} is a {type(layer).__name__}; expected a LayerState")
-            for name, t in zip(_FIELDS, layer.tensors()):
+            if layer.names() != tuple(shapes):
+                raise StateError(f"state layer {i} holds {', '.join(layer.names())}; this model's layers hold {', '.join(shapes)} (a state of another architecture)")
+            for name, t in zip(layer.names(), layer.tensors()):
                 where, want = f"state layer {i} {name}", f"[B, {', '.join(map(str, shapes[name]))}]"
                 if not isinstance(t, torch.Tensor):
                     raise StateError(f"{where} is a {type(t).__name__}; expected a tensor {want}")
@@ -86,7 +145,7 @@ class State:
                 batch = t.shape[0]
         if not self.is_produced():
             for i, layer in enumerate(self.layers):
-                for name, t in zip(_FIELDS, layer.tensors()):
+                for name, t in zip(layer.names(), layer.tensors()):
                     if not bool(torch.isfinite(t).all()):
                         raise StateError(f"state layer {i} {name} holds non-finite values (NaN or Inf)")
         if batch is None:
@@ -102,20 +161,21 @@ class State:
         """True while the layers hold exactly the tensors a model produced (any replaced tensor, or
         a copy of the state, makes it False)."""
         produced = self._produced
-        return len(produced) == 3 * len(self.layers) and all(a is b for a, b in zip(produced, self._tensors()))
+        current = tuple(self._tensors())
+        return len(produced) == len(current) and all(a is b for a, b in zip(produced, current))
 
     def _tensors(self) -> Iterator[torch.Tensor]:
         return (t for layer in self.layers for t in layer.tensors())
 
     def _map(self, fn) -> State:
-        return State([LayerState(*(fn(t) for t in layer.tensors())) for layer in self.layers], self.fingerprint)
+        return State([layer.map(fn) for layer in self.layers], self.fingerprint)
 
     @staticmethod
     def cat(states: list[State]) -> State:
         """Stack states of the same model along the batch dimension (for batched generation)."""
         if len({s.fingerprint for s in states}) != 1:
             raise StateError("cannot batch states of different models")
-        layers = [LayerState(*(torch.cat(ts) for ts in zip(*(s.layers[i].tensors() for s in states)))) for i in range(len(states[0].layers))]
+        layers = [type(layer)(*(torch.cat(ts) for ts in zip(*(s.layers[i].tensors() for s in states)))) for i, layer in enumerate(states[0].layers)]
         return State(layers, states[0].fingerprint)
 
     def __getitem__(self, index: int | slice) -> State:
@@ -136,7 +196,7 @@ class State:
         data = {
             f"layers.{i}.{name}": t.detach().cpu().clone(memory_format=torch.contiguous_format)
             for i, layer in enumerate(self.layers)
-            for name, t in zip(_FIELDS, layer.tensors())
+            for name, t in zip(layer.names(), layer.tensors())
         }
         try:
             write_atomically(path, lambda tmp: save_file(data, str(tmp), metadata={"format": STATE_FORMAT, "fingerprint": self.fingerprint}))
@@ -173,7 +233,8 @@ class State:
                 f"model {model.checkpoint_path} has {model.fingerprint})"
             )
         try:
-            layers = [LayerState(*(data[f"layers.{i}.{name}"] for name in _FIELDS)) for i in range(model.spec.n_layer)]
+            layout = model.state_layout
+            layers = [layout.from_tensors([data[f"layers.{i}.{f.name}"] for f in layout.fields]) for i in range(model.spec.n_layer)]
         except KeyError as exc:
             raise StateError(f"{path}: state file lacks tensor {exc.args[0]!r}") from None
         try:

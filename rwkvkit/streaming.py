@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from rwkvkit.backend import Role
-from rwkvkit.models.rwkv7 import BlockWeights, map_role
+from rwkvkit.weights import map_role
 from rwkvkit.quant import Int8Weight
 
 
@@ -28,16 +28,16 @@ def _pin(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def to_host(block: BlockWeights) -> BlockWeights:
+def to_host(block: Any) -> Any:
     """The block with its matrices moved to (pinned) CPU memory, as prepared by its backend."""
     return map_role(block, Role.MATRIX, lambda w: _map_tensors(w, _pin))
 
 
-def _to_device(block: BlockWeights, device: torch.device) -> BlockWeights:
+def _to_device(block: Any, device: torch.device) -> Any:
     return map_role(block, Role.MATRIX, lambda w: _map_tensors(w, lambda t: t.to(device, non_blocking=True)))
 
 
-def _matrix_tensors(block: BlockWeights) -> list[torch.Tensor]:
+def _matrix_tensors(block: Any) -> list[torch.Tensor]:
     found: list[torch.Tensor] = []
 
     def collect(w: Any) -> Any:
@@ -55,7 +55,7 @@ class Streamer:
         self.device = device
         self._copy_stream: torch.cuda.Stream | None = None
 
-    def blocks(self, host_blocks: Sequence[BlockWeights]) -> Iterator[BlockWeights]:
+    def blocks(self, host_blocks: Sequence[Any]) -> Iterator[Any]:
         if self.device.type != "cuda" or torch.cuda.is_current_stream_capturing():
             for block in host_blocks:
                 yield _to_device(block, self.device)
@@ -64,7 +64,7 @@ class Streamer:
             self._copy_stream = torch.cuda.Stream(self.device)
         copy, compute = self._copy_stream, torch.cuda.current_stream(self.device)
 
-        def start(block: BlockWeights) -> BlockWeights:
+        def start(block: Any) -> Any:
             with torch.cuda.stream(copy):
                 return _to_device(block, self.device)
 

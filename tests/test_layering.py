@@ -64,4 +64,4 @@ def test_the_scan_finds_known_edges():
     """Guards against a scan that finds no edges (and so no cycles)."""
     graph = _graph()
     assert graph["rwkvkit.model"] >= {"rwkvkit.backend", "rwkvkit.state"}
-    assert "rwkvkit.models.rwkv7" in graph["rwkvkit.model"]
+    assert "rwkvkit.architecture" in graph["rwkvkit.model"]

@@ -34,7 +34,7 @@ from rwkvkit.model import Model
 from rwkvkit.nonfinite import check_logits
 from rwkvkit.penalties import Penalties, is_int
 from rwkvkit.prompt_cache import PromptCache
-from rwkvkit.state import LayerState, State
+from rwkvkit.state import State
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def _take(state: State, rows: list[int]) -> State:
             index[t.device] = torch.tensor(rows, device=t.device)
         return t.index_select(0, index[t.device])
 
-    taken = State([LayerState(*map(pick, layer.tensors())) for layer in state.layers], state.fingerprint)
+    taken = State([layer.map(pick) for layer in state.layers], state.fingerprint)
     if state.is_produced():
         taken.mark_produced()
     return taken

@@ -42,6 +42,8 @@ def load_tuned_state(path: str | Path, model: Any, batch_size: int = 1) -> Any:
     rwkvkit.state, which offers it as ``State.from_tuned``)."""
     path = Path(path).expanduser()
     spec = model.spec
+    if spec.architecture != "rwkv7":  # the layouts of older generations' tuned states are not verified
+        raise StateError(f"{path}: state-tuned initial states are read for RWKV-7 models; this model is {spec.architecture}")
     shape = (spec.n_head, spec.head_size, spec.head_size)
     states = read_time_states(path)
     zero = model.zero_state(batch_size)

@@ -10,14 +10,19 @@ everywhere, native kernels included.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from rwkvkit.architecture import Architecture, Loader, check_tensors, n_layers, shape2d
 from rwkvkit.backend import Backend, Epilogue, Role
-from rwkvkit.state import LayerState
+from rwkvkit.checkpoint import ModelSpec, WeightSource
+from rwkvkit.errors import CheckpointError
+from rwkvkit.state import LayerState, StateField, StateLayout
+from rwkvkit.weights import group, load_weights
+from rwkvkit.weights import weight as _w
 
 LN_EPS = 1e-5  # ln0/ln1/ln2/ln_out
 DECAY_SCALE = math.exp(-0.5)  # decay = exp(-e^-0.5 * sigmoid(z)): the soft clamp of log-decay below -0.5
@@ -40,11 +45,6 @@ class Constants:
 def constants() -> Constants:
     """The constants as this module defines them now."""
     return Constants(LN_EPS, GROUP_NORM_EPS, DECAY_SCALE, KK_EPS, ATT_MIXES)
-
-
-def _w(key: str, role: Role, optional: bool = False) -> Any:
-    """A weight field read from checkpoint key ``<prefix><key>``."""
-    return field(metadata={"key": key, "role": role, "optional": optional})
 
 
 @dataclass
@@ -90,8 +90,8 @@ class BlockWeights:
     ln1_bias: torch.Tensor = _w("ln1.bias", Role.VECTOR)
     ln2_weight: torch.Tensor = _w("ln2.weight", Role.VECTOR)
     ln2_bias: torch.Tensor = _w("ln2.bias", Role.VECTOR)
-    att: TimeMixWeights = field(metadata={"key": "att.", "group": TimeMixWeights})
-    ffn: ChannelMixWeights = field(metadata={"key": "ffn.", "group": ChannelMixWeights})
+    att: TimeMixWeights = group("att.", TimeMixWeights)
+    ffn: ChannelMixWeights = group("ffn.", ChannelMixWeights)
 
 
 @dataclass
@@ -99,35 +99,6 @@ class HeadWeights:
     ln_out_weight: torch.Tensor = _w("ln_out.weight", Role.VECTOR)
     ln_out_bias: torch.Tensor = _w("ln_out.bias", Role.VECTOR)
     head: Any = _w("head.weight", Role.MATRIX)  # [V, C]
-
-
-Fetch = Callable[[str, Role, bool], Any]
-
-
-def load_weights(cls: type, prefix: str, fetch: Fetch) -> Any:
-    """Build a weights dataclass from checkpoint keys; ``fetch(key, role, optional)`` returns the
-    prepared tensor (or None for a missing optional key)."""
-    values = {}
-    for f in fields(cls):
-        meta = f.metadata
-        if "role" in meta:
-            values[f.name] = fetch(prefix + meta["key"], meta["role"], meta["optional"])
-        else:  # a nested weights group
-            values[f.name] = load_weights(meta["group"], prefix + meta["key"], fetch)
-    return cls(**values)
-
-
-def map_role(weights: Any, role: Role, fn: Callable[[Any], Any]) -> Any:
-    """A shallow copy of a weights dataclass with ``fn`` applied to every tensor of ``role``
-    (nested groups included); e.g. moving only the big matrices of a streamed layer."""
-    values = {}
-    for f in fields(weights):
-        value = getattr(weights, f.name)
-        if "group" in f.metadata:
-            values[f.name] = map_role(value, role, fn)
-        elif f.metadata["role"] is role and value is not None:
-            values[f.name] = fn(value)
-    return replace(weights, **values)
 
 
 def embed(emb: torch.Tensor, ln0_weight: torch.Tensor, ln0_bias: torch.Tensor, eps: float) -> torch.Tensor:
@@ -188,3 +159,111 @@ def blocks(
 def head(ops: Backend, w: HeadWeights, x: torch.Tensor) -> torch.Tensor:
     """Final norm and vocabulary projection: ``[..., C] -> [..., V]``."""
     return ops.linear(ops.layer_norm(x, w.ln_out_weight, w.ln_out_bias, LN_EPS), w.head)
+
+
+def spec_from_shapes(t: Mapping[str, torch.Tensor]) -> ModelSpec:
+    vocab, n_embd = shape2d(t, "emb.weight", "vocab_size, n_embd")
+    n_head, head_size = shape2d(t, "blocks.0.att.r_k", "n_head, head_size")
+    if n_head * head_size != n_embd:
+        raise CheckpointError(f"key 'blocks.0.att.r_k' has shape {[n_head, head_size]}; expected [n_head, head_size] with product {n_embd}")
+    n_layer = n_layers(t)
+    return ModelSpec(
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        head_size=head_size,
+        vocab_size=vocab,
+        dim_ffn=shape2d(t, "blocks.0.ffn.key.weight", "dim_ffn, n_embd")[0],
+        lora_w=shape2d(t, "blocks.0.att.w1", "n_embd, rank")[-1],
+        lora_a=shape2d(t, "blocks.0.att.a1", "n_embd, rank")[-1],
+        lora_v=shape2d(t, "blocks.1.att.v1" if n_layer > 1 else "blocks.0.att.v1", "n_embd, rank")[-1],
+        lora_g=shape2d(t, "blocks.0.att.g1", "n_embd, rank")[-1],
+    )
+
+
+def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every key of an RWKV-7 checkpoint with its shape, as real World model files store them."""
+    C, V, F, H, N = spec.n_embd, spec.vocab_size, spec.dim_ffn, spec.n_head, spec.head_size
+    vec = (1, 1, C)
+    shapes: dict[str, tuple[int, ...]] = {
+        "emb.weight": (V, C),
+        "blocks.0.ln0.weight": (C,),
+        "blocks.0.ln0.bias": (C,),
+        "ln_out.weight": (C,),
+        "ln_out.bias": (C,),
+        "head.weight": (V, C),
+    }
+    for i in range(spec.n_layer):
+        p = f"blocks.{i}."
+        for name in ("ln1", "ln2", "att.ln_x"):
+            shapes[f"{p}{name}.weight"] = (C,)
+            shapes[f"{p}{name}.bias"] = (C,)
+        for name in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a"):
+            shapes[f"{p}att.{name}"] = vec
+        for name, rank in (("w", spec.lora_w), ("a", spec.lora_a), ("v", spec.lora_v), ("g", spec.lora_g)):
+            shapes[f"{p}att.{name}1"] = (C, rank)
+            shapes[f"{p}att.{name}2"] = (rank, C)
+        shapes[f"{p}att.r_k"] = (H, N)
+        for name in ("receptance", "key", "value", "output"):
+            shapes[f"{p}att.{name}.weight"] = (C, C)
+        shapes[f"{p}ffn.x_k"] = vec
+        shapes[f"{p}ffn.key.weight"] = (F, C)
+        shapes[f"{p}ffn.value.weight"] = (C, F)
+    return shapes
+
+
+# Layer 0 takes v_first from its own value projection, so real files carry unused v0/v1/v2 there
+# (some exporters drop them); the value-residual rank is then read from layer 1.
+_OPTIONAL = ("blocks.0.att.v0", "blocks.0.att.v1", "blocks.0.att.v2")
+
+
+def embedding(t: Mapping[str, torch.Tensor], eps: float) -> WeightSource:
+    """``emb.weight`` with block 0's ``ln0`` folded in (every generation does this)."""
+    ln0_weight, ln0_bias = t["blocks.0.ln0.weight"], t["blocks.0.ln0.bias"]
+    return WeightSource("emb.weight", t["emb.weight"], lambda rows: embed(rows, ln0_weight, ln0_bias, eps), f"ln0 folded, eps {eps!r}")
+
+
+class Rwkv7(Architecture):
+    name = "rwkv7"
+    version = "x070"
+    title = "RWKV-7 (Goose)"
+    unread = frozenset(_OPTIONAL)
+
+    def claims(self, keys: set[str]) -> bool:
+        return "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys
+
+    def spec(self, tensors: Mapping[str, torch.Tensor]) -> ModelSpec:
+        spec = spec_from_shapes(tensors)
+        check_tensors(tensors, expected_shapes(spec), _OPTIONAL, "an RWKV-7 variant rwkvkit does not run (e.g. DeepEmbed)")
+        return spec
+
+    def expected_shapes(self, spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(spec)
+
+    def state_layout(self, spec: ModelSpec) -> StateLayout:
+        C, H, N = spec.n_embd, spec.n_head, spec.head_size
+        return StateLayout(LayerState, (StateField("att_x_prev", (C,)), StateField("att_kv", (H, N, N), float32=True), StateField("ffn_x_prev", (C,))))
+
+    def constants(self) -> Constants:
+        return constants()
+
+    def embedding(self, tensors: Mapping[str, torch.Tensor]) -> WeightSource:
+        return embedding(tensors, LN_EPS)
+
+    def load_block(self, spec: ModelSpec, layer: int, fetch: Loader) -> BlockWeights:
+        b = load_weights(BlockWeights, f"blocks.{layer}.", fetch)
+        if layer == 0:  # layer 0 takes v_first from its own values; its v0..v2 are never used
+            b.att.v0 = b.att.v1 = b.att.v2 = None
+        return b
+
+    def load_head(self, spec: ModelSpec, fetch: Loader) -> HeadWeights:
+        return load_weights(HeadWeights, "", fetch)
+
+    def block(self, ops: Backend, weights: BlockWeights, x: torch.Tensor, carry: Any, state: LayerState) -> tuple[torch.Tensor, Any, LayerState]:
+        return block(ops, weights, x, carry, state)
+
+    def blocks(self, ops: Backend, weights: Sequence[BlockWeights], x: torch.Tensor, carry: Any, states: Sequence[LayerState]) -> tuple[torch.Tensor, Any, list[LayerState]]:
+        return blocks(ops, weights, x, carry, states)
+
+    def head(self, ops: Backend, weights: HeadWeights, x: torch.Tensor) -> torch.Tensor:
+        return head(ops, weights, x)
