@@ -21,14 +21,8 @@ from rwkvkit.weights import group, weight
 
 
 @dataclass(frozen=True)
-class Rwkv5Spec:
+class Rwkv5Spec(rwkv6.HeadedSpec):
     architecture: ClassVar[str] = "rwkv5"
-    n_layer: int
-    n_embd: int
-    n_head: int
-    head_size: int
-    vocab_size: int
-    dim_ffn: int
     version: float = 5.2
 
 

@@ -27,14 +27,20 @@ MIXES = ("w", "k", "v", "r", "g")  # the order of time_maa_w2's five LoRA output
 
 
 @dataclass(frozen=True)
-class Rwkv6Spec:
-    architecture: ClassVar[str] = "rwkv6"
+class HeadedSpec:
+    """The dimensions RWKV-5 and RWKV-6 share (each spec adds its own after them, then ``version``)."""
+
     n_layer: int
     n_embd: int
     n_head: int
     head_size: int
     vocab_size: int
     dim_ffn: int
+
+
+@dataclass(frozen=True)
+class Rwkv6Spec(HeadedSpec):
+    architecture: ClassVar[str] = "rwkv6"
     lora_mix: int  # rank of each token-shift LoRA (time_maa_w1 is [C, 5 * lora_mix])
     lora_decay: int  # rank of the decay LoRA
     version: int = 6
