@@ -27,7 +27,7 @@ CU_SOURCES = sorted(p.name for p in KERNELS.iterdir() if p.name.endswith(".cu"))
 # kernel -> (threads per block, instantiations: one per activation dtype and template variant)
 KERNEL_FAMILIES = {
     "wkv7_kernel": (128, 3),
-    "matvec_kernel": (128, 24),
+    "matvec_kernel": (128, 72),
     "ln_mix_kernel": (256, 3),
     "wkv7_decode_kernel": (256, 3),
 }
