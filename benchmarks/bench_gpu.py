@@ -406,8 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not args.quick and copy_bw is not None:
         try:
             matvec_rows = matvec_table(device, copy_bw)
-        except RwkvkitError as exc:
+        except RwkvkitError as exc:  # no kernels here: the model rows will say so too
             print(f"matvec table: {exc}")
+        except Exception:  # a broken table must not cost the model rows
+            traceback.print_exc()
+        torch.cuda.empty_cache()
 
     rows = {(name, backend, strategy): Row(name, f"rwkvkit {backend}", strategy) for name in shapes for backend, strategy in engines}
     for (name, backend, _), row in rows.items():
