@@ -6,7 +6,7 @@ installed; each decode rate also as a fraction of the device's measured copy ban
     python benchmarks/bench_gpu.py --device cpu --tiny      # the same code path on a CPU, in seconds
 
 First the device's copy bandwidth (a device-to-device copy of 2 GiB, bytes read + written per
-second) and the matvec kernel's bandwidth per decode matrix of the 1.5B and 2.9B shapes, per
+second) and the matvec kernel's bandwidth per decode matrix of the 0.1B, 1.5B and 2.9B shapes, per
 thread layout (``team``) and against cuBLAS, for tuning matvec.cu's rule. Then the rows in order
 of need, so a time budget cuts the extras first: the `cuda` backend's fp16, bf16 and fp16i8 rows of
 every shape, the reference, then the engine rates, the torch backend and streaming. A decode
@@ -71,7 +71,7 @@ RUN_SECONDS = 5.0  # stop repeating a measurement after this long (one run alway
 COPY_BYTES = 2 << 30  # the copy-bandwidth measurement's buffer (>= 1 GiB: far past any L2)
 L2_FLUSH_BYTES = 512 << 20  # matvec table: weight copies cycled per graph so every call reads DRAM, not L2
 MATVEC_TEAMS = ("rule", 8, 32, 128)  # matvec's own choice (team 0), then each thread layout forced
-MATVEC_SHAPES = {"1.5B": 2048, "2.9B": 2560}  # n_embd of the shapes whose decode matrices are timed
+MATVEC_SHAPES = {"0.1B": 768, "1.5B": 2048, "2.9B": 2560}  # n_embd of the shapes whose decode matrices are timed
 SEED_VOCAB = 1024  # quick_checkpoint draws this many vocabulary rows and repeats them
 
 
