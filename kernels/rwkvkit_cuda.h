@@ -40,7 +40,10 @@ struct MatvecGroup {
   int count;
 };
 
-cudaError_t matvec(Dtype dtype, int rows, const MatvecGroup& group, cudaStream_t stream);
+// team: threads sharing one row's dot product, one of kMatvecTeams (8: four rows per warp, 32: a
+// warp per row, 128: split-K across a block), or 0 for matvec.cu's rule over the shapes.
+constexpr int kMatvecTeams[] = {8, 32, 128};
+cudaError_t matvec(Dtype dtype, int rows, const MatvecGroup& group, int team, cudaStream_t stream);
 
 // ---- decode.cu: the ops ln_mix and time_mix_core for one token per sequence (plugins/cuda_backend.py)
 

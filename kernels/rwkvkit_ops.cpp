@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <iterator>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -79,9 +81,10 @@ std::tuple<at::Tensor, at::Tensor> wkv7_op(const at::Tensor& kv, const at::Tenso
 
 // One launch for a group of products; scale[g] is an empty tensor for a weight in the activation
 // dtype, else the int8 weight's per-row scales. Inputs x_g [..., in_g] share their leading sizes
-// (1 to kMaxMatvecRows rows in all); returns y_g [..., out_g] for each g.
+// (1 to kMaxMatvecRows rows in all); returns y_g [..., out_g] for each g. team: 0 for the kernel's
+// own choice per shape, or one of kMatvecTeams to force one (tests and benchmarks).
 std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::TensorList scale, at::IntArrayRef epilogue,
-                                  const std::optional<at::Tensor>& residual) {
+                                  const std::optional<at::Tensor>& residual, int64_t team) {
   const size_t count = x.size();
   TORCH_CHECK(count >= 1 && count <= static_cast<size_t>(kMaxMatvecGroup) && w.size() == count && scale.size() == count &&
                   epilogue.size() == count,
@@ -90,6 +93,8 @@ std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::Tensor
   const at::Tensor& first = x[0];
   const int64_t rows = rows_of(first, "matvec");
   TORCH_CHECK(rows >= 1 && rows <= kMaxMatvecRows, "matvec: 1 to ", kMaxMatvecRows, " rows, got ", first.sizes());
+  TORCH_CHECK(team == 0 || std::find(std::begin(kMatvecTeams), std::end(kMatvecTeams), team) != std::end(kMatvecTeams),
+              "matvec: team must be 0 (chosen per shape) or one of 8, 32, 128 threads per row, got ", team);
   MatvecGroup group{};
   group.count = static_cast<int>(count);
   std::vector<at::Tensor> y;
@@ -112,7 +117,7 @@ std::vector<at::Tensor> matvec_op(at::TensorList x, at::TensorList w, at::Tensor
     check(*residual, "residual", first, first.scalar_type(), y[0].sizes());
     group.residual = residual->data_ptr();
   }
-  C10_CUDA_CHECK(matvec(dtype_of(first), static_cast<int>(rows), group, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(matvec(dtype_of(first), static_cast<int>(rows), group, static_cast<int>(team), c10::cuda::getCurrentCUDAStream()));
   return y;
 }
 
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> wkv7_decode_op(const at::Tensor& kv, const at
 
 TORCH_LIBRARY(rwkvkit, m) {
   m.def("wkv7(Tensor kv, Tensor r, Tensor w, Tensor k, Tensor v, Tensor kk, Tensor a) -> (Tensor, Tensor)");
-  m.def("matvec(Tensor[] x, Tensor[] w, Tensor[] scale, int[] epilogue, Tensor? residual) -> Tensor[]");
+  m.def("matvec(Tensor[] x, Tensor[] w, Tensor[] scale, int[] epilogue, Tensor? residual, int team=0) -> Tensor[]");
   m.def("ln_mix(Tensor x, Tensor weight, Tensor bias, Tensor x_prev, Tensor[] mixes, float eps) -> (Tensor, Tensor)");
   m.def(
       "wkv7_decode(Tensor kv, Tensor r, Tensor k, Tensor v, Tensor w_lora, Tensor a_lora, Tensor? v_lora, Tensor g, Tensor w0, "

@@ -7,6 +7,8 @@ where they cannot be built, ``unavailable_reason`` says why and backend ``auto``
 With ``cuda fp16i8`` (``Placement.quant == "i8"``) every projection matrix is stored as int8 with
 per-output-channel scales: decoding (≤ 8 rows) streams the int8 weights through ``matvec``;
 prefill dequantizes a matrix per call and runs a cuBLAS GEMM, which is compute-bound anyway.
+The head (``linear``, V × C: the largest matrix) is one ``matvec`` launch of its own when decoding,
+in every dtype; ``matvec`` picks its thread layout per shape (see ``kernels/matvec.cu``).
 
 Decoding (one token per sequence) is launch-bound on a GPU: the ops' torch defaults are ~60
 kernels per layer. The overrides here run a decoded layer (``rwkv7.block`` over these ops, the
@@ -47,6 +49,7 @@ from rwkvkit.strategy import Placement
 HEAD_SIZE = 64  # kHeadSize: the scan kernels' head size; others use the torch scan
 MAX_MATVEC_ROWS = 8  # kMaxMatvecRows: beyond it, cuBLAS (int8: dequantize + GEMM)
 MAX_MATVEC_GROUP = 8  # kMaxMatvecGroup: products per matvec launch
+MATVEC_TEAMS = (8, 32, 128)  # kMatvecTeams: threads per row matvec can be forced to (its `team` argument)
 MAX_MIXES = 6  # kMaxMixes: mix vectors per ln_mix launch
 LORA_ALIGN = 16  # LoRA ranks are zero-padded to this: matvec reads 16 bytes (8 fp16 values) per load
 MATVEC_ALIGN = 16  # matvec loads 16 bytes at a time: inputs 16-byte aligned, widths a multiple of 16 values
@@ -89,11 +92,10 @@ class CudaBackend(TorchBackend):
         return super().prepare(tensor, role)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | Int8Weight) -> torch.Tensor:
-        if not isinstance(weight, Int8Weight):
-            return super().linear(x, weight)
-        if not self._matvec_takes([x]):
-            return F.linear(x, weight.dequantize(x.dtype))
-        return self._matvec([x], [weight])[0]
+        """matvec for decode shapes (the head); else cuBLAS (int8: on the dequantized weight)."""
+        if self._matvec_takes([x]):
+            return self._matvec([x], [weight])[0]
+        return F.linear(x, weight.dequantize(x.dtype) if isinstance(weight, Int8Weight) else weight)
 
     def ln_mix(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float

@@ -29,7 +29,7 @@ from rwkvkit.hookspecs import hookimpl
 from rwkvkit.kernels_build import KernelBuildError, build_dir, ops, toolchain_problem
 from rwkvkit.model import select_backend
 from rwkvkit.models import rwkv7
-from rwkvkit.plugins.cuda_backend import HEAD_SIZE, LORA_ALIGN, MAX_MATVEC_GROUP, MAX_MATVEC_ROWS, MAX_MIXES, CudaBackend
+from rwkvkit.plugins.cuda_backend import HEAD_SIZE, LORA_ALIGN, MATVEC_TEAMS, MAX_MATVEC_GROUP, MAX_MATVEC_ROWS, MAX_MIXES, CudaBackend
 from rwkvkit.plugins.samplers import GreedySampler
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.quant import QMAX, Int8Weight, quantize_per_channel
@@ -117,6 +117,8 @@ def test_the_kernels_limits_match_the_backends_copy():
     header = resources.files("rwkvkit.kernels").joinpath("rwkvkit_cuda.h").read_text()
     limits = {"kHeadSize": HEAD_SIZE, "kMaxMatvecRows": MAX_MATVEC_ROWS, "kMaxMatvecGroup": MAX_MATVEC_GROUP, "kMaxMixes": MAX_MIXES}
     assert {name: int(re.search(rf"{name} = (\d+);", header)[1]) for name in limits} == limits
+    teams = re.search(r"kMatvecTeams\[\] = \{([\d, ]+)\};", header)[1]
+    assert tuple(int(t) for t in teams.split(",")) == MATVEC_TEAMS
 
 
 def test_the_kernels_hold_no_constant_of_the_math():
@@ -173,8 +175,9 @@ class ReferenceOps:
         return TorchBackend(Placement(r.device, r.dtype)).wkv(kv, r, w, k, v, kk, a)
 
     @staticmethod
-    def matvec(xs, ws, scales, epilogues, residual):
+    def matvec(xs, ws, scales, epilogues, residual, team=0):
         assert 1 <= len(xs) == len(ws) == len(scales) == len(epilogues) <= MAX_MATVEC_GROUP and (residual is None or len(xs) == 1)
+        assert team in (0, *MATVEC_TEAMS)
         lead = xs[0].shape[:-1]
         assert 1 <= lead.numel() <= MAX_MATVEC_ROWS
         ys = []
@@ -271,16 +274,16 @@ def test_backend_glue_with_reference_ops(model_paths, reference_kernels, dequant
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("strategy, head", [("cpu fp32", 0), ("cpu fp32i8", 1)])
-def test_a_decoded_layer_is_nine_launches(model_paths, reference_kernels, strategy, head):
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu fp32i8"])
+def test_a_decoded_layer_is_nine_launches(model_paths, reference_kernels, strategy):
     """ln_mix, R/K/V, LoRA downs, LoRA ups, wkv7_decode, output + residual, ln_mix, FFN key, FFN
-    value + residual (as the module docstring counts them); an int8 head is one matvec more."""
+    value + residual (as the module docstring counts them); the head is one matvec more."""
     model = RWKV(model_paths["tiny"], strategy, backend="cuda")
     _, state = model.forward(torch.tensor([[1, 2, 3], [4, 5, 6]]), None)
     reference_kernels.launches.clear()
     model.forward(torch.tensor([[7], [8]]), state)
     layers = model.spec.n_layer
-    assert reference_kernels.launches == {"ln_mix": 2 * layers, "matvec": 6 * layers + head, "wkv7_decode": layers}
+    assert reference_kernels.launches == {"ln_mix": 2 * layers, "matvec": 6 * layers + 1, "wkv7_decode": layers}
 
 
 @pytest.mark.parametrize("rows", [2, 32])
@@ -609,10 +612,12 @@ def test_engine_decodes_through_graphs_by_default(model_paths, strategy, backend
 @gpu_test
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 @pytest.mark.parametrize("rows", [1, 3, MAX_MATVEC_ROWS])
-def test_grouped_matvec_matches_reference_ops(dtype, rows):
+@pytest.mark.parametrize("team", [0, *MATVEC_TEAMS])
+def test_grouped_matvec_matches_reference_ops(dtype, rows, team):
     """One launch over mixed weight formats (int8 with scales, and the activation dtype), every
-    epilogue, uneven output sizes; and a single product with a residual. Both sides accumulate in
-    float32 from the same inputs and round once."""
+    epilogue, uneven output sizes (so a warp's teams of 8 straddle two products and the end); and
+    a single product with a residual; with each team size and the kernel's own choice. Both sides
+    accumulate in float32 from the same inputs and round once."""
     ops, dt, g = kernels_build.ops(), DTYPES[dtype], torch.Generator().manual_seed(11)
     no_scale = torch.empty(0, device="cuda")
     xs, ws, scales = [], [], []
@@ -624,12 +629,56 @@ def test_grouped_matvec_matches_reference_ops(dtype, rows):
         else:
             ws.append((torch.randn(n_out, n_in, generator=g) / n_in**0.5).to("cuda", dt)), scales.append(no_scale)
     epilogues = [0, 1, 2, 3, 0]
-    for got, want in zip(ops.matvec(xs, ws, scales, epilogues, None), ReferenceOps.matvec(xs, ws, scales, epilogues, None)):
+    for got, want in zip(ops.matvec(xs, ws, scales, epilogues, None, team), ReferenceOps.matvec(xs, ws, scales, epilogues, None)):
         tol = 4 * ULP[dtype]
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
     residual = torch.randn(rows, 70, generator=g).to("cuda", dt)
-    got, want = ops.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0], ReferenceOps.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0]
+    got, want = ops.matvec(xs[:1], ws[:1], scales[:1], [0], residual, team)[0], ReferenceOps.matvec(xs[:1], ws[:1], scales[:1], [0], residual)[0]
     torch.testing.assert_close(got.float(), want.float(), rtol=4 * ULP[dtype], atol=4 * ULP[dtype] * want.float().abs().max().item())
+
+
+# (n_out, n_in) of the matrices a decode step streams, 1.5B (C = 2048) and 2.9B (C = 2560): the
+# square projections, the FFN key [4C, C] and value [C, 4C], the head [V, C], a LoRA down [rank, C]
+# and up [C, rank]; then odd sizes: one chunk per row, a row count no team divides, widths whose
+# chunk count no team x unroll divides (2064 = 16 x 129, 4112 = 16 x 257).
+REAL_SHAPES = [(2048, 2048), (8192, 2048), (2048, 8192), (65536, 2048), (96, 2048), (2048, 96),
+               (2560, 2560), (10240, 2560), (2560, 10240), (65536, 2560), (160, 2560), (2560, 160)]  # fmt: skip
+ODD_SHAPES = [(7, 16), (33, 48), (1000, 2064), (3, 4112), (129, 32)]
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("int8", [False, True], ids=["plain", "int8"])
+@pytest.mark.parametrize("team", [0, *MATVEC_TEAMS])
+def test_matvec_on_real_shapes(dtype, int8, team):
+    """Each team size (and the kernel's own choice) on every decode matrix of the 1.5B and 2.9B
+    shapes and on odd sizes, weights int8 or in the activation dtype, 1 and 5 rows, against float32
+    math on the same values (ReferenceOps). Up to 10,240 float32 products per output in another
+    order: 4 ulps of the dtype (relative to the output's scale) covers the order and the one rounding
+    of the output; a wrong index or a lost chunk is off by far more."""
+    ops, dt = kernels_build.ops(), DTYPES[dtype]
+    g = torch.Generator(device="cuda").manual_seed(13)
+    no_scale = torch.empty(0, device="cuda")
+    for n_out, n_in in REAL_SHAPES + ODD_SHAPES:
+        if int8:
+            q = quantize_per_channel(torch.randn(n_out, n_in, generator=g, device="cuda"))
+            w, scale = q.q, q.scale
+        else:
+            w, scale = (torch.randn(n_out, n_in, generator=g, device="cuda") / n_in**0.5).to(dt), no_scale
+        for rows in (1, 5):
+            x = torch.randn(rows, n_in, generator=g, device="cuda").to(dt)
+            got = ops.matvec([x], [w], [scale], [0], None, team)[0]
+            want = ReferenceOps.matvec([x], [w], [scale], [0], None)[0]
+            tol = 4 * ULP[dtype]
+            assert got.shape == (rows, n_out), (n_out, n_in, rows)
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item(), msg=lambda m: f"{(n_out, n_in, rows)}: {m}")
+
+
+@gpu_test
+def test_matvec_refuses_an_unknown_team():
+    x, w = torch.ones(1, 16, device="cuda"), torch.ones(4, 16, device="cuda")
+    with pytest.raises(RuntimeError, match="team must be 0 .* one of 8, 32, 128"):
+        kernels_build.ops().matvec([x], [w], [torch.empty(0, device="cuda")], [0], None, 64)
 
 
 @gpu_test
