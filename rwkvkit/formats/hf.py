@@ -2,7 +2,7 @@
 ``model-0000N-of-0000M.safetensors`` listed by ``model.safetensors.index.json``.
 
 ``config.json``'s ``model_type`` picks the key layout (:data:`LAYOUTS`, one per architecture: RWKV-7
-is fla-hub's ``rwkv7``); the layout renames the tensors to BlinkDL's keys, which
+is fla-hub's ``rwkv7``, RWKV-6/5/4 the ``rwkv6``/``rwkv5``/``rwkv`` of :mod:`.hf_rwkv`); the layout renames the tensors to BlinkDL's keys, which
 :func:`rwkvkit.checkpoint.validate` then checks like any other checkpoint's.
 """
 
@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from rwkvkit.errors import CheckpointError
-from rwkvkit.formats import fla_rwkv7
+from rwkvkit.formats import fla_rwkv7, hf_rwkv
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -27,15 +26,24 @@ TOKENIZER_FILES = ("tokenizer.json", "rwkv_vocab_v20230424.txt")  # what rwkvkit
 
 @dataclass(frozen=True)
 class Layout:
-    """How one architecture's tensors are named in HF folders (a module with ``to_blink``,
-    ``from_blink``, ``config`` and ``check_config``: see :mod:`.fla_rwkv7`)."""
+    """How one architecture's tensors are named in HF folders (``mapping``: an object with
+    ``to_blink``, ``from_blink``, ``config``, ``check_config`` and ``NOT_WRITTEN``: see
+    :mod:`.fla_rwkv7`, :mod:`.hf_rwkv`)."""
 
     model_type: str
-    version: int  # the RWKV generation it holds (ModelSpec.version)
-    mapping: ModuleType
+    version: float  # the RWKV generation it holds (its spec's ``version``)
+    mapping: Any
 
 
-LAYOUTS: dict[str, Layout] = {fla_rwkv7.MODEL_TYPE: Layout(fla_rwkv7.MODEL_TYPE, 7, fla_rwkv7)}
+LAYOUTS: dict[str, Layout] = {
+    layout.model_type: layout
+    for layout in (
+        Layout(fla_rwkv7.MODEL_TYPE, 7, fla_rwkv7),
+        Layout(hf_rwkv.RWKV6.model_type, 6, hf_rwkv.RWKV6),
+        Layout(hf_rwkv.RWKV5.model_type, 5.2, hf_rwkv.RWKV5),
+        Layout(hf_rwkv.RWKV4.model_type, 4, hf_rwkv.RWKV4),
+    )
+}
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -125,7 +133,7 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def layout_for(version: int) -> Layout:
+def layout_for(version: float) -> Layout:
     """The layout that writes RWKV-``version`` models."""
     for layout in LAYOUTS.values():
         if layout.version == version:
