@@ -64,7 +64,7 @@ class RwkvLayout:
         out: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
             m = _HF_LAYER.fullmatch(key)
-            if m and _PARAM.fullmatch(m.group(3)):
+            if m and _PARAM.fullmatch(m.group(3)) and m.group(3) not in self.renames:  # BlinkDL's short name is not HF's
                 name = back_names.get(m.group(3), m.group(3))
                 out[f"blocks.{m.group(1)}.{back_parts[m.group(2)]}.{name}"] = t
             elif key in back_top:
