@@ -27,7 +27,7 @@ from rwkvkit import RWKV
 from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.cli import main
 from rwkvkit.compat import PIPELINE, PIPELINE_ARGS
-from rwkvkit.errors import CheckpointError, InputError, StateError
+from rwkvkit.errors import CheckpointError, InputError, StateError, TokenizerError
 from rwkvkit.formats import hf
 from rwkvkit.formats.convert import ConvertError, convert
 from rwkvkit.resolve import resolve_tokenizer
@@ -568,3 +568,24 @@ def test_merged_state_model_file_starts_from_its_state(source, reference, tmp_pa
         load_checkpoint(bad)
     with pytest.raises(CheckpointError, match="holds only tuned states"):
         load_checkpoint(tmp_path / "tuned.pth")
+
+
+def test_an_hf_vocab_txt_is_read_as_the_world_vocabulary(tmp_path):
+    """RWKV/v5-Eagle-*-HF and v6-Finch-*-HF ship ``vocab.txt`` as Rwkv5Tokenizer.save_vocabulary
+    writes it: ``str(token)`` of each id's bytes, one per line, line 0 the ``b'<s>'`` placeholder."""
+    import ast
+
+    world = resources.files("rwkvkit.plugins").joinpath("rwkv_vocab_v20230424.txt").read_text(encoding="utf-8")
+    tokens = {}
+    for line in world.splitlines():
+        head, _, rest = line.partition(" ")
+        token = ast.literal_eval(rest.rpartition(" ")[0])
+        tokens[int(head)] = token.encode("utf-8") if isinstance(token, str) else token
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(str(t) for t in [b"<s>", *(tokens[i] for i in range(1, max(tokens) + 1))]) + "\n", encoding="utf-8")
+    text = "Hello, world! 你好\n\nUser: hi"
+    assert resolve_tokenizer(folder).encode(text) == resolve_tokenizer("rwkv_vocab_v20230424").encode(text)
+    (folder / "vocab.txt").write_text("b'<s>'\n[PAD]\n", encoding="utf-8")  # a BERT-style vocab.txt
+    with pytest.raises(TokenizerError, match=r"vocab.txt:2: expected a Python bytes literal"):
+        resolve_tokenizer(folder)

@@ -8,6 +8,8 @@ is fla-hub's ``rwkv7``, RWKV-6/5/4 the ``rwkv6``/``rwkv5``/``rwkv`` of :mod:`.hf
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,15 @@ from typing import Any
 
 import torch
 
-from rwkvkit.errors import CheckpointError
+from rwkvkit.errors import CheckpointError, TokenizerError
 from rwkvkit.formats import fla_rwkv7, hf_rwkv
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "rwkv_vocab_v20230424.txt")  # what rwkvkit can read, preferred first
+# what rwkvkit can read, preferred first; vocab.txt: the Rwkv5Tokenizer file of RWKV/v5-Eagle-*-HF and v6-Finch-*-HF
+TOKENIZER_FILES = ("tokenizer.json", "rwkv_vocab_v20230424.txt", "vocab.txt")
+HF_WORLD_VOCAB = "vocab.txt"
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,40 @@ def folder_tokenizer(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def world_vocab_file(path: Path) -> Path:
+    """A World vocabulary file the ``rwkv_world`` tokenizer reads (``<id> <literal> <length>``
+    lines): ``path`` itself, or for an HF folder's ``vocab.txt`` (transformers-style
+    ``Rwkv5Tokenizer``: line i is token id i as a Python bytes literal, line 0 a placeholder for
+    id 0, the end of text) the same tokens rewritten that way, once per content, in rwkvkit's cache."""
+    if path.name != HF_WORLD_VOCAB:
+        return path
+    from rwkvkit.native import cache_dir, write_atomically
+
+    try:
+        data = path.read_bytes()
+        lines = data.decode("utf-8").split("\n")
+    except (OSError, UnicodeError) as exc:
+        raise TokenizerError(f"cannot read vocab file {path}: {exc}") from None
+    target = cache_dir() / "vocab" / f"hf-world-{hashlib.sha256(data).hexdigest()[:16]}.txt"
+    if target.is_file():
+        return target
+    out = []
+    for token_id, line in enumerate(lines):
+        if token_id == 0 or not line:
+            continue
+        try:
+            token = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            token = None
+        token = token.encode("utf-8") if isinstance(token, str) else token
+        if not isinstance(token, bytes) or not token:
+            raise TokenizerError(f"{path}:{token_id + 1}: expected a Python bytes literal per line (an RWKV World vocab.txt), got {line!r:.80}")
+        out.append(f"{token_id} {token!r} {len(token)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, lambda tmp: tmp.write_text("\n".join(out) + "\n", encoding="utf-8"))
+    return target
 
 
 def describe(folder: Path) -> str:
