@@ -160,7 +160,7 @@ def shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def write_folder(folder: Path, tensors: dict[str, torch.Tensor], spec: Any, max_shard_bytes: int) -> list[str]:
-    """Write BlinkDL-named ``tensors`` of a model of ``spec`` (a ``ModelSpec``) as an HF folder
+    """Write BlinkDL-named ``tensors`` of a model of ``spec`` (its architecture's spec) as an HF folder
     (``folder`` must exist and be empty); returns the names of the files written."""
     from safetensors.torch import save_file
 
