@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import zipfile
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -52,6 +52,9 @@ class Checkpoint:
     spec: Any  # the architecture's spec dataclass (ModelSpec for RWKV-7)
     tensors: dict[str, torch.Tensor]
     merged: tuple[str, ...] = ()  # what was merged into the weights at load (LoRA digests)
+    # RWKV-Runner's "merged state" models: the blocks.N.att.time_state tensors the file carries
+    # beside the weights, the model's default initial state (rwkvkit.formats.tuned_state)
+    tuned_state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def architecture(self) -> Any:
@@ -62,18 +65,18 @@ class Checkpoint:
 
     def fingerprint(self) -> str:
         """A content fingerprint that is cheap for any model size: sha256 over the spec, what was
-        merged in, and the bytes of every small (≤ 1-D-sized) tensor the model reads. Two
+        merged in, and the bytes of every small (≤ 1-D-sized) tensor the model reads (and of a
+        tuned initial state the file carries: it changes what the model computes). Two
         checkpoints with the same shapes but different weights differ in their per-channel vectors,
         so states cannot be mixed up; the same model in another file format has the same one."""
         h = hashlib.sha256(repr(astuple(self.spec)).encode())
         for item in self.merged:
             h.update(item.encode())
         small = self.spec.n_embd * getattr(self.spec, "head_size", 64)  # RWKV-4 has no heads
-        for key in sorted(set(self.tensors) - self.architecture.unread):
-            t = self.tensors[key]
-            if t.numel() <= small:
-                h.update(key.encode())
-                h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
+        small_tensors = {k: t for k, t in self.tensors.items() if k not in self.architecture.unread and t.numel() <= small}
+        for key, t in sorted((small_tensors | self.tuned_state).items()):
+            h.update(key.encode())
+            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:32]
 
 
@@ -190,11 +193,18 @@ def validate(tensors: Mapping[str, torch.Tensor]) -> Any:
 
 
 def load_checkpoint(name: str | Path) -> Checkpoint:
-    """Resolve, read and validate a checkpoint (``.pth`` is memory-mapped, ``weights_only``)."""
+    """Resolve, read and validate a checkpoint (``.pth`` is memory-mapped, ``weights_only``); the
+    ``time_state`` tensors of a "merged state" model go to :attr:`Checkpoint.tuned_state`."""
+    from rwkvkit.formats.tuned_state import split_time_states, wkv_states
+
     path = resolve_path(name)
-    tensors = _read_tensors(path)
+    tensors, tuned = split_time_states(_read_tensors(path))
+    if tuned and not tensors:
+        raise CheckpointError(f"{path}: holds only tuned states (blocks.N.att.time_state), no model: give it as the initial state (model.state=...)")
     try:
         spec = validate(tensors)
+        if tuned:
+            wkv_states(tuned, spec, CheckpointError)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
-    return Checkpoint(path=path, spec=spec, tensors=tensors)
+    return Checkpoint(path=path, spec=spec, tensors=tensors, tuned_state=tuned)

@@ -39,6 +39,8 @@ def _info(args: argparse.Namespace) -> None:
     else:
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in ckpt.tensors.values()})
         print(f"  {'format':<10} {ckpt.path.suffix} file, {'/'.join(dtypes)}")
+    if ckpt.tuned_state:
+        print(f"  {'state':<10} carries a tuned initial state ({len(ckpt.tuned_state)} x blocks.N.att.time_state): generation starts from it")
     for key, value in asdict(ckpt.spec).items():
         print(f"  {key:<10} {value}")
 

@@ -49,7 +49,7 @@ class ChatTemplateConfig:
 class ModelConfig:
     path: str = key(MISSING, "checkpoint file (.pth or .safetensors, suffix optional), a Hugging Face model folder, a pkg://package/file path, or a model config name (demo)")
     tokenizer: str = key("rwkv_vocab_v20230424", "a registered tokenizer name, a tokenizer.json path (pkg:// allowed), or a model folder holding one")
-    state: Optional[str] = key(None, "a state-tuned initial state (.pth/.safetensors with blocks.N.att.time_state); null starts from zeros")
+    state: Optional[str] = key(None, "a state-tuned initial state (.pth/.safetensors with blocks.N.att.time_state); null starts from the model's own (zeros, or the state a merged-state model file carries)")
     lora: List[LoraFile] = key(meaning="LoRA adapters merged into the weights at load, e.g. 'model.lora=[{path: a.pth, alpha: 32}]'", factory=list)
     chat: ChatTemplateConfig = key(factory=ChatTemplateConfig)
 

@@ -81,8 +81,8 @@ class GraphedDecoder:
         return logits
 
     def reset(self, state: State | None = None) -> None:
-        """Start from ``state`` (copied; checked like ``Model.forward`` checks it) or from zeros."""
-        source = self.model.zero_state(self.batch_size) if state is None else self.model.adopt_state(state)
+        """Start from ``state`` (copied; checked like ``Model.forward`` checks it) or from the model's initial state."""
+        source = self.model.initial_state(self.batch_size) if state is None else self.model.adopt_state(state)
         if source.batch_size != self.batch_size:
             raise InputError(f"state has batch size {source.batch_size} but this decoder was built for {self.batch_size}")
         _copy_into(self._buffers, _tensors(source.layers))

@@ -76,6 +76,11 @@ class Model:
             first, last = self.stages[0].ops, self.stages[-1].ops
             self.emb = first.prepare_source(arch.embedding(t), Role.EMBEDDING)
             self.head = arch.load_head(self.spec, Loader(t, last))
+        self._tuned: State | None = None  # a "merged state" model file's initial state (batch of one)
+        if checkpoint.tuned_state:
+            from rwkvkit.formats.tuned_state import tuned_state, wkv_states
+
+            self._tuned = tuned_state(self, wkv_states(checkpoint.tuned_state, self.spec, StateError))
 
     def weight_bytes(self) -> int:
         """Bytes of prepared weights held by the model (what quantization shrinks)."""
@@ -97,6 +102,13 @@ class Model:
     def zero_state(self, batch_size: int = 1) -> State:
         """The state before any token: zeros everywhere."""
         return self._produced([self.state_layout.zeros(batch_size, p.device, p.dtype) for p in self._layer_placements()])
+
+    def initial_state(self, batch_size: int = 1) -> State:
+        """The state a sequence starts from when none is given: the tuned state the model file
+        carries (RWKV-Runner's "merged state" models, :mod:`rwkvkit.formats.tuned_state`), else zeros."""
+        if self._tuned is None:
+            return self.zero_state(batch_size)
+        return self._produced([layer.map(lambda t: t.expand(batch_size, *t.shape[1:]).clone()) for layer in self._tuned.layers])
 
     def adopt_state(self, state: State) -> State:
         """Check a state belongs to this model and fits it (shapes, dtypes, finite values: see
@@ -175,13 +187,13 @@ class Model:
         """Run tokens through the model.
 
         ``tokens``: an int, a sequence of ints or a 1-D tensor (one sequence), or a ``[B, T]``
-        tensor (a batch). ``state``: None for a fresh start, else a state from an earlier call
+        tensor (a batch). ``state``: None for a fresh start (:meth:`initial_state`), else a state from an earlier call
         (not modified). Returns float32 logits — ``[V]`` for the last token of a sequence,
         ``[T, V]`` with ``full_output``, with a leading ``B`` for batched input — and the new state.
         """
         batch, single = self._token_batch(tokens)
         B = batch.shape[0]
-        state = self.zero_state(B) if state is None else self.adopt_state(state)
+        state = self.initial_state(B) if state is None else self.adopt_state(state)
         if state.batch_size != B:
             raise InputError(f"state has batch size {state.batch_size} but tokens have batch size {B}")
 

@@ -27,7 +27,7 @@ def bad_logits(logits: torch.Tensor) -> str | None:
 @torch.inference_mode()
 def first_nonfinite(model: Model, tokens: Sequence[int], state: State | None) -> str:
     """Rerun one forward step block by block and name the first part whose output is not finite."""
-    state = model.zero_state() if state is None else model.adopt_state(state)
+    state = model.initial_state() if state is None else model.adopt_state(state)
     x = model.stages[0].ops.embed(model.emb, torch.tensor([list(tokens)]))
     if not torch.isfinite(x).all():
         return "the embedding (emb.weight, blocks.0.ln0)"

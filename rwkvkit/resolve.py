@@ -62,7 +62,7 @@ def resolve_sampler(sampler: Sampler | str, options: dict[str, Any] | None = Non
 def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:
     """A registered tokenizer name (``rwkv_vocab_v20230424``), a path (``pkg://`` allowed) to an
     HF ``tokenizer.json`` (as ChatRWKV's ``PIPELINE(model, "20B_tokenizer.json")``), or a Hugging
-    Face model folder holding a ``tokenizer.json`` or the World vocabulary file."""
+    Face model folder holding a ``tokenizer.json`` or the World vocabulary file (``vocab.txt`` too)."""
     if isinstance(name, Tokenizer):
         return name
     key = str(name)
@@ -74,11 +74,11 @@ def resolve_tokenizer(name: str | Path | Tokenizer) -> Tokenizer:
 
 
 def _folder_tokenizer(folder: Path) -> Tokenizer:
-    from rwkvkit.formats.hf import folder_tokenizer
+    from rwkvkit.formats.hf import folder_tokenizer, world_vocab_file
 
     path = folder_tokenizer(folder)
     if path is None:
-        raise TokenizerError(f"{folder}: a folder without tokenizer.json or rwkv_vocab_v20230424.txt; name a tokenizer instead (e.g. rwkv_vocab_v20230424)")
+        raise TokenizerError(f"{folder}: a folder without tokenizer.json, rwkv_vocab_v20230424.txt or vocab.txt; name a tokenizer instead (e.g. rwkv_vocab_v20230424)")
     if path.suffix == ".json":
         return registry.get("tokenizers", "hf")(path=path)
-    return registry.get("tokenizers", "rwkv_world")(vocab_file=path)
+    return registry.get("tokenizers", "rwkv_world")(vocab_file=world_vocab_file(path))

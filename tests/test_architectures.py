@@ -206,7 +206,8 @@ def test_fp16_with_rescaling_stays_finite_and_close(gen, tmp_path):
         ("rwkv6", lambda t: t.pop("blocks.1.att.time_maa_g"), "RWKV-6 (Finch) 'x060' checkpoint: missing key 'blocks.1.att.time_maa_g'"),
         ("rwkv5", lambda t: t.__setitem__("blocks.0.att.time_decay", torch.zeros(2)), "RWKV-5.0/5.1 file"),
         ("rwkv4", lambda t: t.__setitem__("blocks.0.att.time_first", torch.zeros(3)), "RWKV-4 'v4' checkpoint: key 'blocks.0.att.time_first' has shape [3]; expected [128]"),
-        ("rwkv6", lambda t: t.__setitem__("blocks.0.att.time_state", torch.zeros(2, 64, 64)), "unexpected key(s) 'blocks.0.att.time_state'"),
+        ("rwkv6", lambda t: t.__setitem__("blocks.0.att.time_state", torch.zeros(2, 64, 64)), "no state for layer 1 ('blocks.1.att.time_state')"),  # a merged state: every layer's
+        ("rwkv4", lambda t: t.__setitem__("blocks.0.att.time_state", torch.zeros(2, 64, 64)), "this model is rwkv4: RWKV-4 has no WKV matrix state"),
     ],
 )
 def test_bad_checkpoints_name_the_generation_and_key(gen, edit, message, tmp_path):

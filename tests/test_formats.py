@@ -27,7 +27,8 @@ from rwkvkit import RWKV
 from rwkvkit.checkpoint import load_checkpoint
 from rwkvkit.cli import main
 from rwkvkit.compat import PIPELINE, PIPELINE_ARGS
-from rwkvkit.errors import CheckpointError, InputError, StateError
+from rwkvkit.errors import CheckpointError, InputError, StateError, TokenizerError
+from rwkvkit.formats import hf
 from rwkvkit.formats.convert import ConvertError, convert
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.state import LayerState, State
@@ -441,3 +442,150 @@ def test_run_takes_a_folder_a_tuned_state_and_a_lora(source, tmp_path):
     expected = pipeline.generate("Once", 6, PIPELINE_ARGS(temperature=0, alpha_frequency=0, alpha_presence=0), state=State.from_tuned(tmp_path / "tuned.pth", model))
     assert (out / "output.txt").read_text() == expected
     assert json.loads((out / "run.json").read_text())["model_fingerprint"] == model.fingerprint
+
+
+# ---- RWKV-6/5/4: Hugging Face folders, tuned states, merged-state model files
+
+OLDER = ("rwkv6", "rwkv5", "rwkv4")
+MODEL_TYPES = {"rwkv6": "rwkv6", "rwkv5": "rwkv5", "rwkv4": "rwkv"}
+
+
+def transformers_style(blink: dict[str, torch.Tensor], gen: str) -> dict[str, torch.Tensor]:
+    """BlinkDL -> HF names as the published conversion scripts' ``convert_state_dict`` does
+    (transformers' convert_rwkv_checkpoint_to_hf.py for RWKV-4, BBuf/RWKV-World-HF-Tokenizer's
+    convert_rwkv5/6_checkpoint_to_hf.py): renames only, tensors as they are."""
+    import re
+
+    out = {}
+    for name, t in blink.items():
+        if name.startswith("emb."):
+            name = name.replace("emb.", "embeddings.")
+        if name.startswith("blocks.0.ln0"):
+            name = name.replace("blocks.0.ln0", "blocks.0.pre_ln")
+        name = re.sub(r"blocks\.(\d+)\.att", r"blocks.\1.attention", name)
+        name = re.sub(r"blocks\.(\d+)\.ffn", r"blocks.\1.feed_forward", name)
+        if gen != "rwkv6":  # RWKV-6's time_maa_* keep their names
+            for short, long in (("k", "key"), ("v", "value"), ("r", "receptance"), ("g", "gate")):
+                if name.endswith(f".time_mix_{short}"):
+                    name = name.replace(f".time_mix_{short}", f".time_mix_{long}")
+        out[name if name == "head.weight" else "rwkv." + name] = t.contiguous()
+    return out
+
+
+@pytest.fixture(scope="module")
+def older(tmp_path_factory) -> dict[str, tuple[Path, dict[str, torch.Tensor]]]:
+    root = tmp_path_factory.mktemp("older")
+    out = {}
+    for gen in OLDER:
+        tensors = random_checkpoint(make_spec(2, 128, 4096, architecture=gen), seed=11)
+        out[gen] = save_checkpoint(tensors, root / f"{gen}.pth"), tensors
+    return out
+
+
+@pytest.mark.parametrize("gen", OLDER)
+def test_older_generations_hf_folders_give_the_source_logits(older, tmp_path, capsys, gen):
+    path, tensors = older[gen]
+    config = {"model_type": MODEL_TYPES[gen], "hidden_size": 128, "num_hidden_layers": 2, "vocab_size": 4096, "rescale_every": 6, "layer_norm_epsilon": 1e-5}
+    folder = make_folder(tmp_path / "hf", transformers_style(tensors, gen), shards=2, config=config)
+    shutil.copyfile(str(resources.files("rwkvkit.demo").joinpath("tokenizer.json")), folder / "tokenizer.json")
+    source = RWKV(path, "cpu fp32")
+    model = RWKV(folder, "cpu fp32")
+    assert rel_diff(model.forward(TOKENS, None)[0], source.forward(TOKENS, None)[0]) <= 1e-6
+    assert model.fingerprint == source.fingerprint
+    assert resolve_tokenizer(folder).encode("Hello") == resolve_tokenizer("pkg://rwkvkit.demo/tokenizer.json").encode("Hello")
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"Hugging Face folder, model_type {MODEL_TYPES[gen]}, 2 safetensors files, tokenizer tokenizer.json" in out
+    assert f"architecture {gen}" in out
+    # rwkvkit convert writes the same layout, and back to .pth bit-exactly
+    assert main(["convert", str(path), str(tmp_path / "ours")]) == 0
+    written = hf.read_raw(tmp_path / "ours")
+    assert written.keys() == transformers_style(tensors, gen).keys()
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "back.pth")]) == 0
+    back = torch.load(tmp_path / "back.pth")
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k].reshape(t.shape), t) for k, t in tensors.items())
+
+
+def test_older_hf_folder_contradicting_its_config_is_refused(older, tmp_path):
+    folder = make_folder(tmp_path / "hf", transformers_style(older["rwkv6"][1], "rwkv6"), config={"model_type": "rwkv6", "head_size": 32})
+    with pytest.raises(CheckpointError, match="head_size=32 but the weights have 64"):
+        load_checkpoint(folder)
+    folder = make_folder(tmp_path / "hf5", {**transformers_style(older["rwkv5"][1], "rwkv5"), "rwkv.blocks.0.attention.time_mix_k": torch.zeros(1, 1, 128)}, config={"model_type": "rwkv5"})
+    with pytest.raises(CheckpointError, match="unexpected key"):  # RWKV-5's HF name is time_mix_key
+        load_checkpoint(folder)
+
+
+def older_states(gen: str, seed: int = 4) -> dict[str, torch.Tensor]:
+    gen_ = torch.Generator().manual_seed(seed)
+    return {f"blocks.{i}.att.time_state": torch.randn(2, 64, 64, generator=gen_) * 0.5 for i in range(2)}
+
+
+@pytest.mark.parametrize("gen", ("rwkv6", "rwkv5"))
+def test_rwkv5_and_6_tuned_states_start_where_the_oracle_starts(older, tmp_path, gen):
+    """rwkv 0.8.32 starts an RWKV-5/6 model file carrying ``time_state`` from it (transposed to its
+    key-first state): a merged-state file must start the same here, and a separate state file
+    applied by hand must equal it. Tolerance: the fp32 one of test_oracle_parity."""
+    path, tensors = older[gen]
+    states = older_states(gen)
+    merged = save_checkpoint({**tensors, **states}, tmp_path / "merged.pth")
+    ref = run_oracle(merged, "cpu fp32", tmp_path, v7=False, runs={"start": {"chunks": [TOKENS], "full_output": False}})["start"]["logits"][0]
+    from_file = RWKV(merged, "cpu fp32").forward(TOKENS, None)[0]
+    assert rel_diff(from_file, ref) < 2e-5
+    plain = RWKV(path, "cpu fp32")
+    assert rel_diff(plain.forward(TOKENS, None)[0], ref) > 1e-3  # the state matters: this test can tell
+    save_file(states, str(tmp_path / "tuned.safetensors"))
+    assert torch.equal(plain.forward(TOKENS, State.from_tuned(tmp_path / "tuned.safetensors", plain))[0], from_file)
+    save_file({k: v.transpose(1, 2).contiguous() for k, v in states.items()}, str(tmp_path / "transposed.safetensors"))
+    assert rel_diff(plain.forward(TOKENS, State.from_tuned(tmp_path / "transposed.safetensors", plain))[0], ref) > 1e-3
+
+
+def test_rwkv4_has_no_tuned_state(older, tmp_path):
+    torch.save(older_states("rwkv4"), tmp_path / "tuned.pth")
+    with pytest.raises(StateError, match="this model is rwkv4: RWKV-4 has no WKV matrix state"):
+        State.from_tuned(tmp_path / "tuned.pth", RWKV(older["rwkv4"][0], "cpu fp32"))
+
+
+def test_merged_state_model_file_starts_from_its_state(source, reference, tmp_path, capsys):
+    states = time_states(seed=2)
+    merged = save_checkpoint({**source[1], **states}, tmp_path / "merged.pth")
+    torch.save(states, tmp_path / "tuned.pth")
+    plain = RWKV(source[0], "cpu fp32")
+    by_hand = plain.forward(TOKENS, State.from_tuned(tmp_path / "tuned.pth", plain))[0]
+    model = RWKV(merged, "cpu fp32")
+    assert torch.equal(model.forward(TOKENS, None)[0], by_hand) and rel_diff(by_hand, reference) > 1e-3
+    assert torch.equal(model.forward(TOKENS, model.zero_state())[0], reference)  # an explicit state still wins
+    assert model.fingerprint != plain.fingerprint  # a cache of states or weights must tell them apart
+    # the int8 path quantizes the weights only: the state is the same tensors
+    q, q_plain = RWKV(merged, "cpu fp32i8"), RWKV(source[0], "cpu fp32i8")
+    assert torch.equal(q.forward(TOKENS, None)[0], q_plain.forward(TOKENS, State.from_tuned(tmp_path / "tuned.pth", q_plain))[0])
+    assert main(["info", str(merged)]) == 0
+    assert "carries a tuned initial state (3 x blocks.N.att.time_state)" in capsys.readouterr().out
+    assert RWKV(convert(merged, tmp_path / "m.safetensors").path, "cpu fp32").fingerprint == model.fingerprint  # kept
+    with pytest.raises(ConvertError, match="has no place for"):
+        convert(merged, tmp_path / "hf")
+    bad = save_checkpoint({**source[1], **time_states(n_layer=2)}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"bad.pth: no state for layer 2"):
+        load_checkpoint(bad)
+    with pytest.raises(CheckpointError, match="holds only tuned states"):
+        load_checkpoint(tmp_path / "tuned.pth")
+
+
+def test_an_hf_vocab_txt_is_read_as_the_world_vocabulary(tmp_path):
+    """RWKV/v5-Eagle-*-HF and v6-Finch-*-HF ship ``vocab.txt`` as Rwkv5Tokenizer.save_vocabulary
+    writes it: ``str(token)`` of each id's bytes, one per line, line 0 the ``b'<s>'`` placeholder."""
+    import ast
+
+    world = resources.files("rwkvkit.plugins").joinpath("rwkv_vocab_v20230424.txt").read_text(encoding="utf-8")
+    tokens = {}
+    for line in world.splitlines():
+        head, _, rest = line.partition(" ")
+        token = ast.literal_eval(rest.rpartition(" ")[0])
+        tokens[int(head)] = token.encode("utf-8") if isinstance(token, str) else token
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(str(t) for t in [b"<s>", *(tokens[i] for i in range(1, max(tokens) + 1))]) + "\n", encoding="utf-8")
+    text = "Hello, world! 你好\n\nUser: hi"
+    assert resolve_tokenizer(folder).encode(text) == resolve_tokenizer("rwkv_vocab_v20230424").encode(text)
+    (folder / "vocab.txt").write_text("b'<s>'\n[PAD]\n", encoding="utf-8")  # a BERT-style vocab.txt
+    with pytest.raises(TokenizerError, match=r"vocab.txt:2: expected a Python bytes literal"):
+        resolve_tokenizer(folder)

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rwkvkit import PIPELINE, PIPELINE_ARGS, RWKV
 from rwkvkit.server.template import ChatTemplate
+from rwkvkit.state import State
 from server_helpers import serving
 
 MODEL = "demo"
@@ -31,9 +32,22 @@ PROMPT = "\nIn the beginning"
 ATOL = 1e-4
 
 
+def demo_time_states(seed: int) -> dict[str, torch.Tensor]:
+    """A tuned initial state for the demo model (6 layers, 3 heads of 64), RWKV-PEFT's keys."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"blocks.{i}.att.time_state": torch.randn(3, 64, 64, generator=gen) * 0.5 for i in range(6)}
+
+
 @pytest.fixture(scope="module")
-def server():
-    with serving(*LIMITS) as s:
+def tuned_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("states") / "calm.pth"
+    torch.save(demo_time_states(3), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tuned_path):
+    with serving(*LIMITS, f"+server.states.calm={tuned_path}") as s:
         yield s
 
 
@@ -69,8 +83,26 @@ def error_of(response: httpx.Response, status: int, param: str | None, *words: s
 # --- completions ----------------------------------------------------------------------------
 
 
-def test_models_lists_the_served_model(client):
+def test_models_lists_the_served_model(server, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(f"{server.url}/v1/models").json()["data"][0]["states"] == ["calm"]
+
+
+def test_a_request_starts_from_a_named_tuned_state(server, client, pipeline, tuned_path):
+    got = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"state": "calm"})
+    args = PIPELINE_ARGS(temperature=0)
+    expected = pipeline.generate(PROMPT, token_count=12, args=args, state=State.from_tuned(tuned_path, pipeline.model))
+    assert got.choices[0].text == expected != pipeline.generate(PROMPT, token_count=12, args=args)  # the state matters
+    chat = post(server, "/v1/chat/completions", {"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "state": "calm"})
+    assert chat.status_code == 200, chat.text
+    error_of(post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "state": "wild"}), 400, "state", "'wild'", "calm")
+
+
+def test_a_bad_configured_state_stops_the_server_before_it_serves(tmp_path):
+    torch.save({k: v[:, :32] for k, v in demo_time_states(0).items()}, tmp_path / "small.pth")
+    with pytest.raises(RuntimeError, match=r"server.states.small=.*small.pth: .*layer 0 state has shape \[3, 32, 64\]"):
+        with serving(f"+server.states.small={tmp_path / 'small.pth'}"):
+            pass
 
 
 @pytest.mark.parametrize("presence, frequency", [(None, None), (0.5, 0.3)])

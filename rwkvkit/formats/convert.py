@@ -25,6 +25,7 @@ from rwkvkit.errors import CheckpointError, RwkvkitError
 from rwkvkit.formats import hf
 from rwkvkit.formats.files import content_digest
 from rwkvkit.formats.lora import Lora, merge_loras
+from rwkvkit.formats.tuned_state import split_time_states
 from rwkvkit.native import write_atomically
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -69,8 +70,11 @@ def convert(
     _check_destination(dst, kind, checkpoint.path, force)
     shapes = expected_shapes(checkpoint.spec)  # vectors as real files hold them ([1, 1, C]), whatever the source had
     tensors = {k: t.reshape(shapes[k]).to(DTYPES[dtype] if dtype else t.dtype) for k, t in checkpoint.tensors.items()}
+    tensors |= {k: t.to(DTYPES[dtype]) if dtype else t for k, t in checkpoint.tuned_state.items()}  # a merged state stays merged
     if kind == "hf":
         layout = hf.layout_for(checkpoint.spec.version)
+        if checkpoint.tuned_state and not getattr(layout.mapping, "TUNED_STATE", False):
+            raise ConvertError(f"{checkpoint.path} carries a tuned initial state (time_state), which the {layout.model_type} Hugging Face layout has no place for; write a .pth or .safetensors file")
         tensors = {k: t for k, t in tensors.items() if k not in layout.mapping.NOT_WRITTEN}
     expected = content_digest(tensors)
     if kind == "hf":
@@ -102,7 +106,7 @@ def _check_destination(dst: Path, kind: str, src: Path, force: bool) -> None:
 def _verify(tensors: dict[str, torch.Tensor], expected: str, where: Path) -> None:
     """The read-back tensors must be a valid model with exactly the digest of what was written."""
     try:
-        validate(tensors)
+        validate(split_time_states(tensors)[0])
     except CheckpointError as exc:
         raise ConvertError(f"{where}: the written model does not read back as a valid one ({exc}); nothing was replaced") from None
     if content_digest(tensors) != expected:

@@ -2,40 +2,52 @@
 ``model-0000N-of-0000M.safetensors`` listed by ``model.safetensors.index.json``.
 
 ``config.json``'s ``model_type`` picks the key layout (:data:`LAYOUTS`, one per architecture: RWKV-7
-is fla-hub's ``rwkv7``); the layout renames the tensors to BlinkDL's keys, which
+is fla-hub's ``rwkv7``, RWKV-6/5/4 the ``rwkv6``/``rwkv5``/``rwkv`` of :mod:`.hf_rwkv`); the layout renames the tensors to BlinkDL's keys, which
 :func:`rwkvkit.checkpoint.validate` then checks like any other checkpoint's.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from rwkvkit.errors import CheckpointError
-from rwkvkit.formats import fla_rwkv7
+from rwkvkit.errors import CheckpointError, TokenizerError
+from rwkvkit.formats import fla_rwkv7, hf_rwkv
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "rwkv_vocab_v20230424.txt")  # what rwkvkit can read, preferred first
+# what rwkvkit can read, preferred first; vocab.txt: the Rwkv5Tokenizer file of RWKV/v5-Eagle-*-HF and v6-Finch-*-HF
+TOKENIZER_FILES = ("tokenizer.json", "rwkv_vocab_v20230424.txt", "vocab.txt")
+HF_WORLD_VOCAB = "vocab.txt"
 
 
 @dataclass(frozen=True)
 class Layout:
-    """How one architecture's tensors are named in HF folders (a module with ``to_blink``,
-    ``from_blink``, ``config`` and ``check_config``: see :mod:`.fla_rwkv7`)."""
+    """How one architecture's tensors are named in HF folders (``mapping``: an object with
+    ``to_blink``, ``from_blink``, ``config``, ``check_config`` and ``NOT_WRITTEN``: see
+    :mod:`.fla_rwkv7`, :mod:`.hf_rwkv`)."""
 
     model_type: str
-    version: int  # the RWKV generation it holds (ModelSpec.version)
-    mapping: ModuleType
+    version: float  # the RWKV generation it holds (its spec's ``version``)
+    mapping: Any
 
 
-LAYOUTS: dict[str, Layout] = {fla_rwkv7.MODEL_TYPE: Layout(fla_rwkv7.MODEL_TYPE, 7, fla_rwkv7)}
+LAYOUTS: dict[str, Layout] = {
+    layout.model_type: layout
+    for layout in (
+        Layout(fla_rwkv7.MODEL_TYPE, 7, fla_rwkv7),
+        Layout(hf_rwkv.RWKV6.model_type, 6, hf_rwkv.RWKV6),
+        Layout(hf_rwkv.RWKV5.model_type, 5.2, hf_rwkv.RWKV5),
+        Layout(hf_rwkv.RWKV4.model_type, 4, hf_rwkv.RWKV4),
+    )
+}
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -125,7 +137,7 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def layout_for(version: int) -> Layout:
+def layout_for(version: float) -> Layout:
     """The layout that writes RWKV-``version`` models."""
     for layout in LAYOUTS.values():
         if layout.version == version:
@@ -148,7 +160,7 @@ def shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, t
 
 
 def write_folder(folder: Path, tensors: dict[str, torch.Tensor], spec: Any, max_shard_bytes: int) -> list[str]:
-    """Write BlinkDL-named ``tensors`` of a model of ``spec`` (a ``ModelSpec``) as an HF folder
+    """Write BlinkDL-named ``tensors`` of a model of ``spec`` (its architecture's spec) as an HF folder
     (``folder`` must exist and be empty); returns the names of the files written."""
     from safetensors.torch import save_file
 
@@ -190,6 +202,40 @@ def folder_tokenizer(folder: Path) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
+
+
+def world_vocab_file(path: Path) -> Path:
+    """A World vocabulary file the ``rwkv_world`` tokenizer reads (``<id> <literal> <length>``
+    lines): ``path`` itself, or for an HF folder's ``vocab.txt`` (transformers-style
+    ``Rwkv5Tokenizer``: line i is token id i as a Python bytes literal, line 0 a placeholder for
+    id 0, the end of text) the same tokens rewritten that way, once per content, in rwkvkit's cache."""
+    if path.name != HF_WORLD_VOCAB:
+        return path
+    from rwkvkit.native import cache_dir, write_atomically
+
+    try:
+        data = path.read_bytes()
+        lines = data.decode("utf-8").split("\n")
+    except (OSError, UnicodeError) as exc:
+        raise TokenizerError(f"cannot read vocab file {path}: {exc}") from None
+    target = cache_dir() / "vocab" / f"hf-world-{hashlib.sha256(data).hexdigest()[:16]}.txt"
+    if target.is_file():
+        return target
+    out = []
+    for token_id, line in enumerate(lines):
+        if token_id == 0 or not line:
+            continue
+        try:
+            token = ast.literal_eval(line)
+        except (ValueError, SyntaxError):
+            token = None
+        token = token.encode("utf-8") if isinstance(token, str) else token
+        if not isinstance(token, bytes) or not token:
+            raise TokenizerError(f"{path}:{token_id + 1}: expected a Python bytes literal per line (an RWKV World vocab.txt), got {line!r:.80}")
+        out.append(f"{token_id} {token!r} {len(token)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, lambda tmp: tmp.write_text("\n".join(out) + "\n", encoding="utf-8"))
+    return target
 
 
 def describe(folder: Path) -> str:

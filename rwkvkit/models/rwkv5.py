@@ -86,7 +86,7 @@ class Rwkv5(gated_ffn.GatedFfnArchitecture):
         if H * N != C:
             raise CheckpointError(f"key 'blocks.0.att.time_faaaa' has shape {[H, N]}; expected [n_head, head_size] with product {C}")
         spec = Rwkv5Spec(n_layers(t), C, H, N, vocab, dim_ffn)
-        check_tensors(t, self.expected_shapes(spec), (), "an RWKV-5 variant rwkvkit does not run (e.g. a state-tuned file with time_state)")
+        check_tensors(t, self.expected_shapes(spec), (), "an RWKV-5 variant rwkvkit does not run")
         return spec
 
     def expected_shapes(self, spec: Rwkv5Spec) -> dict[str, tuple[int, ...]]:

@@ -146,7 +146,7 @@ class Rwkv6(gated_ffn.GatedFfnArchitecture):
             raise CheckpointError(f"key 'blocks.0.att.time_maa_w1' has {mix} columns; expected 5 * rank (one LoRA per mixed input)")
         decay = shape2d(t, "blocks.0.att.time_decay_w1", "n_embd, rank")[1]
         spec = Rwkv6Spec(n_layers(t), C, H, N, vocab, dim_ffn, mix // len(MIXES), decay)
-        check_tensors(t, self.expected_shapes(spec), (), "an RWKV-6 variant rwkvkit does not run (e.g. a state-tuned file with time_state)")
+        check_tensors(t, self.expected_shapes(spec), (), "an RWKV-6 variant rwkvkit does not run")
         return spec
 
     def expected_shapes(self, spec: Rwkv6Spec) -> dict[str, tuple[int, ...]]:

@@ -92,7 +92,7 @@ def create_app(service: Service, grace_period: float = 10.0) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "rwkvkit"}]}
+        return {"object": "list", "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "rwkvkit", "states": sorted(service.states)}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:

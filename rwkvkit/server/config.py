@@ -5,7 +5,7 @@ override) plus a ``server`` group (conf/server/) or the chat's own keys."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -39,6 +39,7 @@ class ServerConfig:
     api_key_file: Optional[str] = key(None, "a file of accepted keys, one per line (keeps keys off the command line)")
     grace_period: float = key(10.0, "seconds in-flight requests may finish after SIGTERM/Ctrl-C before they are cancelled")
     log_level: str = key("info", "uvicorn's log level: critical, error, warning, info, debug")
+    states: Dict[str, str] = key(meaning="tuned initial states requests may start from: name -> state-tuning file (RWKV-PEFT time_state); add one with +server.states.NAME=PATH; a request picks it with \"state\": NAME", factory=dict)
 
 
 @dataclass

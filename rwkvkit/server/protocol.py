@@ -43,6 +43,7 @@ class SamplingParams(_Body):
     alpha_decay: Optional[float] = Field(None, ge=0, le=1)
     sampler: Optional[str] = None
     sampler_options: Optional[dict[str, Any]] = None
+    state: Optional[str] = None  # the name of a tuned initial state of server.states
     # structured output: {"type": "text" | "json_object" | "json_schema", "json_schema": {"schema": ...}}
     response_format: Optional[dict[str, Any]] = None
 

@@ -8,14 +8,14 @@ import random
 from collections import OrderedDict
 from dataclasses import replace
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
 from rwkvkit.config import SamplingConfig, make_sampler, make_stops
 from rwkvkit.constraints import ConstraintMaker, constraint_from_response_format, constraint_maker
 from rwkvkit.engine import Engine, Request, TokenLogprob
-from rwkvkit.errors import ConstraintError, InputError, RwkvkitError
+from rwkvkit.errors import ConstraintError, InputError, RwkvkitError, StateError
 from rwkvkit.interfaces import Sampler, Tokenizer
 from rwkvkit.model import Model
 from rwkvkit.penalties import Penalties
@@ -25,6 +25,7 @@ from rwkvkit.server.metrics import Metrics
 from rwkvkit.server.protocol import APIError, SamplingParams
 from rwkvkit.server.template import ChatTemplate
 from rwkvkit.server.worker import EngineWorker, Event, Job
+from rwkvkit.state import State
 
 # a complete constrained text stops; one the token budget cut short is incomplete: "length"
 FINISH = {"length": "length", "stop_token": "stop", "stop_string": "stop", "constraint": "stop", "constraint_incomplete": "length"}
@@ -41,6 +42,7 @@ class Service:
         self.sampling: SamplingConfig = OmegaConf.to_object(cfg.sampling)
         self.stops = make_stops(cfg.sampling)
         self.template = ChatTemplate.of(cfg.model.chat)
+        self.states = load_states(model, self.limits.states)  # before the engine thread starts
         limits = self.limits
         self.cache = PromptCache(limits.prompt_cache_mb << 20) if limits.prompt_cache_mb > 0 else None
         self.metrics = Metrics(self.cache)
@@ -48,6 +50,15 @@ class Service:
         self.worker = EngineWorker(engine, limits.max_batch + limits.max_queue, self.metrics)
         self._samplers: OrderedDict[tuple, Sampler] = OrderedDict()
         self.token_bytes = lru_cache(maxsize=1 << 16)(lambda token: tokenizer.decode_bytes([token]))
+
+    def initial_state(self, body: SamplingParams) -> State | None:
+        """The tuned state a request names in ``state`` (None: the model's own start)."""
+        if body.state is None:
+            return None
+        if body.state not in self.states:
+            known = ", ".join(sorted(self.states)) or "none (server.states is empty)"
+            raise APIError(400, f"state: unknown state {body.state!r}; this server has: {known}", "state")
+        return self.states[body.state]
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -128,6 +139,7 @@ class Service:
         reproduces all of them."""
         sampler = self.sampler(body)
         constraint = self.constraint(body)
+        state = self.initial_state(body)
         asked = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in asked):
             raise APIError(400, "stop: a stop string is empty", "stop")
@@ -138,7 +150,7 @@ class Service:
                 i * body.n + j,
                 Request(
                     ids, max_tokens, sampler, self.penalties(body), stop_tokens, seed=seed + j, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                    constraint=constraint() if constraint else None,
+                    constraint=constraint() if constraint else None, state=state,
                 ),
                 sink,
             )
@@ -185,3 +197,15 @@ def finish_reason(event: Event) -> str:
     if reason not in FINISH:
         raise APIError(503, f"generation ended early ({reason}): the server is shutting down", code="shutting_down")
     return FINISH[reason]
+
+
+def load_states(model: Model, paths: Mapping[str, str]) -> dict[str, State]:
+    """``server.states`` read and checked against the model before anything is served; a bad
+    file is refused naming its name and path."""
+    states = {}
+    for name, path in paths.items():
+        try:
+            states[name] = State.from_tuned(path, model)
+        except StateError as exc:
+            raise StateError(f"server.states.{name}={path}: {exc}") from None
+    return states
