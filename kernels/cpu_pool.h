@@ -14,7 +14,8 @@
 // it; with none the thread keeps polling, so the gap between two tokens costs no wake-up), then
 // sleeps on a futex: between calls the pool threads use no CPU. And a share is claimed by whichever
 // thread comes first, the caller included: a pool thread that is asleep or lost its core to
-// another process leaves its share to the caller instead of holding it up. The shares are the
+// another process leaves the shares it has not claimed to the caller instead of holding them up
+// (a share it claimed still holds up the job until it is done). The shares are the
 // same whoever runs them, so results do not depend on the thread count or on who ran what.
 //
 // The policy (pool_policy, set once by rwkvkit/native/cpu.py from the environment): OMP_WAIT_POLICY
@@ -87,7 +88,7 @@ struct alignas(64) Signal {
     // Returns word once it differs from `old`.
     uint32_t wait_change(uint32_t old, const WaitPolicy& p) {
         uint32_t now = word.load(std::memory_order_acquire);
-        if (now != old || p.mode == OPENMP) return now;
+        if (now != old) return now;
         if (p.mode != PASSIVE) {
             const int64_t start = now_ns();
             for (int64_t i = 1;; ++i) {
