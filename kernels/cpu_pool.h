@@ -217,9 +217,10 @@ void parallel_for(int64_t n, int threads, Body body) {
 extern "C" {
 
 // Sets the wait policy (see the top of this file). Returns 0, or 1 (nothing changed) for an
-// unknown mode, negative times, or a pool already running (its threads read the policy unlocked).
+// unknown mode, negative times, or another policy than a running pool's (its threads read it unlocked).
 int pool_policy(int32_t mode, int64_t spin_ns, int64_t yield_ns) {
-    if (mode < SPIN_YIELD_SLEEP || mode > OPENMP || spin_ns < 0 || yield_ns < 0 || g_pool.load() != nullptr) return 1;
+    if (mode < SPIN_YIELD_SLEEP || mode > OPENMP || spin_ns < 0 || yield_ns < 0) return 1;
+    if (g_pool.load() != nullptr) return mode != g_policy.mode || spin_ns != g_policy.spin_ns || yield_ns != g_policy.yield_ns;
     g_policy = {mode, spin_ns, yield_ns};
     return 0;
 }

@@ -126,6 +126,25 @@ def test_a_bad_pool_setting_is_an_error_and_a_bad_omp_policy_a_warning():
         assert cpu.wait_policy({"OMP_WAIT_POLICY": "spin"})[0] == cpu._POOL
 
 
+def test_a_changed_policy_is_refused_once_the_pool_runs(monkeypatch):
+    """Its threads read the policy unlocked, so it is set once; loading the library again (its
+    cache cleared) with the same environment is fine, with another one a clear error."""
+    if os.environ.get("RWKVKIT_CPU_POOL"):
+        pytest.skip("the pool runs only without RWKVKIT_CPU_POOL")
+    kv, *inputs = wkv_inputs(1, 2, 4, 16)
+    cpu.wkv(kv, *inputs, 2)  # the pool runs
+    cpu.library.cache_clear()
+    assert cpu.library() is not None
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE" if cpu.wait_policy(os.environ)[0] == cpu._PASSIVE else "PASSIVE")
+    cpu.library.cache_clear()
+    try:
+        with pytest.raises(InputError, match="OMP_WAIT_POLICY or RWKVKIT_CPU_POOL changed after the CPU kernels started"):
+            cpu.library()
+    finally:
+        monkeypatch.undo()
+        cpu.library.cache_clear()
+
+
 # Decodes with 3 threads, then prints the pool threads' count and the CPU seconds (process, pool
 # threads) used while the process sleeps 0.5 s, then the output's bytes.
 IDLE = """

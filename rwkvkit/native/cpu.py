@@ -102,8 +102,8 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
         return None
     _declare(lib)
-    if lib.pool_policy(*wait_policy(os.environ)):
-        raise RuntimeError("pool_policy refused its arguments")
+    if lib.pool_policy(*wait_policy(os.environ)):  # reloaded (cache cleared) with another policy than the running pool's
+        raise InputError("OMP_WAIT_POLICY or RWKVKIT_CPU_POOL changed after the CPU kernels started: they apply to a new process")
     return lib
 
 
