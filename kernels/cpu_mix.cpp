@@ -32,11 +32,12 @@ void ln_mix_rows(int64_t B, int64_t Tn, int64_t C, const T* x, const T* w, const
                  float eps, T* last, T* out, int threads) {
     const int64_t rows = B * Tn;
     const auto xn = scratch<float>(rows * C);
-    parallel(rows * C * (n_mix + 1) >= kParallelFloats, threads, [&](int64_t tid, int64_t nth) {
-        const int64_t lo = rows * tid / nth, hi = rows * (tid + 1) / nth;
-        for (int64_t row = lo; row < hi; ++row) norm_row(x + row * C, w, b, C, eps, xn.get() + row * C);
-#pragma omp barrier
-        for (int64_t row = lo; row < hi; ++row) {
+    const bool worth_it = rows * C * (n_mix + 1) >= kParallelFloats;
+    parallel(worth_it, threads, [&](int64_t tid, int64_t nth) {  // all rows normed before any is shifted
+        for (int64_t row = rows * tid / nth; row < rows * (tid + 1) / nth; ++row) norm_row(x + row * C, w, b, C, eps, xn.get() + row * C);
+    });
+    parallel(worth_it, threads, [&](int64_t tid, int64_t nth) {
+        for (int64_t row = rows * tid / nth; row < rows * (tid + 1) / nth; ++row) {
             const float* cur = xn.get() + row * C;
             const bool first = row % Tn == 0;
             for (int64_t c = 0; c < C; c += kLanes) {
@@ -194,21 +195,19 @@ void time_mix_core_rows(const TimeMix& p, int64_t B, int64_t Tn, const T* r, con
                         const T* vl, const T* g, const T* v_first, const float* state_in, float* state_out, T* y, int threads) {
     const int64_t H = p.H, N = p.N;
     const Vectors<T> vec(p);
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-        for (int64_t h = 0; h < H; ++h) {
-            const float* S0 = state_in + (b * H + h) * N * N;
-            float* S1 = state_out + (b * H + h) * N * N;
-            if (Tn == 1) {
-                Token tok;
-                const int64_t off = b * H * N + h * N;
-                prepare(p, vec, off, h * N, r, k, v, wl, al, vl, v_first, tok);
-                head_step(p, vec, off, h * N, tok, S0, S1, g, y);
-            } else if (Tn > 1) {
-                head_scan(p, vec, Tn, S0, S1, r, k, v, wl, al, vl, g, v_first, b, h, y);
-            }
+    parallel_for(B * H, threads, [&](int64_t bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const float* S0 = state_in + (b * H + h) * N * N;
+        float* S1 = state_out + (b * H + h) * N * N;
+        if (Tn == 1) {
+            Token tok;
+            const int64_t off = b * H * N + h * N;
+            prepare(p, vec, off, h * N, r, k, v, wl, al, vl, v_first, tok);
+            head_step(p, vec, off, h * N, tok, S0, S1, g, y);
+        } else if (Tn > 1) {
+            head_scan(p, vec, Tn, S0, S1, r, k, v, wl, al, vl, g, v_first, b, h, y);
         }
-    }
+    });
 }
 
 }  // namespace

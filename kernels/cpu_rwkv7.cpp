@@ -29,7 +29,6 @@
 #include <immintrin.h>
 #include <memory>
 #include <type_traits>
-#include <omp.h>
 #include <vector>
 
 namespace {
@@ -122,18 +121,6 @@ inline float activate(float y, int32_t epilogue) {
 }
 
 bool is_epilogue(int32_t e) { return e >= NONE && e <= RELU_SQUARE; }
-
-// Run `body(tid, nth)` on `threads` threads, or inline on the caller's thread when there is too
-// little work to pay a parallel region's wake-up and barrier (~50 us each on a busy VM).
-template <class Body>
-void parallel(bool worth_it, int threads, Body body) {
-    if (!worth_it || threads <= 1) {
-        body(0, 1);
-        return;
-    }
-#pragma omp parallel num_threads(threads)
-    body(omp_get_thread_num(), omp_get_num_threads());
-}
 
 // ---- project: matrix-vector products
 
@@ -580,11 +567,10 @@ bool valid(const LoraPair& p) {
 template <class T>
 void relu_square_typed(int64_t n, T* h, int threads) {
     const int64_t vec = n / kLanes * kLanes;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < vec; i += kLanes) {
-        const v16 f = vload(h + i), pos = f > 0.f ? f : 0.f;
-        vstore(h + i, pos * pos);
-    }
+    parallel_for(vec / kLanes, threads, [&](int64_t i) {
+        const v16 f = vload(h + i * kLanes), pos = f > 0.f ? f : 0.f;
+        vstore(h + i * kLanes, pos * pos);
+    });
     if (vec < n) {  // the tail, through a padded copy
         T tail[kLanes] = {};
         std::memcpy(tail, h + vec, sizeof(T) * (n - vec));
@@ -616,42 +602,40 @@ int lora(const LoraJob* jobs, int64_t n, int threads) {
     return 0;
 }
 
-// The WKV-7 recurrence over T tokens, one (batch, head) per OpenMP task, the head's N x N state
+// The WKV-7 recurrence over T tokens, one (batch, head) at a time per thread, the head's N x N state
 // held in a local array (16 KB for N = 64: it stays in L1). Per token, row i:
 //   sa_i = sum_j S[i][j] kk_j;  S[i][j] = S[i][j] w_j - sa_i (kk_j a_j) + v_i k_j;  y_i = sum_j S[i][j] r_j
 // Returns 0, or 1 (nothing computed) when N does not fit the fixed per-head arrays.
 int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const float* r, const float* w, const float* k,
              const float* v, const float* kk, const float* a, float* y, int threads) {
     if (N < 1 || N > 64 || B < 0 || T < 0 || H < 0) return 1;
-#pragma omp parallel for collapse(2) num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-        for (int64_t h = 0; h < H; ++h) {
-            float S[64 * 64];
-            float* global = state + (b * H + h) * N * N;
-            std::memcpy(S, global, sizeof(float) * N * N);
-            float ka[64];
-            for (int64_t t = 0; t < T; ++t) {
-                const int64_t off = ((b * T + t) * H + h) * N;
-                const float *rt = r + off, *wt = w + off, *kt = k + off, *vt = v + off, *kkt = kk + off, *at = a + off;
-                for (int64_t j = 0; j < N; ++j) ka[j] = kkt[j] * at[j];
-                for (int64_t i = 0; i < N; ++i) {
-                    float* row = S + i * N;
-                    float sa = 0.f;
+    parallel_for(B * H, threads, [&](int64_t bh) {
+        const int64_t b = bh / H, h = bh % H;
+        float S[64 * 64];
+        float* global = state + (b * H + h) * N * N;
+        std::memcpy(S, global, sizeof(float) * N * N);
+        float ka[64];
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t off = ((b * T + t) * H + h) * N;
+            const float *rt = r + off, *wt = w + off, *kt = k + off, *vt = v + off, *kkt = kk + off, *at = a + off;
+            for (int64_t j = 0; j < N; ++j) ka[j] = kkt[j] * at[j];
+            for (int64_t i = 0; i < N; ++i) {
+                float* row = S + i * N;
+                float sa = 0.f;
 #pragma omp simd reduction(+ : sa)
-                    for (int64_t j = 0; j < N; ++j) sa += row[j] * kkt[j];
-                    const float vi = vt[i];
-                    float yi = 0.f;
+                for (int64_t j = 0; j < N; ++j) sa += row[j] * kkt[j];
+                const float vi = vt[i];
+                float yi = 0.f;
 #pragma omp simd reduction(+ : yi)
-                    for (int64_t j = 0; j < N; ++j) {
-                        row[j] = row[j] * wt[j] - sa * ka[j] + vi * kt[j];
-                        yi += row[j] * rt[j];
-                    }
-                    y[off + i] = yi;
+                for (int64_t j = 0; j < N; ++j) {
+                    row[j] = row[j] * wt[j] - sa * ka[j] + vi * kt[j];
+                    yi += row[j] * rt[j];
                 }
+                y[off + i] = yi;
             }
-            std::memcpy(global, S, sizeof(float) * N * N);
         }
-    }
+        std::memcpy(global, S, sizeof(float) * N * N);
+    });
     return 0;
 }
 
@@ -661,8 +645,7 @@ int wkv7_f32(int64_t B, int64_t T, int64_t H, int64_t N, float* state, const flo
 // demo model moves by < 0.1% (decode keeps 16-bit activations, see rows_i8_vnni).
 // x [rows, cols] fp32 or (bf16 != 0) bf16 -> q [rows, cols] int8 and step [rows] fp32.
 void quantize_rows_i8(int64_t rows, int64_t cols, const void* x, int bf16, int8_t* q, float* step, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, threads, [&](int64_t r) {
         const float* xf = bf16 ? nullptr : static_cast<const float*>(x) + r * cols;
         const uint16_t* xb = bf16 ? static_cast<const uint16_t*>(x) + r * cols : nullptr;
         float amax = 0.f;
@@ -673,13 +656,12 @@ void quantize_rows_i8(int64_t rows, int64_t cols, const void* x, int bf16, int8_
         int8_t* out = q + r * cols;
 #pragma omp simd
         for (int64_t c = 0; c < cols; ++c) out[c] = int8_t(std::nearbyint((bf16 ? bf16_to_f32(xb[c]) : xf[c]) * inv));
-    }
+    });
 }
 
 // y[r][o] = acc[r][o] * step[r] * scale[o], in fp32 or (bf16 != 0) bf16 rounded to nearest even.
 void rescale_i32(int64_t rows, int64_t cols, const int32_t* acc, const float* step, const float* scale, void* y, int bf16, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
+    parallel_for(rows, threads, [&](int64_t r) {
         const int32_t* a = acc + r * cols;
         const float s = step[r];
         if (bf16) {
@@ -691,7 +673,7 @@ void rescale_i32(int64_t rows, int64_t cols, const int32_t* acc, const float* st
 #pragma omp simd
             for (int64_t c = 0; c < cols; ++c) out[c] = float(a[c]) * s * scale[c];
         }
-    }
+    });
 }
 
 // h = relu(h)^2 in place, h [n] fp32 or (bf16 != 0) bf16

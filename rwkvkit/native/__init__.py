@@ -38,11 +38,13 @@ def cache_dir() -> Path:
 @functools.cache
 def load_library(kernels: str | tuple[str, ...], flags: tuple[str, ...] = ()) -> ctypes.CDLL:
     """Build (once) and load ``kernels/<name>`` (several sources form one library, compiled as one
-    translation unit); OSError says why when that is impossible."""
+    translation unit in the order given: a header goes before the sources that use it, and the
+    library is named after the first ``.cpp``); OSError says why when that is impossible."""
     names = (kernels,) if isinstance(kernels, str) else kernels
     source = b"\n".join(resources.files("rwkvkit.kernels").joinpath(name).read_bytes() for name in names)
     digest = hashlib.sha256(source + repr(flags).encode() + _host_signature().encode()).hexdigest()[:16]
-    path = cache_dir() / f"{Path(names[0]).stem}-{digest}.so"
+    stem = next(Path(name).stem for name in names if not name.endswith(".h"))
+    path = cache_dir() / f"{stem}-{digest}.so"
     if not _verified(path):
         _compile(source, path, flags)
     try:

@@ -14,6 +14,12 @@ Ops (each for any batch and token count its backend routes to it):
 - :func:`decode_stage`: a stage's blocks for one token of each sequence in one native call
   (``decode_layers``), composed in C++ of the very functions the op entry points call.
 
+The kernels run in parallel on a thread pool of their own (``kernels/cpu_pool.h``), not OpenMP: a
+waiting thread spins ~5 us, then yields its core for up to 2 ms, then sleeps, so decoding next to
+another busy process does not collapse and idle pool threads use no CPU. ``OMP_WAIT_POLICY=ACTIVE``
+makes it spin only, ``PASSIVE`` sleep at once; ``RWKVKIT_CPU_POOL=omp`` runs OpenMP regions
+instead (libgomp's policy, for comparisons). Read once, when the library loads (:func:`wait_policy`).
+
 Native code trusts the sizes it is given, so every wrapper checks each tensor's shape, dtype and
 device first (:func:`expect`): a wrong size is an error here, never an out-of-bounds access there.
 The torch defaults in :mod:`rwkvkit.backend` stay the reference; the tests hold these ops to them.
@@ -23,9 +29,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import warnings
 from dataclasses import fields
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +44,13 @@ from rwkvkit.native import load_library
 from rwkvkit.quant import Int8Weight
 from rwkvkit.state import LayerState
 
-KERNELS = ("cpu_rwkv7.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
+KERNELS = ("cpu_pool.h", "cpu_rwkv7.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels read and write
 MAX_HEAD_SIZE = 64  # the scans keep a head's N x N state in fixed local arrays
 _F32, _BF16, _I8 = 0, 1, 2  # enum Format
+_POOL, _ACTIVE, _PASSIVE, _OPENMP = 0, 1, 2, 3  # enum WaitMode
+SPIN_NS, YIELD_NS = 5_000, 2_000_000  # a waiting pool thread's spin, then sched_yield, before it sleeps
 _FORMATS = {torch.float32: _F32, torch.bfloat16: _BF16}
 
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -93,13 +102,28 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"cpu backend: cannot build its C++ kernels ({exc}); using the torch backend's ops", RuntimeWarning, stacklevel=3)
         return None
     _declare(lib)
+    if lib.pool_policy(*wait_policy(os.environ)):  # reloaded (cache cleared) with another policy than the running pool's
+        raise InputError("OMP_WAIT_POLICY or RWKVKIT_CPU_POOL changed after the CPU kernels started: they apply to a new process")
     return lib
+
+
+def wait_policy(environ: Mapping[str, str]) -> tuple[int, int, int]:
+    """The pool's ``(mode, spin_ns, yield_ns)`` from ``OMP_WAIT_POLICY`` and ``RWKVKIT_CPU_POOL``."""
+    pool = environ.get("RWKVKIT_CPU_POOL", "")
+    if pool not in ("", "omp"):
+        raise InputError(f"RWKVKIT_CPU_POOL={pool!r}: expected 'omp' (OpenMP regions, for comparisons) or nothing (the kernels' own pool)")
+    policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    if policy not in ("", "ACTIVE", "PASSIVE"):
+        warnings.warn(f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']!r} is neither ACTIVE nor PASSIVE: ignored", RuntimeWarning, stacklevel=3)
+    mode = _OPENMP if pool == "omp" else {"ACTIVE": _ACTIVE, "PASSIVE": _PASSIVE}.get(policy, _POOL)
+    return mode, SPIN_NS, YIELD_NS
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     c_int = ctypes.c_int
     signatures = {
         "layer_layout": ([_ptr, _i64], _i64),
+        "pool_policy": ([_i32, _i64, _i64], c_int),
         "project": ([_ptr, _i64, c_int], c_int),
         "lora": ([_ptr, _i64, c_int], c_int),
         "ln_mix": ([_i64, _i64, _i64, *[_ptr] * 5, _i64, _f32, _ptr, _ptr, c_int, c_int], c_int),
