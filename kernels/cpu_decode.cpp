@@ -93,6 +93,7 @@ int64_t layer_layout(int64_t* out, int64_t n) {
 int decode_layers(int64_t n, const Layer* const* layers, int64_t B, int has_v_first, float* x, float* v_first, const float* att_in,
                   const float* const* kv_in, const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
     if (n < 1 || B < 1) return n < 0 || B < 0;
+    const PoolScope scope;
     const int64_t C = layers[0]->C, S = B * C * layers[0]->tm.N, X = B * C;
     for (int64_t i = 0; i < n; ++i)
         if (!fits(*layers[i], C, has_v_first || i > 0) || layers[i]->tm.N != layers[0]->tm.N) return 1;

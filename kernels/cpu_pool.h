@@ -1,5 +1,6 @@
 // The CPU kernels' own thread pool: `parallel(worth_it, threads, body)` runs body(share, shares)
-// for every share of a static split, on the caller's thread and on up to threads - 1 pool threads.
+// for every share of a static split, on the caller's thread and on up to threads - 1 pool threads
+// inside a decode entry point (PoolScope, below), and as an OpenMP region elsewhere.
 // (Pasted before cpu_rwkv7.cpp into the kernels' translation unit; tests/cpu_pool_harness.cpp
 // runs it alone under ThreadSanitizer.)
 //
@@ -112,6 +113,22 @@ struct alignas(64) Signal {
 
 thread_local bool t_in_job = false;  // inside a body: a nested parallel runs inline
 
+// Jobs go to the pool only inside a decode entry point (decode_layers, and project / lora on
+// decoded rows), where every op of a step is ours. Elsewhere (prefill, and decode batches past the
+// row kernels) our ops sit between torch's oneDNN GEMMs, whose libgomp threads keep spinning for
+// milliseconds after each GEMM: a pool thread would then share a core with one of them and leave
+// its shares to the caller (measured: one thread's worth of our prefill work got done), while an
+// OpenMP region reuses those very threads, as before the pool.
+thread_local bool t_pool_scope = false;
+
+struct PoolScope {  // marks a decode entry point for its duration
+    const bool outer = t_pool_scope;
+    PoolScope() { t_pool_scope = true; }
+    ~PoolScope() { t_pool_scope = outer; }
+    PoolScope(const PoolScope&) = delete;
+    PoolScope& operator=(const PoolScope&) = delete;
+};
+
 class Pool {
    public:
     // Runs body(share, shares) for every share, on up to `threads` threads (this one included).
@@ -196,7 +213,7 @@ Pool& pool() {
 template <class Body>
 void parallel(bool worth_it, int threads, Body body) {
     if (!worth_it || threads <= 1 || t_in_job) return body(0, 1);
-    if (g_policy.mode == OPENMP) {
+    if (g_policy.mode == OPENMP || !t_pool_scope) {
 #pragma omp parallel num_threads(threads)
         body(omp_get_thread_num(), omp_get_num_threads());
         return;

@@ -587,6 +587,7 @@ extern "C" {
 // y = epilogue(M x) [+ residual] for n products (see Product). Returns 0, or 1 (nothing computed)
 // for a malformed matrix, epilogue or row count.
 int project(const Product* ps, int64_t n, int threads) {
+    const PoolScope scope;
     for (int64_t i = 0; i < n; ++i)
         if (ps[i].m == nullptr || !valid(*ps[i].m) || !is_epilogue(ps[i].epilogue) || ps[i].n < 0) return 1;
     project_products(ps, n, threads);
@@ -596,6 +597,7 @@ int project(const Product* ps, int64_t n, int threads) {
 // y = act(x first) second for n jobs (see LoraJob). Returns 0, or 1 (nothing computed) for a
 // malformed pair or activation, or jobs of different row counts.
 int lora(const LoraJob* jobs, int64_t n, int threads) {
+    const PoolScope scope;
     for (int64_t i = 0; i < n; ++i)
         if (jobs[i].pair == nullptr || !valid(*jobs[i].pair) || !is_epilogue(jobs[i].act) || jobs[i].n < 0 || jobs[i].n != jobs[0].n) return 1;
     lora_products(jobs, n, threads);

@@ -15,6 +15,7 @@ namespace {
 // Rounds of next[i] = data[i] + 3 data[(i + 1) % n] (mod 2^64) on the pool; returns whether the
 // result matches the same rounds on one thread.
 bool rounds(int64_t n, int rounds, int seed) {
+    const PoolScope scope;  // as the decode entry points do: jobs go to the pool
     std::vector<uint64_t> data(n), next(n), ref(n), tmp(n);
     for (int64_t i = 0; i < n; ++i) data[i] = ref[i] = uint64_t(i * 7 + seed);
     for (int r = 0; r < rounds; ++r) {

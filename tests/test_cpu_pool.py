@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from rwkvkit import RWKV
+from rwkvkit.backend import Epilogue
 from rwkvkit.errors import InputError
 from rwkvkit.models import rwkv7
 from rwkvkit.native import cpu
@@ -46,7 +47,7 @@ def small_model(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16"])
 def test_prefill_ops_are_bit_identical_for_any_thread_count(small_model, monkeypatch, strategy):
     """A prefill block (ln_mix's two passes, time_mix_core's scan, relu² after the GEMM) with the
-    kernels on 1 to 4 threads, the pool growing and shrinking meanwhile; torch's GEMMs keep one count."""
+    kernels on 1 to 4 threads (OpenMP regions outside decode); torch's GEMMs keep one count."""
     model = RWKV(small_model, strategy, backend="cpu")
     ops, spec, dtype = model.stages[0].ops, model.spec, model.stages[0].ops.placement.dtype
     g = torch.Generator().manual_seed(0)
@@ -131,8 +132,8 @@ def test_a_changed_policy_is_refused_once_the_pool_runs(monkeypatch):
     cache cleared) with the same environment is fine, with another one a clear error."""
     if os.environ.get("RWKVKIT_CPU_POOL"):
         pytest.skip("the pool runs only without RWKVKIT_CPU_POOL")
-    kv, *inputs = wkv_inputs(1, 2, 4, 16)
-    cpu.wkv(kv, *inputs, 2)  # the pool runs
+    x, w = torch.randn(2, 256), torch.randn(256, 256)
+    cpu.project([x], [w], [Epilogue.NONE], None, 2)  # decoded rows: the pool runs
     cpu.library.cache_clear()
     assert cpu.library() is not None
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE" if cpu.wait_policy(os.environ)[0] == cpu._PASSIVE else "PASSIVE")
@@ -192,15 +193,18 @@ import os, signal, sys, threading
 import torch
 from rwkvkit.native import cpu
 sys.path.insert(0, sys.argv[1])
-from test_cpu_pool import wkv_inputs
+from rwkvkit.backend import Epilogue
 torch.set_num_threads(1)  # torch's own OpenMP (libgomp) is not fork-safe: only our kernels run threads
-kv, *inputs = wkv_inputs(2, 64, 8, 64)
-want = cpu.wkv(kv, *inputs, 2)
+gen = torch.Generator().manual_seed(0)
+x, w = torch.randn(2, 1024, generator=gen), torch.randn(4096, 1024, generator=gen)
+def product(threads):  # decoded rows: a job of the pool (other ops run as OpenMP regions)
+    return cpu.project([x], [w], [Epilogue.NONE], None, threads)
+want = product(2)
 assert all(t.isfinite().all() for t in want)
 stop = threading.Event()
 def busy():  # keeps the pool in a job most of the time, so that forks land mid-job
     while not stop.is_set():
-        cpu.wkv(kv, *inputs, 2)
+        product(2)
 thread = threading.Thread(target=busy)
 thread.start()
 failed = 0
@@ -208,7 +212,7 @@ for _ in range(20):
     pid = os.fork()
     if pid == 0:
         signal.alarm(30)  # a deadlocked child dies (and counts as failed) rather than outliving the test
-        got = cpu.wkv(kv, *inputs, 3)
+        got = product(3)
         os._exit(0 if all(torch.equal(a, b) for a, b in zip(got, want)) else 1)
     failed += os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0
 stop.set()
