@@ -89,3 +89,40 @@ void rows_i4(const Product& p, const Input& in, int64_t lo, int64_t hi) {
 }
 
 }  // namespace
+
+extern "C" {
+
+// out [rows, cols] = the weight m stands for, in fp32 or (bf16 != 0) bf16 rounded to nearest even:
+// the int4 prefill GEMM's operand. Rows split over the threads. Returns 0, or 1 (nothing written)
+// for a matrix that is not int4.
+int dequantize_i4(const Mat* m, void* out, int bf16, int threads) {
+    if (m == nullptr || !valid(*m) || m->format != I4) return 1;
+    const int64_t cols = m->cols, half = i4_padded(cols) / 2, groups = (cols + m->group - 1) / m->group;
+    parallel(m->rows * cols >= (1 << 16), threads, [&](int64_t tid, int64_t nth) {
+        std::vector<float> row(i4_padded(cols));
+        for (int64_t o = m->rows * tid / nth; o < m->rows * (tid + 1) / nth; ++o) {
+            const uint8_t* q = static_cast<const uint8_t*>(m->w) + o * half;
+            const float* s = m->scale + o * groups;
+            for (int64_t c = 0; c < int64_t(row.size()); c += 64) {  // a chunk starts before cols, inside one group
+                const float scale = s[c / m->group];
+                const uint8_t* chunk = q + c / 2;
+                float* r = row.data() + c;
+                for (int64_t j = 0; j < 32; ++j) {
+                    r[j] = float(int(chunk[j] & 15) - 8) * scale;
+                    r[32 + j] = float(int(chunk[j] >> 4) - 8) * scale;
+                }
+            }
+            if (bf16) {
+                uint16_t* y = static_cast<uint16_t*>(out) + o * cols;
+                int64_t c = 0;
+                for (; c + kLanes <= cols; c += kLanes) vstore(y + c, vload(row.data() + c));
+                for (; c < cols; ++c) y[c] = to_bf16(row[c]);
+            } else {
+                std::memcpy(static_cast<float*>(out) + o * cols, row.data(), sizeof(float) * cols);
+            }
+        }
+    });
+    return 0;
+}
+
+}  // extern "C"

@@ -111,6 +111,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "quantize_rows_i8": ([_i64, _i64, _ptr, c_int, _ptr, _ptr, c_int], None),
         "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
         "relu_square": ([_i64, _ptr, c_int, c_int], None),
+        "dequantize_i4": ([_ptr, _ptr, c_int, c_int], c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -421,6 +422,15 @@ def int8_gemm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     y = torch.empty(rows, weight.q.shape[0], dtype=x.dtype)
     lib.rescale_i32(rows, weight.q.shape[0], acc.data_ptr(), step.data_ptr(), weight.scale.data_ptr(), y.data_ptr(), bf16, threads)
     return y.view(*x.shape[:-1], -1)
+
+
+def dequantize_i4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.dequantize(dtype)`` (fp32 or bf16) in one native pass over the codes (torch's takes
+    several): the int4 prefill GEMM's operand."""
+    mat = _mat(weight)
+    out = torch.empty(*weight.shape, dtype=dtype)
+    checked(library().dequantize_i4)(ctypes.byref(mat), out.data_ptr(), _bf16(dtype), torch.get_num_threads())
+    return out
 
 
 def relu_square_(h: torch.Tensor) -> torch.Tensor:
