@@ -115,7 +115,7 @@ class Int4Backend(Int8Backend):
     4-bit codes with one scale per group of 64 input columns (:class:`rwkvkit.quant.Int4Weight`),
     decoded by the ``cpu`` backend's int4 row kernel (kernels/cpu_i4.cpp). The head and the
     embedding stay int8 per row: the head in 4 bits cost the demo model's held-out perplexity
-    another ~1.6% (measured: see :class:`~rwkvkit.quant.Int4Weight`), and a decoded token reads one
+    another ~1.5% (+2.0% vs +0.5%; see :class:`~rwkvkit.quant.Int4Weight`), and a decoded token reads one
     embedding row. Cached like int8, in its own folder (``<cache>/int4``)."""
 
     name = "int4"
