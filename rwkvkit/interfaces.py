@@ -6,7 +6,7 @@ from __future__ import annotations
 import operator
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -71,7 +71,7 @@ class SampleContext:
 
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
-    occurrence: dict[int, float] = field(default_factory=dict)
+    occurrence: Mapping[int, float] = field(default_factory=dict)
 
 
 class Sampler(ABC):

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from itertools import chain
 from numbers import Integral, Real
-from typing import Collection, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +25,12 @@ def _number(name: str, value: float, low: float = -math.inf, high: float = math.
     return float(value)
 
 
-def _host_index(per_row: Sequence[Collection[int]], vocab: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, ids) arrays of row i's ids ``per_row[i]``, filled from the id collections without a
-    Python loop over the ids, and checked here: an out-of-range index on a GPU is a device-side
-    assert, not an error."""
+def _host_index(per_row: Sequence[Sequence[int] | np.ndarray], vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, ids) arrays of row i's ids ``per_row[i]`` (lists or arrays), joined without a Python
+    loop over the ids, and checked here: an out-of-range index on a GPU is a device-side assert,
+    not an error."""
     sizes = [len(row_ids) for row_ids in per_row]
-    ids = np.fromiter(chain.from_iterable(per_row), dtype=np.int64, count=sum(sizes))
+    ids = np.concatenate([np.asarray(row_ids, dtype=np.int64) for row_ids in per_row]) if per_row else np.empty(0, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= vocab):
         raise InputError(f"penalised token id(s) {ids[(ids < 0) | (ids >= vocab)][:5].tolist()} outside the vocabulary 0..{vocab - 1}")
     return np.repeat(np.arange(len(sizes)), sizes), ids
@@ -47,6 +46,54 @@ def is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
 
 
+class OccurrenceCounts(Mapping[int, float]):
+    """Token id -> decayed occurrence count, kept in arrays so that the per-token decay of every
+    count is one vectorised multiply instead of a Python loop over the ids seen so far (~0.1-0.3 ms
+    per token after ~800 distinct ids: more than a GPU decode step). Each count gets exactly the
+    IEEE double operations ChatRWKV's dict does (one multiply per token, one add per occurrence),
+    so penalised logits stay bit-identical. Read-only as a Mapping (what samplers see)."""
+
+    def __init__(self, counts: Mapping[int, float] | None = None) -> None:
+        self._index: dict[int, int] = {}
+        self._ids = np.empty(16, dtype=np.int64)
+        self._values = np.empty(16, dtype=np.float64)
+        for token, count in (counts or {}).items():
+            self.add(token, count)
+
+    def decay(self, factor: float) -> None:
+        """Multiply every count by ``factor``."""
+        if factor != 1.0:  # x * 1.0 == x: skipping it changes nothing
+            self._values[: len(self._index)] *= factor
+
+    def add(self, token: int, amount: float) -> None:
+        """Count one more occurrence of ``token`` with weight ``amount``."""
+        i = self._index.get(token)
+        if i is not None:
+            self._values[i] += amount
+            return
+        i = len(self._index)
+        if i == self._ids.size:
+            self._ids, self._values = np.resize(self._ids, 2 * i), np.resize(self._values, 2 * i)
+        self._index[token], self._ids[i], self._values[i] = i, token, 0.0 + amount
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, counts)``, views in insertion order (valid until the next ``add``)."""
+        n = len(self._index)
+        return self._ids[:n], self._values[:n]
+
+    def __getitem__(self, token: int) -> float:
+        return float(self._values[self._index[token]])
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"OccurrenceCounts({dict(self)!r})"
+
+
 @dataclass
 class Penalties:
     """Checked on construction; ``check`` adds what needs the model (ids within the vocabulary)."""
@@ -55,7 +102,7 @@ class Penalties:
     frequency: float = 0.0  # subtracted per (decayed) occurrence
     decay: float = 1.0  # every count is multiplied by this after each generated token
     ban: Sequence[int] = ()
-    counts: dict[int, float] = field(default_factory=dict)
+    counts: Mapping[int, float] = field(default_factory=OccurrenceCounts)  # kept as OccurrenceCounts
 
     def __post_init__(self) -> None:
         self.presence = _number("alpha_presence", self.presence)
@@ -67,6 +114,13 @@ class Penalties:
         if bad:
             raise InputError(f"token_ban has non-integer value(s) {bad[:5]!r}: expected token ids")
         self.ban = [int(t) for t in self.ban]
+        if not isinstance(self.counts, OccurrenceCounts):
+            if not isinstance(self.counts, Mapping):
+                raise InputError(f"counts={self.counts!r:.80}: expected a mapping of token id to count")
+            bad = [(t, c) for t, c in self.counts.items() if not is_int(t) or isinstance(c, bool) or not isinstance(c, Real) or not math.isfinite(c)]
+            if bad:
+                raise InputError(f"counts has entries {bad[:5]!r}: expected integer token ids and finite counts")
+            self.counts = OccurrenceCounts(self.counts)
 
     def check(self, vocab_size: int) -> None:
         bad = [t for t in self.ban if not 0 <= t < vocab_size]
@@ -89,9 +143,10 @@ class Penalties:
         rows, ids = _host_index([p.ban for p in penalties], out.shape[-1])
         if ids.size:
             out[_device_index(rows, ids, out)] = -float("inf")
-        rows, ids = _host_index([p.counts for p in penalties], out.shape[-1])
+        per_row = [p.counts.arrays() for p in penalties]
+        rows, ids = _host_index([row_ids for row_ids, _ in per_row], out.shape[-1])
         if ids.size:
-            counts = np.fromiter(chain.from_iterable(p.counts.values() for p in penalties), dtype=np.float64, count=ids.size)
+            counts = np.concatenate([values for _, values in per_row])
             presence, frequency = np.array([[p.presence, p.frequency] for p in penalties])[rows].T
             # presence + count * frequency in double, rounded once to the logits' dtype, as
             # ChatRWKV's Python floats are (two separate ops: no fused multiply-add)
@@ -101,6 +156,5 @@ class Penalties:
 
     def update(self, token: int, text: str) -> None:
         """Record a generated token whose decoded text is ``text``."""
-        for t in self.counts:
-            self.counts[t] *= self.decay
-        self.counts[token] = self.counts.get(token, 0.0) + (0.0 if text in _FREE_TEXT else 1.0)
+        self.counts.decay(self.decay)
+        self.counts.add(token, 0.0 if text in _FREE_TEXT else 1.0)

@@ -257,6 +257,30 @@ def test_apply_batch_equals_apply_per_row(dtype):
         assert torch.equal(out[i], reference_apply(p, logits[i]))
 
 
+def test_counts_equal_chatrwkvs_dict_bit_for_bit():
+    """The array-backed counts get ChatRWKV's per-token loop exactly (written here as it was:
+    every count times the decay, then the new occurrence), past several array growths."""
+    gen = torch.Generator().manual_seed(5)
+    for decay in (0.996, 0.5, 1.0, 0.0):
+        p, reference = Penalties(presence=0.3, frequency=0.2, decay=decay), {}
+        for _ in range(400):
+            token, text = int(torch.randint(0, 150, (), generator=gen)), ["a", " ", "7"][int(torch.randint(0, 3, (), generator=gen))]
+            p.update(token, text)
+            for t in reference:
+                reference[t] *= decay
+            reference[token] = reference.get(token, 0.0) + (0.0 if text in " \t0123456789" else 1.0)
+        assert list(p.counts) == list(reference) and dict(p.counts) == reference  # same order, same floats
+        assert len(reference) > 64  # grew its arrays a few times
+
+
+def test_counts_given_at_construction_are_checked():
+    assert dict(Penalties(counts={3: 2.0, 1: 0.5}).counts) == {3: 2.0, 1: 0.5}
+    with pytest.raises(InputError, match=r"counts=\[1, 2\]: expected a mapping"):
+        Penalties(counts=[1, 2])
+    with pytest.raises(InputError, match=r"entries \[\('a', 1.0\), \(2, nan\)\]"):
+        Penalties(counts={"a": 1.0, 2: float("nan"), 3: 1})
+
+
 def test_apply_batch_of_no_rows_and_of_rows_without_penalties():
     assert Penalties.apply_batch(torch.zeros(0, 5), []).shape == (0, 5)
     logits = torch.randn(3, 5)
