@@ -201,3 +201,33 @@ def test_a_damaged_entry_is_quantized_again(model_paths, private_cache, damage):
 def test_bad_strategies_are_refused_clearly(model_paths, spec, message):
     with pytest.raises(StrategyError, match=message):
         RWKV(model_paths["tiny"], spec)
+
+
+def test_an_int4_model_keeps_no_mapping_of_its_checkpoint(model_paths):
+    """As int8 (tests/test_int8_memory.py): every weight quantized or copied, cold and warm cache."""
+    import gc
+    from pathlib import Path
+
+    for _ in range(2):
+        model = RWKV(model_paths["world"], "cpu fp32i4")
+        gc.collect()
+        assert str(model_paths["world"]) not in Path("/proc/self/maps").read_text()
+        del model
+
+
+@pytest.mark.slow
+def test_int4_peak_memory_is_below_fp32s_cold_and_warm(model_paths, tmp_path, request):
+    """Load + 64-token prefill + 2 decode steps in fresh processes on the world-shaped fixture, as
+    int8's test: quantizing streams the checkpoint in row blocks, so the peak stays below fp32's by
+    at least half fp32's weights (the prefill's dequantized operand is one layer matrix at a time)."""
+    import shutil
+
+    from rwkvkit.testing import measure_memory
+
+    cache, probe = tmp_path / "probe-cache", {"prefill": 64, "decode": 2}
+    shutil.copytree(request.config._rwkvkit_cache, cache, ignore=shutil.ignore_patterns("int8", "int4"))
+    fp32 = measure_memory(model_paths["world"], "cpu fp32", cache, **probe)
+    for state in ("cold", "warm"):
+        int4 = measure_memory(model_paths["world"], "cpu fp32i4", cache, **probe)
+        assert int4["peak_end"] < fp32["peak_end"] - 0.5 * fp32["weights"], (state, int4, fp32)
+        assert int4["rss_end"] < fp32["rss_end"] - 0.5 * fp32["weights"], (state, int4, fp32)
