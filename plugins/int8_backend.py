@@ -39,7 +39,7 @@ from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import cpu
 from rwkvkit.plugins.cpu_backend import CpuBackend
 from rwkvkit.plugins.int8_cache import StageCache
-from rwkvkit.quant import Int4Weight, Int8Weight, QuantWeight, quantize_source
+from rwkvkit.quant import Int4Weight, Int8Weight, Quantized, quantize_source
 from rwkvkit.strategy import Placement
 
 HEAD_KEY = "head.weight"  # the checkpoint key of the output projection (a Role.MATRIX like the layers')
@@ -54,7 +54,7 @@ class Int8Backend(CpuBackend):
     # (single-thread CPU time of a 0.1B-shape step).
     native_rows = None
     # The format of each quantized role (the head: under HEAD_KEY); other roles stay in the activation dtype.
-    formats: ClassVar[dict[Role | str, type[QuantWeight]]] = {Role.MATRIX: Int8Weight, Role.EMBEDDING: Int8Weight, HEAD_KEY: Int8Weight}
+    formats: ClassVar[dict[Role | str, type[Quantized]]] = {Role.MATRIX: Int8Weight, Role.EMBEDDING: Int8Weight, HEAD_KEY: Int8Weight}
     _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod

@@ -32,7 +32,7 @@ import torch
 from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.native import cache_dir, touch, write_atomically
-from rwkvkit.quant import GROUP, QuantWeight, quantize_source
+from rwkvkit.quant import GROUP, Quantized, QuantWeight, quantize_source
 
 CACHE_VERSIONS = {"int8": "int8-per-row-v2", "int4": f"int4-group{GROUP}-v1"}  # per folder: a new version, new entries
 LIMIT_ENV, DEFAULT_LIMIT_MB = "RWKVKIT_INT8_CACHE_MB", 4096
@@ -48,7 +48,7 @@ class StageCache:
         self.folder, self.version = folder, CACHE_VERSIONS[folder]
         self.path = entry_path(checkpoint, layers, folder)
         self.stored = _read(self.path)
-        self.weights: dict[str, QuantWeight] = {}
+        self.weights: dict[str, Quantized] = {}
         self.changed = False
 
     def get(self, source: WeightSource, fmt: type[QuantWeight]) -> QuantWeight:

@@ -15,7 +15,7 @@ per weight) and groups of 32 (which cost more bytes per weight).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar, Union
 
 import torch
 
@@ -109,7 +109,8 @@ class Int4Weight:
         return cls(q, scale, cols)
 
 
-QuantWeight = TypeVar("QuantWeight", Int8Weight, Int4Weight)
+QuantWeight = TypeVar("QuantWeight", Int8Weight, Int4Weight)  # one of them, the same throughout a signature
+Quantized = Union[Int8Weight, Int4Weight]
 
 
 def _packed_cols(cols: int) -> int:
