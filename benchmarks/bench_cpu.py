@@ -1,4 +1,4 @@
-"""CPU decode and prefill speed: our ``cpu``/``int8`` backends against the `rwkv` package, same run.
+"""CPU decode and prefill speed: our ``cpu``/``int8``/``int4`` backends against the `rwkv` package, same run.
 
 Also the plain ``torch`` backend (``cpu fp32 torch-backend``), the reference the others improve on.
 Random models of the World 0.1B shape (12 x 768) and 0.4B shape (24 x 1024), vocab 65,536.
@@ -23,7 +23,7 @@ os.environ["RWKV_V7_ON"] = "1"  # read by the oracle at import; benchmarks run i
 from rwkv.model import RWKV as OracleRWKV  # noqa: E402
 
 SHAPES = {"0.1B": (12, 768), "0.4B": (24, 1024)}
-OURS = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32 torch-backend")
+OURS = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32i4", "cpu bf16i4", "cpu fp32 torch-backend")
 ORACLE = ("oracle cpu fp32", "oracle cpu bf16")
 DECODE_STEPS, PREFILL_LEN = 128, 512
 MODEL_DIR = os.environ.get("RWKVKIT_BENCH_MODELS", "/tmp/rwkvkit-bench-models")

@@ -1,7 +1,7 @@
 """Resident memory per CPU strategy: peak and resident RSS of a load + 512-token prefill + 5 decode
 steps, each case in a fresh process (:func:`rwkvkit.testing.measure_memory`), on a random model of
-the World 0.1B shape (12 x 768, vocab 65,536). int8 strategies run with a cold int8 cache (the load
-quantizes) and a warm one (it reads the cache). Native kernels are built once, before any case.
+the World 0.1B shape (12 x 768, vocab 65,536). int8 and int4 strategies run with a cold
+quantization cache (the load quantizes) and a warm one (it reads the cache). Native kernels are built once, before any case.
 
 ``python benchmarks/bench_memory.py`` prints the table (MB); ``pytest benchmarks/bench_memory.py
 --benchmark-enable`` records the same numbers in each case's ``extra_info`` (the timing is of the
@@ -22,7 +22,7 @@ from rwkvkit.testing import measure_memory
 
 from bench_cpu import checkpoint
 
-STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8")
+STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32i4", "cpu bf16i4")
 FIELDS = {"peak_end": "peak", "rss_end": "resident at the end", "peak_load": "peak during the load", "rss_load": "resident after the load", "weights": "prepared weights"}
 
 
@@ -36,14 +36,15 @@ def cache() -> Path:
 
 
 def measure(strategy: str, int8_cache: str) -> dict[str, float]:
-    """One fresh process; ``int8_cache`` 'cold' empties the int8 cache first, 'warm' fills it."""
-    shutil.rmtree(cache() / "int8", ignore_errors=True)
+    """One fresh process; ``int8_cache`` 'cold' empties the quantization caches first, 'warm' fills them."""
+    for folder in ("int8", "int4"):
+        shutil.rmtree(cache() / folder, ignore_errors=True)
     if int8_cache == "warm":
         measure_memory(checkpoint("0.1B"), strategy, cache(), prefill=2, decode=1)
     return measure_memory(checkpoint("0.1B"), strategy, cache())
 
 
-CASES = [(s, c) for s in STRATEGIES for c in (("cold", "warm") if s.endswith("i8") else ("-",))]
+CASES = [(s, c) for s in STRATEGIES for c in (("cold", "warm") if s.endswith(("i8", "i4")) else ("-",))]
 
 
 @pytest.mark.parametrize("strategy, int8_cache", CASES)

@@ -15,8 +15,8 @@
 //     row, so a sequence's result does not depend on its batch. The row kernels stream a matrix
 //     in its stored format (fp32 AVX512; bf16 with AVX512-BF16 `vdpbf16ps`; int8 with one scale
 //     per row, through AVX512-VNNI `vpdpwssd` on activations rounded once per call to int16 steps
-//     of max|x|/32767, 1.5e-5 of the largest entry: far below bf16's error), with portable
-//     fallbacks where the CPU lacks the instructions.
+//     of max|x|/32767, 1.5e-5 of the largest entry: far below bf16's error; int4 in groups with
+//     a scale each, in kernels/cpu_i4.cpp), with portable fallbacks where the CPU lacks the instructions.
 //   lora: act(x A) B for several low-rank factor pairs (fp32 or bf16) and rows, in two parallel regions.
 //   wkv7_f32: the WKV-7 scan alone (for heads the time-mix kernel cannot take).
 //   quantize_rows_i8 / rescale_i32: the int8 prefill GEMM's activations and output.
@@ -124,13 +124,14 @@ bool is_epilogue(int32_t e) { return e >= NONE && e <= RELU_SQUARE; }
 
 // ---- project: matrix-vector products
 
-enum Format : int32_t { F32 = 0, BF16 = 1, I8 = 2 };
+enum Format : int32_t { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
 
 struct Mat {
-    const void* w;       // [rows, cols] row-major
-    const float* scale;  // [rows], int8 only
+    const void* w;       // [rows, cols] row-major; int4: see kernels/cpu_i4.cpp
+    const float* scale;  // [rows], int8; [rows, ceil(cols / group)], int4
     int64_t rows, cols;
     int32_t format;
+    int32_t group;  // int4 only: columns per scale, a multiple of 64
 };
 
 // One product of `project`: y = epilogue(M x), plus residual when it is not null (it may be y),
@@ -380,8 +381,11 @@ __attribute__((target("avx512f,avx512bw"))) float to_i16_steps(const float* x, i
     return step;
 }
 
+inline int64_t i4_padded(int64_t cols) { return (cols + 63) / 64 * 64; }  // int4 rows are whole 64-column chunks
+
 // A product's input rows in the form its row kernel reads: bf16 for bf16 weights, int16 steps
-// (one step per row) for int8 weights on a VNNI CPU, else the fp32 input itself.
+// (one step per row) for int8 and int4 weights on a VNNI CPU (int4: rows of i4_padded(cols),
+// zeros past cols), else the fp32 input itself.
 struct Input {
     std::vector<uint16_t> bf16;
     std::vector<int16_t> i16;
@@ -398,13 +402,16 @@ struct Input {
                 for (int64_t c = 0; c < vec; c += kLanes) vstore(out + c, vload(x + c));
                 for (int64_t c = vec; c < cols; ++c) out[c] = to_bf16(x[c]);
             }
-        } else if (p.m->format == I8 && has_vnni()) {
-            i16.resize(n * cols);
+        } else if ((p.m->format == I8 || p.m->format == I4) && has_vnni()) {
+            const int64_t stride = p.m->format == I4 ? i4_padded(cols) : cols;
+            i16.assign(n * stride, 0);
             step.resize(n);
-            for (int64_t b = 0; b < n; ++b) step[b] = to_i16_steps(p.x + b * cols, cols, i16.data() + b * cols);
+            for (int64_t b = 0; b < n; ++b) step[b] = to_i16_steps(p.x + b * cols, cols, i16.data() + b * stride);
         }
     }
 };
+
+void rows_i4(const Product& p, const Input& in, int64_t lo, int64_t hi);  // kernels/cpu_i4.cpp
 
 void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
     switch (p.m->format) {
@@ -422,6 +429,9 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
             else
                 for (int64_t b = 0; b < p.n; ++b) rows_portable<int8_t>(p, p.x + b * p.m->cols, b, lo, hi);
             break;
+        case I4:
+            rows_i4(p, in, lo, hi);
+            break;
         default:
             if (has_avx512())
                 over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_f32_avx512<nb.value>(p, b0, o0, o1); });
@@ -431,7 +441,8 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
 }
 
 bool valid(const Mat& m) {
-    return m.w != nullptr && m.rows >= 0 && m.cols >= 0 && m.format >= F32 && m.format <= I8 && (m.format != I8 || m.scale != nullptr);
+    return m.w != nullptr && m.rows >= 0 && m.cols >= 0 && m.format >= F32 && m.format <= I4 && (m.format < I8 || m.scale != nullptr) &&
+           (m.format != I4 || (m.group > 0 && m.group % 64 == 0));
 }
 
 // The products in one parallel region: each thread takes the same share of every matrix's rows

@@ -1,4 +1,5 @@
-"""The ``int8`` backend on the CPU: ``cpu fp32i8`` / ``cpu bf16i8``.
+"""The quantizing CPU backends: ``int8`` (``cpu fp32i8`` / ``cpu bf16i8``) and ``int4``
+(``cpu fp32i4`` / ``cpu bf16i4``, the same machinery with 4-bit layer matrices; see :class:`Int4Backend`).
 
 Which weights: every ``Role.MATRIX`` projection — attention R/K/V/O, the FFN pair and the head —
 becomes int8 with one scale per output row (:mod:`rwkvkit.quant`); these are ~99% of the bytes a
@@ -27,7 +28,7 @@ next to the user's files.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +39,10 @@ from rwkvkit.hookspecs import hookimpl
 from rwkvkit.native import cpu
 from rwkvkit.plugins.cpu_backend import CpuBackend
 from rwkvkit.plugins.int8_cache import StageCache
-from rwkvkit.quant import Int8Weight, quantize_per_channel, quantize_source
+from rwkvkit.quant import Int4Weight, Int8Weight, Quantized, quantize_source
 from rwkvkit.strategy import Placement
 
-_QUANTIZED = (Role.MATRIX, Role.EMBEDDING)
+HEAD_KEY = "head.weight"  # the checkpoint key of the output projection (a Role.MATRIX like the layers')
 
 
 class Int8Backend(CpuBackend):
@@ -52,20 +53,23 @@ class Int8Backend(CpuBackend):
     # logits equal its lone run's, and at B = 16 the batched int8 kernel beat the GEMM path by ~1.7x
     # (single-thread CPU time of a 0.1B-shape step).
     native_rows = None
+    # The format of each quantized role (the head: under HEAD_KEY); other roles stay in the activation dtype.
+    formats: ClassVar[dict[Role | str, type[Quantized]]] = {Role.MATRIX: Int8Weight, Role.EMBEDDING: Int8Weight, HEAD_KEY: Int8Weight}
     _cache: StageCache | None = None  # set during ``loading`` only
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
-        if placement.quant != "i8":
-            return "runs int8 strategies only (e.g. 'cpu fp32i8')"
+        quant = cls.quants[0]
+        if placement.quant != quant:
+            return f"runs {cls.name} strategies only (e.g. 'cpu fp32{quant}')"
         if placement.device.type == "cpu" and placement.dtype == torch.float16:
-            return "the CPU has no fast fp16 arithmetic: use 'cpu fp32i8' or 'cpu bf16i8'"
+            return f"the CPU has no fast fp16 arithmetic: use 'cpu fp32{quant}' or 'cpu bf16{quant}'"
         return super().unavailable_reason(placement)
 
     @contextmanager
     def loading(self, checkpoint: Checkpoint, layers: range) -> Iterator[None]:
         """Serve this stage's int8 weights from its cache entry, and write it back after the load."""
-        self._cache = StageCache(checkpoint, layers)
+        self._cache = StageCache(checkpoint, layers, self.name)
         try:
             yield
             self._cache.save()
@@ -73,15 +77,16 @@ class Int8Backend(CpuBackend):
             self._cache = None
 
     def prepare_source(self, source: WeightSource, role: Role) -> Any:
-        if role not in _QUANTIZED:
+        fmt = self.formats.get(HEAD_KEY if role is Role.MATRIX and source.key == HEAD_KEY else role)
+        if fmt is None:
             return self.prepare(source.rows(), role)
-        return self._cache.get(source) if self._cache is not None else quantize_source(source)
+        return self._cache.get(source, fmt) if self._cache is not None else quantize_source(source, fmt.quantize)
 
     def prepare(self, tensor: torch.Tensor, role: Role) -> Any:
-        """int8 for matrices and the embedding; a copy of anything else, never a view of the
+        """Quantized for matrices and the embedding; a copy of anything else, never a view of the
         checkpoint: one view keeps the whole mapped file alive, and with it every page read."""
-        if role in _QUANTIZED:
-            return quantize_per_channel(tensor)
+        if role in self.formats:
+            return self.formats[role].quantize(tensor)
         prepared = super().prepare(tensor, role)
         return prepared.clone() if prepared.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() else prepared
 
@@ -91,16 +96,34 @@ class Int8Backend(CpuBackend):
     def linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
         """One row per sequence (decode, the head): the ``cpu`` backend's row kernel, which rounds
         each row's activations to 16 bits. A sequence's many rows (prefill): an int8 GEMM on
-        per-row int8 activations (:func:`rwkvkit.native.cpu.int8_gemm`)."""
-        if not isinstance(weight, Int8Weight):
+        per-row int8 activations (:func:`rwkvkit.native.cpu.int8_gemm`); for int4, a GEMM on the
+        weight dequantized to the activation dtype (prefill is compute-bound: the pass that
+        unpacks the weight is small next to the product)."""
+        if not isinstance(weight, (Int8Weight, Int4Weight)):
             return super().linear(x, weight)
         if cpu.library() is None:
             return F.linear(x, weight.dequantize(x.dtype))
         if cpu.decoded([x]):
             return super().linear(x, weight)
+        if isinstance(weight, Int4Weight):
+            return cpu.gemm(x, cpu.dequantize_i4(weight, x.dtype))
         return cpu.int8_gemm(x, weight)
+
+
+class Int4Backend(Int8Backend):
+    """``cpu fp32i4`` / ``cpu bf16i4``: every layer matrix (attention R/K/V/O, the FFN pair) in
+    4-bit codes with one scale per group of 64 input columns (:class:`rwkvkit.quant.Int4Weight`),
+    decoded by the ``cpu`` backend's int4 row kernel (kernels/cpu_i4.cpp). The head and the
+    embedding stay int8 per row: the head in 4 bits cost the demo model's held-out perplexity
+    another ~1.5% (+2.0% vs +0.5%; see :class:`~rwkvkit.quant.Int4Weight`), and a decoded token reads one
+    embedding row. Cached like int8, in its own folder (``<cache>/int4``)."""
+
+    name = "int4"
+    quants = ("i4",)
+    formats = {**Int8Backend.formats, Role.MATRIX: Int4Weight}
 
 
 @hookimpl
 def register_backends(register) -> None:
     register(Int8Backend)
+    register(Int4Backend)

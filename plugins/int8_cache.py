@@ -1,8 +1,8 @@
-"""The ``int8`` backend's disk cache: one safetensors file per model and stage.
+"""The quantizing CPU backends' disk cache (``int8`` and ``int4``): one safetensors file per model and stage.
 
-``<cache>/int8/<checkpoint stem>-<first>-<stop>-<digest>.safetensors`` (``<cache>`` is
-:func:`rwkvkit.native.cache_dir`) holds the codes and scales of every int8 weight one stage of a
-load prepared (layers ``first..stop-1``, plus the embedding on the first stage and the head on the
+``<cache>/<backend>/<checkpoint stem>-<first>-<stop>-<digest>.safetensors`` (``<cache>`` is
+:func:`rwkvkit.native.cache_dir`) (``<backend>``: ``int8`` or ``int4``) holds the codes and scales of every quantized weight one stage
+of a load prepared (layers ``first..stop-1``, plus the embedding on the first stage and the head on the
 last), as ``<key>.q`` / ``<key>.scale`` (the key of a derived weight names its derivation too:
 the embedding with ``ln0`` folded in at a given epsilon). The digest is of the checkpoint's identity: its resolved
 path, size and modification time (of every file, for a model folder), and
@@ -11,11 +11,11 @@ So a hit reads no matrix of the checkpoint at all, and a changed file gets a new
 not depend on the activation dtype: ``cpu fp32i8`` and ``cpu bf16i8`` share them.
 
 Each weight read from an entry is checked against the checkpoint (shape, dtypes, finite
-non-negative scales) and quantized again when it does not fit: the kernels index the codes by their
+non-negative scales, the format the backend asked for) and quantized again when it does not fit: the kernels index the codes by their
 own shape, so a damaged entry must never be trusted. An entry is written atomically
 (:func:`rwkvkit.native.write_atomically`) once the load has succeeded, and only when something
 in it changed. Entries are evicted least recently used first once the folder exceeds
-``$RWKVKIT_INT8_CACHE_MB`` (default 4096; the entry in use is always kept); files of the
+``$RWKVKIT_INT8_CACHE_MB`` (default 4096, for each backend's folder; the entry in use is always kept); files of the
 per-matrix layout used before (``<32 hex digits>.safetensors``) are removed, never read.
 """
 
@@ -32,31 +32,32 @@ import torch
 from rwkvkit.checkpoint import Checkpoint, WeightSource
 from rwkvkit.errors import RwkvkitError
 from rwkvkit.native import cache_dir, touch, write_atomically
-from rwkvkit.quant import Int8Weight, quantize_source
+from rwkvkit.quant import GROUP, Quantized, QuantWeight, quantize_source
 
-CACHE_VERSION = "int8-per-row-v2"
+CACHE_VERSIONS = {"int8": "int8-per-row-v2", "int4": f"int4-group{GROUP}-v1"}  # per folder: a new version, new entries
 LIMIT_ENV, DEFAULT_LIMIT_MB = "RWKVKIT_INT8_CACHE_MB", 4096
 _OLD_LAYOUT = re.compile(r"[0-9a-f]{32}\.safetensors")
 
 
 class StageCache:
-    """The int8 weights of one stage of one model load: read from its entry where they fit,
-    quantized otherwise; :meth:`save` writes the entry back when it changed."""
+    """The quantized weights of one stage of one model load by the backend ``folder`` names: read
+    from its entry where they fit, quantized otherwise; :meth:`save` writes the entry back when it changed."""
 
-    def __init__(self, checkpoint: Checkpoint, layers: range) -> None:
+    def __init__(self, checkpoint: Checkpoint, layers: range, folder: str = "int8") -> None:
         self.limit = limit_bytes()  # a bad setting fails the load before any work
-        self.path = entry_path(checkpoint, layers)
+        self.folder, self.version = folder, CACHE_VERSIONS[folder]
+        self.path = entry_path(checkpoint, layers, folder)
         self.stored = _read(self.path)
-        self.weights: dict[str, Int8Weight] = {}
+        self.weights: dict[str, Quantized] = {}
         self.changed = False
 
-    def get(self, source: WeightSource) -> Int8Weight:
-        """``source`` quantized: the stored codes when they fit it, else :func:`quantize_source`."""
+    def get(self, source: WeightSource, fmt: type[QuantWeight]) -> QuantWeight:
+        """``source`` quantized to ``fmt``: the stored codes when they fit it, else :func:`quantize_source`."""
         key = source.cache_key
         q, scale = self.stored.pop(f"{key}.q", None), self.stored.pop(f"{key}.scale", None)
-        weight = _fitting(q, scale, source.shape)
+        weight = None if q is None or scale is None else fmt.stored(q, scale, source.shape)
         if weight is None:
-            weight, self.changed = quantize_source(source), True
+            weight, self.changed = quantize_source(source, fmt.quantize), True
         self.weights[key] = weight
         return weight
 
@@ -68,22 +69,22 @@ class StageCache:
         if self.changed or self.stored:
             tensors = {f"{key}.{part}": getattr(w, part) for key, w in self.weights.items() for part in ("q", "scale")}
             try:
-                write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"version": CACHE_VERSION}))
+                write_atomically(self.path, lambda tmp: save_file(tensors, str(tmp), metadata={"version": self.version}))
             except OSError as exc:
                 reason = exc.strerror or exc
-                warnings.warn(f"int8: cannot write the quantization cache in {self.path.parent} ({reason}); quantizing again on every load", RuntimeWarning, stacklevel=4)
+                warnings.warn(f"{self.folder}: cannot write the quantization cache in {self.path.parent} ({reason}); quantizing again on every load", RuntimeWarning, stacklevel=4)
                 return
         else:
             touch(self.path)
         evict(self.path, self.limit)
 
 
-def entry_path(checkpoint: Checkpoint, layers: range) -> Path:
+def entry_path(checkpoint: Checkpoint, layers: range, folder: str = "int8") -> Path:
     """The entry of ``layers`` of ``checkpoint`` (see the module docstring for the identity)."""
     path = checkpoint.path.resolve()
-    identity = f"{CACHE_VERSION}|{path}|{_file_identity(path)}|{checkpoint.fingerprint()}|{layers.start}|{layers.stop}"
+    identity = f"{CACHE_VERSIONS[folder]}|{path}|{_file_identity(path)}|{checkpoint.fingerprint()}|{layers.start}|{layers.stop}"
     digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    return cache_dir() / "int8" / f"{path.stem[:64]}-{layers.start}-{layers.stop}-{digest}.safetensors"
+    return cache_dir() / folder / f"{path.stem[:64]}-{layers.start}-{layers.stop}-{digest}.safetensors"
 
 
 def _file_identity(path: Path) -> str:
@@ -106,17 +107,6 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception:  # whatever the damage, the entry is rebuilt
         return {}
-
-
-def _fitting(q: torch.Tensor | None, scale: torch.Tensor | None, shape: torch.Size) -> Int8Weight | None:
-    """The stored pair as an :class:`Int8Weight` if it is one for a matrix of ``shape``."""
-    if q is None or scale is None or q.dtype != torch.int8 or q.shape != shape:
-        return None
-    if scale.dtype != torch.float32 or scale.shape != shape[:1]:
-        return None
-    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
-        return None
-    return Int8Weight(q, scale)
 
 
 def limit_bytes() -> int:

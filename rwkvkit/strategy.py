@@ -5,7 +5,7 @@ Grammar (ChatRWKV's)::
     strategy := stage ( "->" stage )*
     stage    := device dtype [ "*" N [ "+" ] ]
     device   := cpu | cuda | cuda:K | mps
-    dtype    := fp32 | fp16 | bf16, optionally followed by i8 (int8 weights)
+    dtype    := fp32 | fp16 | bf16, optionally followed by i8 (int8 weights) or, on the CPU, i4 (4-bit weights)
 
 ``*N`` gives a stage N layers; a stage without ``*N`` takes the layers left over (at most one may),
 and if every stage has a count, the last stage also takes the remainder. ``*N+`` (as in ChatRWKV)
@@ -23,9 +23,9 @@ import torch
 
 from rwkvkit.errors import StrategyError
 
-GRAMMAR = "stage ( -> stage )*, stage = 'device dtype [*N[+]]', device = cpu|cuda|cuda:K|mps, dtype = fp32|fp16|bf16[i8]"
+GRAMMAR = "stage ( -> stage )*, stage = 'device dtype [*N[+]]', device = cpu|cuda|cuda:K|mps, dtype = fp32|fp16|bf16[i8|i4]"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_STAGE = re.compile(r"^(?P<device>cpu|cuda(?::\d+)?|mps)\s+(?P<dtype>fp32|fp16|bf16)(?P<i8>i8)?(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$", re.ASCII)
+_STAGE = re.compile(r"^(?P<device>cpu|cuda(?::\d+)?|mps)\s+(?P<dtype>fp32|fp16|bf16)(?P<quant>i8|i4)?(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Placement:
 
     device: torch.device
     dtype: torch.dtype  # activation (and unquantized weight) dtype
-    quant: str | None = None  # "i8" for int8 weights
+    quant: str | None = None  # "i8" for int8 weights, "i4" for 4-bit ones
     stream: bool = False  # matrices kept in CPU RAM, copied to the device per use
 
 
@@ -60,9 +60,11 @@ def _parse_stage(text: str, strategy: str) -> tuple[Placement, int | None]:
     placement = Placement(
         device=torch.device(m["device"]),
         dtype=DTYPES[m["dtype"]],
-        quant="i8" if m["i8"] else None,
+        quant=m["quant"],
         stream=bool(m["stream"]),
     )
+    if placement.quant == "i4" and placement.device.type != "cpu":
+        raise StrategyError(f"invalid strategy {strategy!r}: stage {text.strip()!r}: {m['device']} {m['dtype']}i4 is not built yet; 4-bit weights run on the CPU ('cpu fp32i4', 'cpu bf16i4')")
     if placement.stream and placement.device.type == "cpu":
         raise StrategyError(f"invalid strategy {strategy!r}: stage {text.strip()!r} streams layers from CPU RAM to a GPU ('*N+'), but it runs on the CPU; drop the '+'")
     return placement, None if m["count"] is None else int(m["count"])

@@ -18,14 +18,14 @@ import torch
 from rwkvkit import RWKV
 from rwkvkit.backend import Backend, Epilogue
 from rwkvkit.models import rwkv7
-from rwkvkit.quant import Int8Weight
+from rwkvkit.quant import Int4Weight, Int8Weight
 from rwkvkit.registry import registry
 from rwkvkit.strategy import Placement
 from rwkvkit.testing import make_checkpoint
 
 CPU = torch.device("cpu")
 C, H, N, F = 768, 12, 64, 3072  # the 0.1B shape
-STRATEGIES = ["cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8"]
+STRATEGIES = ["cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu fp32i4", "cpu bf16i4"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def _backends_here(strategy: str) -> list[str]:
 
 def _placement(strategy: str) -> Placement:
     dtype = torch.bfloat16 if "bf16" in strategy else torch.float32
-    return Placement(CPU, dtype, quant="i8" if strategy.endswith("i8") else None)
+    return Placement(CPU, dtype, quant=strategy[-2:] if strategy.endswith(("i8", "i4")) else None)
 
 
 CASES = [(s, b) for s in STRATEGIES for b in _backends_here(s)]
@@ -54,8 +54,8 @@ def models(shape_0_1b):
 
 
 def _plain(weight):
-    """A prepared weight as the torch defaults read it (int8 dequantized to fp32)."""
-    return weight.dequantize(torch.float32) if isinstance(weight, Int8Weight) else weight
+    """A prepared weight as the torch defaults read it (int8 and int4 dequantized to fp32)."""
+    return weight.dequantize(torch.float32) if isinstance(weight, (Int8Weight, Int4Weight)) else weight
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -132,10 +132,11 @@ def test_project_with_every_epilogue_and_the_residual(models, strategy, backend,
         ]
 
     ref16, ref32 = _refs(model, ref)
-    if strategy.endswith("i8"):
-        # int8 weights: both sides use the same dequantized values; the kernels round activations,
+    if strategy.endswith(("i8", "i4")):
+        # int8/int4 weights: both sides use the same dequantized values; the kernels round activations,
         # to int16 steps (1/32767 of each row's max) for decoded rows (one per sequence, any B),
-        # to int8 steps (1/127) for a prefill's rows: 2e-4 and 2e-2 relative to the output's scale.
+        # to int8 steps (1/127) for a prefill's rows (int8; int4 prefill is a GEMM on the dequantized
+        # weight): 2e-4 and 2e-2 relative to the output's scale.
         tol = 2e-4 if T == 1 else 2e-2
         for a, b in zip(got, ref32 if dtype == torch.float32 else ref16):
             assert a.shape == b.shape and a.dtype == b.dtype
@@ -211,6 +212,8 @@ def _run(path: str, strategy: str, backend: str) -> torch.Tensor:
 PATCH_CASES = [("cpu fp32", b, 2e-5) for b in _backends_here("cpu fp32")] + [
     ("cpu bf16", b, 0.02) for b in _backends_here("cpu bf16")
 ] + [("cpu fp32i8", b, 0.03) for b in _backends_here("cpu fp32i8")]
+# (not int4: its noise on random weights, ~0.03 of the logit scale, is a third of the smallest
+# patch effect, too close to tell them apart; its backend reads the constants through int8's code)
 
 
 @pytest.fixture(scope="module")

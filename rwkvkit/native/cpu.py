@@ -7,7 +7,8 @@ Ops (each for any batch and token count its backend routes to it):
 - :func:`ln_mix` and :func:`time_mix_core`: the elementwise work around the products, in fp32
   inside, activations read and written in fp32 or bf16;
 - :func:`project` and :func:`lora`: products for one row per sequence (decode, the head) that
-  read each weight once per step in its stored format (fp32, bf16 or int8 with row scales) for
+  read each weight once per step in its stored format (fp32, bf16, int8 with row scales or int4
+  with group scales) for
   all the batch's rows, each row's sums formed exactly as for a lone row (a sequence's result
   does not depend on its batch); a sequence's many rows (prefill) go through :func:`gemm`
   (oneDNN) or :func:`int8_gemm` instead;
@@ -41,14 +42,15 @@ from rwkvkit.backend import Epilogue
 from rwkvkit.errors import InputError
 from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
 from rwkvkit.native import load_library
-from rwkvkit.quant import Int8Weight
+from rwkvkit.quant import CHUNK, Int4Weight, Int8Weight
 from rwkvkit.state import LayerState
 
-KERNELS = ("cpu_pool.h", "cpu_rwkv7.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
+KERNELS = ("cpu_pool.h", "cpu_rwkv7.cpp", "cpu_i4.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels read and write
 MAX_HEAD_SIZE = 64  # the scans keep a head's N x N state in fixed local arrays
-_F32, _BF16, _I8 = 0, 1, 2  # enum Format
+_F32, _BF16, _I8, _I4 = 0, 1, 2, 3  # enum Format
+_QUANTIZED = (Int8Weight, Int4Weight)
 _POOL, _ACTIVE, _PASSIVE, _OPENMP = 0, 1, 2, 3  # enum WaitMode
 SPIN_NS, YIELD_NS = 5_000, 2_000_000  # a waiting pool thread's spin, then sched_yield, before it sleeps
 _FORMATS = {torch.float32: _F32, torch.bfloat16: _BF16}
@@ -57,7 +59,7 @@ _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("format", _i32)]
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("format", _i32), ("group", _i32)]
 
 
 class _Product(ctypes.Structure):
@@ -133,6 +135,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "quantize_rows_i8": ([_i64, _i64, _ptr, c_int, _ptr, _ptr, c_int], None),
         "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
         "relu_square": ([_i64, _ptr, c_int, c_int], None),
+        "dequantize_i4": ([_ptr, _ptr, c_int, c_int], c_int),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -181,9 +184,10 @@ def head_fits(head_size: int) -> bool:
 
 
 def takes_matrix(weight: Any) -> bool:
-    """Whether the one-row products read this weight as it is (fp32, bf16 or int8, contiguous, on the CPU)."""
-    t = weight.q if isinstance(weight, Int8Weight) else weight
-    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.device.type == "cpu" and t.is_contiguous() and (isinstance(weight, Int8Weight) or t.dtype in _FORMATS)
+    """Whether the one-row products read this weight as it is (fp32, bf16, int8 or int4, contiguous, on the CPU)."""
+    quantized = isinstance(weight, _QUANTIZED)
+    t = weight.q if quantized else weight
+    return isinstance(t, torch.Tensor) and t.dim() == 2 and t.device.type == "cpu" and t.is_contiguous() and (quantized or t.dtype in _FORMATS)
 
 
 def decoded(xs: Sequence[torch.Tensor]) -> bool:
@@ -200,6 +204,15 @@ def _mat(weight: Any) -> _Mat:
     if isinstance(weight, Int8Weight):
         expect(weight.scale, (weight.q.shape[0],), "scale", torch.float32)
         return _Mat(weight.q.data_ptr(), weight.scale.data_ptr(), *weight.q.shape, _I8)
+    if isinstance(weight, Int4Weight):  # the kernel reads whole chunks and groups: every size checked here
+        rows, cols, group = *weight.shape, weight.group
+        if group <= 0 or group % CHUNK:
+            raise InputError(f"native kernel input int4 group: got {group}, expected a positive multiple of {CHUNK}")
+        expect(weight.q, (rows, -(-cols // CHUNK) * CHUNK // 2), "int4 codes", torch.uint8)
+        expect(weight.scale, (rows, -(-cols // group)), "int4 scales", torch.float32)
+        if not (weight.q.is_contiguous() and weight.scale.is_contiguous()):
+            raise InputError("native kernel input int4: codes and scales must be contiguous")
+        return _Mat(weight.q.data_ptr(), weight.scale.data_ptr(), rows, cols, _I4, group)
     if not takes_matrix(weight):
         raise TypeError(f"the native products read contiguous fp32/bf16/int8 matrices on the CPU, not {weight.dtype} {list(weight.shape)}")
     return _Mat(weight.data_ptr(), None, *weight.shape, _FORMATS[weight.dtype])
@@ -256,7 +269,7 @@ class NativeLayer:
             C, ffn.key.shape[0], c.ln_eps,
         )  # fmt: skip
         keep += [t for t in (att.w1, att.w2, att.a1, att.a2, att.g1, att.g2, att.v1, att.v2) if t is not None]
-        keep += [t for m in matrices for t in ((m.q, m.scale) if isinstance(m, Int8Weight) else (m,))]
+        keep += [t for m in matrices for t in ((m.q, m.scale) if isinstance(m, _QUANTIZED) else (m,))]
         self._keep = keep
 
     def check_state(self, s: LayerState, batch: int) -> None:
@@ -433,6 +446,15 @@ def int8_gemm(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     y = torch.empty(rows, weight.q.shape[0], dtype=x.dtype)
     lib.rescale_i32(rows, weight.q.shape[0], acc.data_ptr(), step.data_ptr(), weight.scale.data_ptr(), y.data_ptr(), bf16, threads)
     return y.view(*x.shape[:-1], -1)
+
+
+def dequantize_i4(weight: Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``weight.dequantize(dtype)`` (fp32 or bf16) in one native pass over the codes (torch's takes
+    several): the int4 prefill GEMM's operand."""
+    mat = _mat(weight)
+    out = torch.empty(*weight.shape, dtype=dtype)
+    checked(library().dequantize_i4)(ctypes.byref(mat), out.data_ptr(), _bf16(dtype), torch.get_num_threads())
+    return out
 
 
 def relu_square_(h: torch.Tensor) -> torch.Tensor:
