@@ -1,21 +1,21 @@
 """Per-token cost of structured output against unconstrained decode, on the World 0.1B shape
-(12 x 768, vocab 65,536, random weights) with ``cpu fp32i8``, batch 1 and 16.
+(12 x 768, vocab 65,536, random weights) with ``cpu fp32i8``, batch 1 and 16, in one run.
 
-``test_decode`` times unconstrained engine steps (forward + penalties + nucleus sampling) for B
-sequences. ``test_constrained`` generates B constrained sequences and times, inside the engine, every
-call the engine makes on their constraints (``mask`` after the penalties, ``advance`` after the
-sampler, ``is_finished`` / ``is_accepting``): that time per step, over the unconstrained step
-time, is the overhead. The constraint time is measured directly because constrained sequences end
-when complete, so their wall time is not comparable step for step. The first mask of a sequence
-(where llguidance builds its lexer) is included; compiling the source is not (it happens before
-generation).
+``test_decode`` times B unconstrained sequences of ``TOKENS`` engine steps (prefill, then forward
++ penalties + greedy sampling per step); ``test_constrained`` the same B sequences, each under a
+constraint of each type. Greedy, because its cost does not depend on the mask: the nucleus
+sampler's does (a peaked row, as a masked one is, costs it a small top-k instead of a sort of the
+whole vocabulary), which made constrained steps of a random model faster than unconstrained ones. The constraints are long versions of the test cases (an array of at
+least 8 nested objects, 16 or more dates, 16-32 grammar pairs) and end-of-text is banned in both
+runs, so every constrained sequence also runs exactly ``TOKENS`` steps: the wall time per step is
+comparable, and its excess is the overhead, including whatever the mask worker thread takes from
+the forward's cores. Compiling the source and building each sequence's constraint (with its
+first mask) happen before generation and are not timed. Each constraint call is also timed: on
+the engine's thread (``mask``, ``advance``, ``is_finished``, ``is_accepting``) and in the worker
+(``prepare_masks``, overlapping the forward).
 
 Run: ``pytest benchmarks/bench_constraints.py --benchmark-enable -s`` (``RWKVKIT_BENCH_THREADS``,
 default 2); ``test_summary`` prints the table.
-
-Measured at batch 1 on a heavily shared 2-core machine (load average ~16, so every time is
-inflated; the ratio is what to read): unconstrained step 1,241 ms; json_schema (nested) +5.2 ms
-(0.42%), regex (date) +3.1 ms (0.25%), grammar +5.2 ms (0.42%). Batch 16 not yet measured.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from rwkvkit import RWKV
 from rwkvkit.constraints import Constraint, constraint_maker
 from rwkvkit.engine import Engine, Request
 from rwkvkit.penalties import Penalties
-from rwkvkit.plugins.samplers import NucleusSampler
+from rwkvkit.plugins.samplers import GreedySampler
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.testing import make_checkpoint
 
@@ -41,10 +42,17 @@ from constraint_cases import GRAMMAR, REGEXES, SCHEMAS  # noqa: E402
 
 MODEL_DIR = os.environ.get("RWKVKIT_BENCH_MODELS", "/tmp/rwkvkit-bench-models")
 BATCHES = (1, 16)
-TOKENS = 32  # decode steps of the unconstrained run
-CASES = {"json_schema": SCHEMAS["nested"], "regex": REGEXES["date"], "grammar": GRAMMAR}
-STEP_MS: dict[int, float] = {}
-CONSTRAINT_MS: dict[tuple[str, int], float] = {}
+TOKENS = 32  # decode steps of every sequence
+ROUNDS = 3  # the minimum of 3 rounds: the least disturbed by other jobs
+LONG_GRAMMAR = GRAMMAR.replace("~0..2", "~16..32")
+assert LONG_GRAMMAR != GRAMMAR, "constraint_cases.GRAMMAR changed: update LONG_GRAMMAR"
+CASES = {
+    "json_schema": {"type": "array", "items": SCHEMAS["nested"], "minItems": 8},
+    "regex": f"(?:{REGEXES['date']};){{16,}}",
+    "grammar": LONG_GRAMMAR,
+}
+STEP_MS: dict[tuple[str, int], float] = {}  # (case or "none", batch) -> wall ms per step
+CALL_MS: dict[tuple[str, int], tuple[float, float]] = {}  # -> (engine-thread, worker) ms per step, all rows
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +66,11 @@ def setup():
 
 
 class Timed(Constraint):
-    """Delegates to a constraint and adds the time of every call to ``seconds``."""
+    """Delegates to a constraint, adding the time of its calls on the engine's thread to
+    ``seconds`` and of ``prepare_masks`` (in the engine's worker) to ``worker_seconds``."""
 
     def __init__(self, inner: Constraint) -> None:
-        self.inner, self.end_tokens, self.seconds, self.steps = inner, inner.end_tokens, 0.0, 0
+        self.inner, self.end_tokens, self.seconds, self.worker_seconds = inner, inner.end_tokens, 0.0, 0.0
 
     def _timed(self, fn, *args):
         t0 = time.perf_counter()
@@ -71,7 +80,6 @@ class Timed(Constraint):
             self.seconds += time.perf_counter() - t0
 
     def mask(self, logits: torch.Tensor) -> None:
-        self.steps += 1
         self._timed(self.inner.mask, logits)
 
     def advance(self, token: int) -> None:
@@ -83,24 +91,44 @@ class Timed(Constraint):
     def is_accepting(self) -> bool:
         return self._timed(self.inner.is_accepting)
 
+    @classmethod
+    def prepare_masks(cls, constraints: Sequence[Timed]) -> None:
+        t0 = time.perf_counter()
+        type(constraints[0].inner).prepare_masks([c.inner for c in constraints])  # one kind per run
+        for c in constraints:
+            c.worker_seconds += (time.perf_counter() - t0) / len(constraints)
 
-def requests(batch: int, token_count: int, constraints: list[Constraint | None]) -> list[Request]:
+
+def requests(batch: int, constraints: Sequence[Constraint | None]) -> list[Request]:
+    """End-of-text (0) is banned: a sequence ends only after ``TOKENS`` steps."""
     return [
-        Request("Here it is:", token_count, NucleusSampler(temperature=1.0, top_p=0.9), Penalties(0.2, 0.2, 0.996), seed=i, constraint=c)
+        Request("Here it is:", TOKENS, GreedySampler(), Penalties(0.2, 0.2, 0.996, ban=[0]), seed=i, constraint=c)
         for i, c in zip(range(batch), constraints)
     ]
 
 
+def timed_run(benchmark, model, tok, batch: int, make) -> list[list[Timed | None]]:
+    """``ROUNDS`` timed generations of ``batch`` sequences, constraints from ``make`` built
+    untimed before each; the constraints of every round."""
+    rounds: list[list[Timed | None]] = []
+
+    def setup():
+        rounds.append([make() for _ in range(batch)])
+        return (requests(batch, rounds[-1]),), {}
+
+    def run(reqs):
+        results = Engine(model, tok, max_batch=batch).generate(reqs)
+        assert all(len(r.tokens) == TOKENS for r in results), [(r.stop_reason, r.text) for r in results]
+
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS, warmup_rounds=0)
+    return rounds
+
+
 @pytest.mark.parametrize("batch", BATCHES)
 def test_decode(benchmark, setup, batch):
-    model, tok = setup
-
-    def run():
-        return Engine(model, tok, max_batch=batch).generate(requests(batch, TOKENS, [None] * batch))
-
-    benchmark.pedantic(run, rounds=2, warmup_rounds=1)
+    timed_run(benchmark, *setup, batch, lambda: None)
     if benchmark.stats:
-        STEP_MS[batch] = benchmark.extra_info["step_ms"] = benchmark.stats.stats.min / TOKENS * 1e3
+        STEP_MS["none", batch] = benchmark.extra_info["step_ms"] = benchmark.stats.stats.min / TOKENS * 1e3
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -108,26 +136,21 @@ def test_decode(benchmark, setup, batch):
 def test_constrained(benchmark, setup, case, batch):
     model, tok = setup
     make = constraint_maker({case: CASES[case]}, tok)
-    timed: list[Timed] = []
-
-    def run():
-        timed[:] = [Timed(make()) for _ in range(batch)]
-        return Engine(model, tok, max_batch=batch).generate(requests(batch, 4 * TOKENS, list(timed)))
-
-    results = benchmark.pedantic(run, rounds=1, warmup_rounds=0)
-    assert all(r.stop_reason == "constraint" for r in results), [(r.stop_reason, r.text) for r in results]
+    rounds = timed_run(benchmark, model, tok, batch, lambda: Timed(make()))
     if benchmark.stats:
-        # per step with all B sequences constrained: each sequence's mean cost per step, summed
-        CONSTRAINT_MS[case, batch] = benchmark.extra_info["constraint_ms_per_step"] = sum(t.seconds / t.steps for t in timed) * 1e3
+        STEP_MS[case, batch] = benchmark.extra_info["step_ms"] = benchmark.stats.stats.min / TOKENS * 1e3
+        last = rounds[-1]  # the calls' time per step, summed over the batch's rows
+        CALL_MS[case, batch] = tuple(sum(getattr(t, f) for t in last) / TOKENS * 1e3 for f in ("seconds", "worker_seconds"))
+        benchmark.extra_info["engine_thread_ms"], benchmark.extra_info["worker_ms"] = CALL_MS[case, batch]
 
 
 def test_summary():
     if not STEP_MS:
         pytest.skip("run with --benchmark-enable")
-    print("\nconstraint cost per engine step, 0.1B cpu fp32i8 (ms; % of an unconstrained step)")
-    for batch in (b for b in BATCHES if b in STEP_MS):  # -k may have deselected one
-        print(f"batch {batch:2}: unconstrained step {STEP_MS[batch]:7.2f} ms")
-        for case in CASES:
-            ms = CONSTRAINT_MS.get((case, batch))
-            if ms is not None:
-                print(f"    {case:12} +{ms:6.3f} ms  ({100 * ms / STEP_MS[batch]:5.2f}%)")
+    print(f"\nper-step wall time, 0.1B cpu fp32i8, {TOKENS} steps, min of {ROUNDS} rounds (ms; overhead vs unconstrained)")
+    for batch in (b for b in BATCHES if ("none", b) in STEP_MS):  # -k may have deselected one
+        base = STEP_MS["none", batch]
+        print(f"batch {batch:2}: unconstrained {base:8.2f} ms")
+        for case in (c for c in CASES if (c, batch) in STEP_MS):
+            ms, (own, worker) = STEP_MS[case, batch], CALL_MS[case, batch]
+            print(f"    {case:12} {ms:8.2f} ms  {100 * (ms / base - 1):+6.2f}%   constraint calls: engine thread {own:6.3f} ms, worker {worker:6.3f} ms")

@@ -15,8 +15,10 @@ otherwise: a model is free to emit whitespace forever, and a budget spent on it 
 
 from __future__ import annotations
 
+import functools
 import json
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,19 @@ class _Vocabulary:
                 return tokenizer.encode(text)
 
         self.ll = llguidance.LLTokenizer(Wrapper())
+        self.words = (len(tokens) + 31) // 32  # int32 words of one llguidance bitmask
+
+
+# a bitmask byte -> the bias of its 8 tokens (bit i of the byte is token 8k+i; set: allowed)
+_BIAS = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, np.float32(-0.0), np.float32(-np.inf)).astype(np.float32)
+
+
+@functools.cache
+def _executor() -> Any:
+    """llguidance's thread pool for a batch's masks (one per process; its default size)."""
+    import llguidance
+
+    return llguidance.LLExecutor()
 
 
 _VOCABULARIES: weakref.WeakKeyDictionary[Tokenizer, _Vocabulary] = weakref.WeakKeyDictionary()
@@ -69,7 +84,13 @@ def _vocabulary(tokenizer: Tokenizer) -> _Vocabulary:
 
 
 class LlguidanceConstraint(Constraint):
-    """A compiled llguidance grammar (``grammar`` is llguidance's grammar text) for one sequence."""
+    """A compiled llguidance grammar (``grammar`` is llguidance's grammar text) for one sequence.
+
+    Its next mask is kept as an additive bias (``_bias``: -0.0 where allowed, -inf elsewhere), made
+    by ``prepare_masks`` (in the engine's worker thread, while the model runs) or else by ``mask``;
+    ``advance`` drops it. The first one is made on construction: a JSON grammar's first mask
+    fills llguidance's caches for the tokenizer (~0.4 s once per process), and that belongs to
+    compiling (before the model loads, in ``rwkvkit run``), not to the first token."""
 
     def __init__(self, grammar: str, tokenizer: Tokenizer, kind: str) -> None:
         import llguidance
@@ -80,24 +101,43 @@ class LlguidanceConstraint(Constraint):
         self.name, self._vocab = kind, _vocabulary(tokenizer)
         self.end_tokens = self._vocab.end_tokens
         self._matcher = llguidance.LLMatcher(self._vocab.ll, grammar, log_level=0)
+        self._bias: torch.Tensor | None = None
         self._check()
+        self.prepare_masks([self])
 
     def _check(self) -> None:
         if self._matcher.is_error():
             raise ConstraintError(f"constraint {self.name}: {self._matcher.get_error()}")
 
+    @classmethod
+    def prepare_masks(cls, constraints: Sequence[Constraint]) -> None:
+        """llguidance's executor computes the masks on its own threads without the GIL."""
+        from llguidance.numpy import fill_next_token_bitmask_par
+
+        by_vocab: dict[int, list[LlguidanceConstraint]] = {}
+        for c in constraints:
+            if c._bias is None:
+                by_vocab.setdefault(id(c._vocab), []).append(c)
+        for todo in by_vocab.values():
+            vocab = todo[0]._vocab
+            bits = np.empty((len(todo), vocab.words), dtype=np.int32)
+            fill_next_token_bitmask_par(_executor(), [(c._matcher, i) for i, c in enumerate(todo)], bits)
+            for c, row in zip(todo, bits):
+                c._bias = torch.from_numpy(_BIAS[row.view(np.uint8)].reshape(-1)[: vocab.size])
+
     def mask(self, logits: torch.Tensor) -> None:
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        """Adds the bias: x + -0.0 is x for every x, x + -inf is -inf for every x but +inf and NaN
+        (non-finite logits end a sequence before this), and one add is the cheapest full-row
+        pass (a boolean masked_fill_ costs several times more)."""
+        if self._bias is None:
+            self.prepare_masks([self])
         self._check()
         usable = min(logits.shape[-1], self._vocab.size)
-        banned = np.unpackbits(bits, count=usable, bitorder="little") == 0
         logits[usable:] = -float("inf")
-        if logits.device.type == "cpu":  # numpy's single pass: no thread pool woken for one row
-            np.copyto(logits[:usable].numpy(), -np.inf, where=banned)
-        else:
-            logits[:usable].masked_fill_(torch.from_numpy(banned).to(logits.device), -float("inf"))
+        logits[:usable].add_(self._bias[:usable].to(logits.device))
 
     def advance(self, token: int) -> None:
+        self._bias = None
         if not self._matcher.consume_token(token):
             raise ConstraintError(f"constraint {self.name}: token {token} was not allowed: {self._matcher.get_error()}")
 

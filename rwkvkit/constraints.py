@@ -6,7 +6,10 @@ A constraint is a plugin kind (``register_constraints``): a registered factory
 and returns a fresh per-sequence :class:`Constraint`, refusing a bad source with a
 :class:`ConstraintError` before any token is generated. The engine calls ``mask`` on the row's
 scores after bans and penalties and before the sampler, so it composes with every sampler, and
-``advance`` with each token it keeps.
+``advance`` with each token it keeps. A constraint whose masks take real work can compute the next
+one ahead in ``prepare_masks``: the engine calls it from a worker thread while the model computes
+the logits the mask applies to, so a library that releases the GIL (llguidance does) overlaps it
+with the forward.
 
 Stop reasons a constraint adds: ``constraint`` (the text is complete: nothing may follow, or the
 model chose end-of-text where the constraint allowed it) and ``constraint_incomplete``
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -59,6 +62,22 @@ class Constraint(ABC):
     @abstractmethod
     def is_accepting(self) -> bool:
         """The text so far satisfies the constraint (it may still be extended)."""
+
+    @classmethod
+    def prepare_masks(cls, constraints: Sequence[Constraint]) -> None:
+        """Compute the next masks of ``constraints`` (all of this class, each advanced to where
+        its next token is sampled) ahead of their ``mask`` calls, which then only apply them; one
+        call for a whole batch, so a library can spread it over its own threads. The engine calls
+        it from a worker thread while the model runs, calling nothing else on these constraints
+        meanwhile; an exception it raises ends their sequences with it. ``mask`` must still work
+        without it (and ``prepare_masks`` may be given a constraint already prepared). Default:
+        nothing, ``mask`` does all the work."""
+
+
+def prepares_masks(constraint: Constraint) -> bool:
+    """Whether the constraint's class computes masks ahead (overrides ``prepare_masks``): the
+    engine starts a worker thread only for those."""
+    return type(constraint).prepare_masks.__func__ is not Constraint.prepare_masks.__func__
 
 
 def check_constraint(constraint: object) -> Constraint | None:

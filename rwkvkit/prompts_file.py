@@ -6,12 +6,17 @@ The file is UTF-8 JSON Lines, one prompt per line::
     {"prompt": "The capital of France is", "token_count": 20, "sampling": {"name": "greedy"}}
     "A line that is a JSON string is a prompt with the run's settings"
     {"prompt": "System: be brief.\n\nUser: hi", "cache_prefix": "System: be brief.\n\n"}
+    {"prompt": "A user as JSON:", "constraint": {"json_schema": {"type": "object"}}}
 
 ``prompt`` (text, required); ``seed`` and ``token_count`` replace the run's ``seed`` and
 ``token_count``; ``sampling`` overrides keys of the run's ``sampling`` config for this prompt
 (typed like the command line's ``sampling.*``). ``cache_prefix``: the beginning of the prompt
 whose state the prompt cache (``engine.cache_mb``) keeps for the prompts that follow, e.g. a shared
-system prompt; it must end on a token boundary of the prompt. Blank lines are skipped. A prompt without its own
+system prompt; it must end on a token boundary of the prompt. ``constraint``: structured output for
+this prompt, as ``PIPELINE.generate(constraint=...)`` takes it: ``{"json_schema": schema}`` (an
+object or JSON text), ``{"regex": pattern}`` or ``{"grammar": lark_or_gbnf_text}``; the sources are
+inline (the run's ``constraint.*`` keys name files), ``null`` means none, and a line without the key
+gets the run's ``constraint.*``. Blank lines are skipped. A prompt without its own
 seed gets the run's: its result is then exactly what ``rwkvkit run prompt=... seed=...`` (and
 ``PIPELINE.generate``) gives for it alone. Everything is checked before the model loads; a bad line
 is reported with the file, its line number and what was expected.
@@ -30,12 +35,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rwkvkit.config import make_penalties, make_sampler, make_stops
+from rwkvkit.constraints import ConstraintMaker, constraint_maker, constraint_spec
 from rwkvkit.engine import GenerationResult, Handle
-from rwkvkit.errors import InputError, RwkvkitError
+from rwkvkit.errors import ConstraintError, InputError, RwkvkitError
 from rwkvkit.interfaces import Callback, Sampler, Tokenizer
 from rwkvkit.penalties import Penalties, is_int
 
-KEYS = ("prompt", "seed", "token_count", "sampling", "cache_prefix")
+KEYS = ("prompt", "seed", "token_count", "sampling", "cache_prefix", "constraint")
 
 
 @dataclass
@@ -51,6 +57,8 @@ class PromptLine:
     sampler: Sampler  # shared by the lines of equal sampling configs: their rows sample together
     stops: list[int | str]
     cache_prefix: str | None
+    constraint: dict[str, Any] | None  # the line's own spec, else the run's (constraint.*)
+    constraint_origin: str | None  # the run's keys that set it; None: the line's "constraint"
 
     def cache_prefix_len(self, tokenizer: Tokenizer, name: str) -> int | None:
         """The prompt's tokens in ``cache_prefix``: the engine's cut point. InputError when the
@@ -78,12 +86,13 @@ def read_prompts(name: str, cfg: DictConfig) -> list[PromptLine]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise RwkvkitError(f"prompts_file={name}: cannot read it as UTF-8 text ({exc.__class__.__name__}: {exc})") from None
+    run_constraint = (constraint_spec(**cfg.constraint), " ".join(f"constraint.{k}={v}" for k, v in cfg.constraint.items() if v is not None))
     samplers: dict[str, Sampler] = {}
     prompts: list[PromptLine] = []
     for number, text in enumerate(lines, 1):
         if text.strip():
             try:
-                prompts.append(_parse(text, len(prompts), number, cfg, samplers))
+                prompts.append(_parse(text, len(prompts), number, cfg, samplers, run_constraint))
             except InputError as exc:
                 raise InputError(f"prompts_file={name}, line {number}: {exc}") from None
     if not prompts:
@@ -91,7 +100,7 @@ def read_prompts(name: str, cfg: DictConfig) -> list[PromptLine]:
     return prompts
 
 
-def _parse(text: str, index: int, number: int, cfg: DictConfig, samplers: dict[str, Sampler]) -> PromptLine:
+def _parse(text: str, index: int, number: int, cfg: DictConfig, samplers: dict[str, Sampler], run_constraint: tuple[dict[str, Any] | None, str | None]) -> PromptLine:
     try:
         item = json.loads(text)
     except ValueError as exc:
@@ -113,12 +122,36 @@ def _parse(text: str, index: int, number: int, cfg: DictConfig, samplers: dict[s
     prefix = item.get("cache_prefix")
     if prefix is not None and (not isinstance(prefix, str) or not prefix or not prompt.startswith(prefix)):
         raise InputError(f'"cache_prefix" must be a non-empty string the prompt begins with, got {json.dumps(prefix):.60}')
+    constraint, origin = (item["constraint"], None) if "constraint" in item else run_constraint
+    if constraint is not None and (not isinstance(constraint, dict) or len(constraint) != 1):
+        raise InputError(f'"constraint" must be an object with one key, {{"json_schema": ...}}, {{"regex": ...}} or {{"grammar": ...}}, or null; got {json.dumps(constraint):.60}')
     sampling = _sampling(cfg.sampling, item.get("sampling", {}))
     key = OmegaConf.to_yaml(sampling)
     if key not in samplers:
         samplers[key] = make_sampler(sampling)
     make_penalties(sampling)  # range checks now; ids against the vocabulary once it loads
-    return PromptLine(index, number, prompt, seed, token_count, sampling, samplers[key], make_stops(sampling), prefix)
+    return PromptLine(index, number, prompt, seed, token_count, sampling, samplers[key], make_stops(sampling), prefix, constraint, origin)
+
+
+def constraint_makers(lines: list[PromptLine], tokenizer: Tokenizer, name: str) -> list[ConstraintMaker | None]:
+    """Each line's constraint compiled for ``tokenizer`` (once per distinct source), before the
+    model loads: a bad one fails naming where it was set (the file ``name`` and the line, or the
+    run's ``constraint.*`` key)."""
+    compiled: dict[str, ConstraintMaker] = {}
+    makers: list[ConstraintMaker | None] = []
+    for line in lines:
+        if line.constraint is None:
+            makers.append(None)
+            continue
+        key = json.dumps(line.constraint, sort_keys=True)
+        if key not in compiled:
+            try:
+                compiled[key] = constraint_maker(line.constraint, tokenizer)
+            except (InputError, ConstraintError) as exc:
+                origin = line.constraint_origin or f'prompts_file={name}, line {line.line}: "constraint"'
+                raise type(exc)(f"{origin}: {exc}") from None
+        makers.append(compiled[key])
+    return makers
 
 
 def _sampling(base: DictConfig, overrides: Any) -> DictConfig:

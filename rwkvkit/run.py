@@ -51,7 +51,7 @@ from rwkvkit.model import Model
 from rwkvkit.native import cache_dir, write_atomically
 from rwkvkit.paths import candidates, model_file
 from rwkvkit.prompt_cache import PromptCache
-from rwkvkit.prompts_file import BatchProgress, PromptLine, batch_metrics, read_prompts, result_record
+from rwkvkit.prompts_file import BatchProgress, PromptLine, batch_metrics, constraint_makers, read_prompts, result_record
 from rwkvkit.registry import registry
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.rundir import write_json, write_text
@@ -351,6 +351,7 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
     model_path = check_model(cfg)
     tokenizer = resolve_tokenizer(cfg.model.tokenizer)
     cuts = [line.cache_prefix_len(tokenizer, cfg.prompts_file) for line in record.lines]
+    makers = constraint_makers(record.lines, tokenizer, cfg.prompts_file)  # compiled before the model loads
     model = _load(cfg, model_path, record)
     initial = initial_state(cfg, model)
     cache = PromptCache(cfg.engine.cache_mb << 20) if cfg.engine.cache_mb else None
@@ -360,9 +361,9 @@ def _generate_batch(cfg: DictConfig, record: _BatchRecord) -> None:
         Request(
             line.prompt, line.token_count, line.sampler, line.penalties(model.spec.vocab_size), line.stops, line.sampling.chunk_len,
             state=initial, seed=line.seed, callbacks=[registry.get("callbacks", "metrics")(), progress, *(f() for f in factories)],
-            cache_prefix_len=cut,
+            cache_prefix_len=cut, constraint=make() if make else None,
         )
-        for line, cut in zip(record.lines, cuts)
+        for line, cut, make in zip(record.lines, cuts, makers)
     ]
     record.generating, record.started = True, time.perf_counter()
     try:

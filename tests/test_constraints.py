@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import threading
 
 import jsonschema
 import lark
@@ -131,6 +132,93 @@ def test_constrained_and_unconstrained_in_one_batch_equal_each_alone(pipes, mode
         want = generate(pipe.model, pipe.tokenizer, r.prompt, token_count=r.token_count, sampler=r.sampler, penalties=r.penalties, seed=r.seed, constraint=r.constraint)
         assert (got.tokens, got.text, got.stop_reason) == (want.tokens, want.text, want.stop_reason)
         assert got.stop_reason == ("length" if source is None else "constraint")
+
+
+class Ahead(AllowAll):
+    """Allows everything for ``steps`` tokens, then only its end token 7; prepares masks ahead and
+    records, per call, its thread, its batch and whether the model's forward had begun."""
+
+    calls: list[tuple[bool, int]] = []
+    forward_begun = threading.Event()
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.steps, self.end_tokens, self.prepared, self.masked_prepared = steps, frozenset({7}), False, []
+
+    @classmethod
+    def prepare_masks(cls, constraints) -> None:
+        begun = cls.forward_begun.wait(60)  # a deadlock guard: never waited for if the engine overlaps
+        cls.calls.append((threading.current_thread() is not threading.main_thread() and begun, len(constraints)))
+        for c in constraints:
+            c.prepared = True
+
+    def mask(self, logits: torch.Tensor) -> None:
+        self.masked_prepared.append(self.prepared)
+        if len(self.advanced) >= self.steps:
+            logits[torch.arange(len(logits)) != 7] = -float("inf")
+
+    def advance(self, token: int) -> None:
+        super().advance(token)
+        self.prepared = False
+
+
+def test_masks_are_prepared_in_a_worker_while_the_model_runs(pipes, monkeypatch):
+    """Each forward lets a prepare_masks call begin (waiting for it, so the worker's timing does not
+    matter) and that call sees the forward begun: they overlap. One call per step for the whole
+    batch; every mask after the first is prepared; an unconstrained row changes nothing."""
+    pipe = pipes["demo"]
+    forward = pipe.model.forward
+
+    def watched(*args, **kwargs):
+        Ahead.forward_begun.set()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            Ahead.forward_begun.clear()
+
+    monkeypatch.setattr(pipe.model, "forward", watched)
+    monkeypatch.setattr(Ahead, "calls", [])
+    rows = [Ahead(3), None, Ahead(3)]
+    results = Engine(pipe.model, pipe.tokenizer).generate([Request("The Lord", 6, GreedySampler(), constraint=c) for c in rows])
+    assert [(r.stop_reason, len(r.tokens)) for r in results] == [("constraint", 3), ("length", 6), ("constraint", 3)]
+    assert Ahead.calls == [(True, 2)] * 3  # after tokens 1, 2, 3; token 4 is the end token: no forward
+    assert rows[0].masked_prepared == rows[2].masked_prepared == [False, True, True, True]
+
+
+class Failing(AllowAll):
+    @classmethod
+    def prepare_masks(cls, constraints) -> None:
+        raise RuntimeError("prepare failed")
+
+
+def test_a_failing_prepare_masks_ends_its_sequences_only(pipes):
+    pipe = pipes["demo"]
+    engine = Engine(pipe.model, pipe.tokenizer)
+    failing, plain = (engine.submit(Request("The Lord", 4, GreedySampler(), constraint=c)) for c in (Failing(), None))
+    engine.run()
+    assert failing.result.stop_reason == "error" and str(failing.error) == "prepare failed" and len(failing.result.tokens) == 1
+    assert plain.result.tokens == generate(pipe.model, pipe.tokenizer, "The Lord", token_count=4, sampler=GreedySampler()).tokens
+
+
+@pytest.mark.parametrize("model", ["demo", "world"])
+def test_a_prepared_mask_equals_llguidance_s_own(pipes, model):
+    """Masks made in a batch by prepare_masks, and on demand by mask, equal llguidance's own logit
+    bias (one byte per token) for the same state: the bit order and the vocabulary's end match."""
+    tokenizer = pipes[model].tokenizer
+    make = constraint_maker({"json_schema": SCHEMAS["nested"]}, tokenizer)
+    text = tokenizer.encode('{"user":{"id":12,"role":"')
+    ahead, on_demand, other = make(), make(), constraint_maker({"regex": REGEXES["date"]}, tokenizer)()
+    for c in (ahead, on_demand):
+        for token in text:
+            c.advance(token)
+    type(ahead).prepare_masks([ahead, other])
+    vocab = pipes[model].model.spec.vocab_size  # the demo's model has ids past its tokenizer's
+    want = torch.frombuffer(bytearray(ahead._matcher.deep_copy().compute_logit_bias()), dtype=torch.uint8)[: tokenizer.vocab_size] > 0
+    for c in (ahead, on_demand):
+        logits = torch.randn(vocab)
+        c.mask(logits)
+        assert torch.equal(torch.isfinite(logits)[: tokenizer.vocab_size], want) and not torch.isfinite(logits[tokenizer.vocab_size :]).any()
+    assert 3 <= int(want.sum()) < 1000  # "admin", "editor", "viewer" and their prefixes: a real mask, not all or nothing
 
 
 def test_budget_too_small_is_not_success(pipes):

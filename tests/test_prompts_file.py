@@ -6,10 +6,13 @@ file, the line and what was expected."""
 from __future__ import annotations
 
 import json
+import re
 
+import jsonschema
 import pytest
 
 from rwkvkit import PIPELINE, PIPELINE_ARGS, RWKV
+from constraint_cases import SCHEMAS
 from rwkvkit.plugins.samplers import GreedySampler
 from test_cli_run import rwkvkit_run
 
@@ -100,6 +103,46 @@ def test_cache_prefix_shares_a_system_prompt(tmp_path, world_args, model_paths):
     assert proc.returncode == 2 and f"prompts_file={bad}, line 1: the prompt's tokens do not begin with those of its cache_prefix" in proc.stderr
 
 
+def test_lines_with_constraints_equal_pipeline_generate_alone(tmp_path, world_args, model_paths):
+    """Per-line json_schema (an object, and JSON text), regex and "constraint": null, and a line
+    without the key, which gets the run's constraint.regex; each result is the one
+    PIPELINE.generate gives for it alone, with its constraint."""
+    date, digits = r"[0-9]{4}-[0-9]{2}-[0-9]{2}", "[0-9]{3}"
+    constraints = [{"json_schema": SCHEMAS["flat"]}, {"json_schema": json.dumps(SCHEMAS["flat"])}, {"regex": date}, None, {"regex": digits}]
+    lines = [{"prompt": "Here it is:", "seed": i, "constraint": c} for i, c in enumerate(constraints[:4])] + [{"prompt": "Here it is:", "seed": 4}]
+    out = tmp_path / "r"
+    file = write_lines(tmp_path / "p.jsonl", lines)
+    proc = rwkvkit_run(*world_args, f"prompts_file={file}", "token_count=60", f"constraint.regex='{digits}'", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    pipeline = PIPELINE(RWKV(model_paths["world"]), "rwkv_vocab_v20230424")
+    got = results(out)
+    for i, (r, c) in enumerate(zip(got, constraints)):
+        want = pipeline.generate("Here it is:", 60, PIPELINE_ARGS(), seed=i, constraint=c, return_result=True)
+        assert (r["tokens"], r["text"], r["stop_reason"]) == (want.tokens, want.text, want.stop_reason)
+    assert [r["stop_reason"] for r in got] == ["constraint"] * 3 + ["length", "constraint"]
+    jsonschema.validate(json.loads(got[0]["text"]), SCHEMAS["flat"])
+    assert re.fullmatch(date, got[2]["text"]) and re.fullmatch(digits, got[4]["text"])
+
+
+@pytest.mark.parametrize(
+    "lines, args, message",
+    [
+        ([{"prompt": "a"}, {"prompt": "b", "constraint": {"regex": "[a-"}}], [], 'p.jsonl, line 2: "constraint": constraint regex: '),
+        ([{"prompt": "a", "constraint": {"yaml_schema": "x"}}], [], "p.jsonl, line 1: \"constraint\": constraint kind 'yaml_schema' is unknown; available: "),
+        ([{"prompt": "a", "constraint": {"json_schema": {"type": "objekt"}}}], [], 'p.jsonl, line 1: "constraint": constraint json_schema: Invalid type: objekt'),
+        ([{"prompt": "a"}], ["constraint.json_schema=bad.json"], "constraint.json_schema=bad.json: constraint json_schema: Invalid type: objekt"),
+    ],
+)
+def test_a_bad_constraint_fails_before_the_model_loads(tmp_path, lines, args, message):
+    """The model file exists but is not a checkpoint: loading it would fail with another error."""
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "bad.json").write_text('{"type": "objekt"}')
+    file = write_lines(tmp_path / "p.jsonl", lines)
+    proc = rwkvkit_run(f"model.path={tmp_path / 'junk.pth'}", f"prompts_file={file}", *args, f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "rwkvkit: error: " + (f"prompts_file={tmp_path}/" if message.startswith("p.jsonl") else "") + message in proc.stderr, proc.stderr  # a regex error spans lines
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [
@@ -113,12 +156,14 @@ def test_cache_prefix_shares_a_system_prompt(tmp_path, world_args, model_paths):
         ([{"prompt": "a", "seed": "x"}], 'p.jsonl, line 1: "seed" must be an integer, got "x"'),
         ([{"prompt": "a", "seed": True}], 'p.jsonl, line 1: "seed" must be an integer, got true'),
         ([{"prompt": "a", "token_count": -1}], 'p.jsonl, line 1: "token_count" must be an integer >= 0, got -1'),
-        ([{"prompt": "a", "promt": "b"}], "p.jsonl, line 1: unknown key(s) ['promt']: expected prompt, seed, token_count, sampling, cache_prefix"),
+        ([{"prompt": "a", "promt": "b"}], "p.jsonl, line 1: unknown key(s) ['promt']: expected prompt, seed, token_count, sampling, cache_prefix, constraint"),
         ([{"prompt": "ab", "cache_prefix": "b"}], 'p.jsonl, line 1: "cache_prefix" must be a non-empty string the prompt begins with, got "b"'),
         ([{"prompt": "a", "sampling": 1}], 'p.jsonl, line 1: "sampling" must be a JSON object of sampling options, got 1'),
         ([{"prompt": "a", "sampling": {"top_q": 1}}], "p.jsonl, line 1: \"sampling\": Key 'top_q' not in 'SamplingConfig'"),
         ([{"prompt": "a", "sampling": {"top_p": "x"}}], "p.jsonl, line 1: \"sampling\": Value 'x' of type 'str' could not be converted to Float"),
         ([{"prompt": "a"}, {"prompt": "b", "sampling": {"top_p": 2}}], "p.jsonl, line 2: sampling: sampling option top_p=2.0: expected a number in [0.0, 1.0]"),
+        ([{"prompt": "a", "constraint": "[0-9]+"}], 'p.jsonl, line 1: "constraint" must be an object with one key, {"json_schema": ...}, {"regex": ...} or {"grammar": ...}, or null; got "[0-9]+"'),
+        ([{"prompt": "a", "constraint": {"regex": "a", "grammar": "b"}}], 'p.jsonl, line 1: "constraint" must be an object with one key'),
         ([{"prompt": "a", "sampling": {"token_stop": [1.5]}}], "p.jsonl, line 1: sampling.token_stop has [1.5]"),
     ],
 )

@@ -18,14 +18,17 @@ returns the next one): rows are gathered or appended only when a sequence joins 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch
 
+from rwkvkit.constraints import Constraint, prepares_masks
 from rwkvkit.cuda_graphs import BatchGraphs, graph_device, shared_graphs
 from rwkvkit.engine.sequence import Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
 from rwkvkit.errors import InputError, PluginError, StrategyError
@@ -139,6 +142,36 @@ def _sample(sampler: Sampler, scores: torch.Tensor, ctxs: list[SampleContext]) -
         where = f"{type(sampler).__module__}.{type(sampler).__qualname__}"
         raise PluginError(f"sampler {name!r} ({where}) returned {len(tokens)} tokens from sample_batch for {len(ctxs)} rows")
     return tokens
+
+
+@functools.cache
+def _mask_worker() -> ThreadPoolExecutor:
+    """The thread that computes constraints' next masks while the model runs (one per process:
+    the work is small, and an engine waits for its masks before its next step)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="rwkvkit-masks")
+
+
+def _start_masks(constraints: list[Constraint]) -> Future[dict[int, Exception]] | None:
+    """Start ``prepare_masks`` for the constraints that compute masks ahead, one call per class,
+    in the worker; its result maps ``id(constraint)`` to the exception its class's call raised.
+    None when no constraint prepares masks."""
+    groups: dict[type, list[Constraint]] = {}
+    for c in constraints:
+        if prepares_masks(c):
+            groups.setdefault(type(c), []).append(c)
+    if not groups:
+        return None
+
+    def prepare() -> dict[int, Exception]:
+        failed: dict[int, Exception] = {}
+        for cls, group in groups.items():
+            try:
+                cls.prepare_masks(group)
+            except Exception as exc:  # noqa: BLE001 - ends the sequences of this class's constraints only
+                failed.update((id(c), exc) for c in group)
+        return failed
+
+    return _mask_worker().submit(prepare)
 
 
 def check_limits(max_batch: int, prefill_tokens_per_step: int | None, names: tuple[str, str] = ("max_batch", "prefill_tokens_per_step")) -> None:
@@ -379,7 +412,8 @@ class Engine:
             g.state = g.logits = None
 
     def _decode(self) -> None:
-        """Sample every prefilled sequence, then feed the tokens in one batched forward."""
+        """Sample every prefilled sequence, then feed the tokens in one batched forward, while a
+        worker thread computes the constrained sequences' next masks (``Constraint.prepare_masks``)."""
         self._regroup()
         if self._rows:
             self._sample_rows()
@@ -389,6 +423,7 @@ class Engine:
         rows, before = self._rows, self._batch
         graphs = self._acquire_graphs()
         tokens = [g.ctx.tokens[-1] for g in rows]
+        masks = _start_masks([g.constraint for g in rows if g.constraint is not None and g.ending is None])
         try:
             if graphs is not None:  # updates the pool in place: ``before`` is gone after the step
                 logits, self._batch = self._graph_step(graphs, tokens, before)
@@ -398,6 +433,8 @@ class Engine:
             for g in rows:
                 self._end(g, "error", error=exc)
             return
+        finally:  # the worker is done with the constraints before anything else touches them
+            unprepared = masks.result() if masks is not None else {}
         self._logits = logits
         finite = torch.isfinite(logits).all(dim=1)
         suspects = set() if bool(finite.all()) else set((~finite).nonzero().flatten().tolist())
@@ -408,6 +445,8 @@ class Engine:
                 self._guard(g, check_logits, logits[i], self.model, [tokens[i]], before_i, f"at generated token {len(g.ctx.tokens)}", graphs is None)
             if reason is not None:
                 self._end(g, reason, stop)
+            elif id(g.constraint) in unprepared:
+                self._end(g, "error", error=unprepared[id(g.constraint)])
 
     def _acquire_graphs(self) -> BatchGraphs | None:
         """The graphs this batch decodes through, or None for eager steps: a given BatchGraphs;
