@@ -79,13 +79,14 @@ def test_batched_prefill_logits_and_states_match_each_prompt_alone(load, backend
 
 def test_prompt_logprob_rows_prefill_apart_from_the_others(load, monkeypatch):
     """Rows recording their prompt's logprobs need every position's logits: they share a
-    full-output forward with each other, not with rows that need only the last position."""
+    full-output forward with each other (up to PROMPT_LOGPROBS_CHUNK positions' logits in all, the
+    memory bound of one such row alone), not with rows that need only the last position."""
     model, tok = load("demo")
     ids = prompts(model, (PROMPT_LOGPROBS_CHUNK + 10,) * 2 + (10, 10), seed=12)
     reqs = [request(p, "greedy", i, token_count=4, prompt_logprobs=i < 2, logprobs=2 if i < 2 else None) for i, p in enumerate(ids)]
     calls = count_forwards(monkeypatch, model)
     results = Engine(model, tok, prefill_tokens_per_step=None).generate(reqs)
-    assert prefills(calls) == [(2, PROMPT_LOGPROBS_CHUNK), (2, 10), (2, 10)]
+    assert prefills(calls) == [(1, PROMPT_LOGPROBS_CHUNK), (1, PROMPT_LOGPROBS_CHUNK), (2, 10), (2, 10)]
     monkeypatch.undo()
     for p, r, req in zip(ids[:2], results[:2], reqs[:2]):
         check(r.prompt_logprobs, p[1:], reference(model, p, [])[: len(p) - 1], 2)

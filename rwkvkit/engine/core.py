@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from rwkvkit.cuda_graphs import BatchGraphs, graph_device, shared_graphs
-from rwkvkit.engine.sequence import Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
+from rwkvkit.engine.sequence import PROMPT_LOGPROBS_CHUNK, Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
 from rwkvkit.errors import InputError, PluginError, StrategyError
 from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
@@ -329,8 +329,10 @@ class Engine:
     def _prefill(self) -> None:
         """Chunks of prompts under the budget (at least one per step), in rounds: a round takes the
         next chunk of each prefilling sequence, in admission order, while the budget lasts, and
-        runs the chunks of one length (and output kind) in one ``[B, T]`` forward. A prompt's
-        chunks are cut by its request, the cache and the budget alone, never by its neighbours."""
+        runs the chunks of one length (and output kind) in one ``[B, T]`` forward (rows recording
+        prompt logprobs: at most PROMPT_LOGPROBS_CHUNK positions' logits per forward, as alone). A
+        prompt's chunks are cut by its request, the cache and the budget alone, never by its
+        neighbours."""
         budget, spent = self.prefill_tokens_per_step or math.inf, 0
         while True:
             groups: dict[tuple[int, bool], list[Generation]] = {}
@@ -343,8 +345,10 @@ class Engine:
                     groups.setdefault((n, g.prompt_logprobs is not None), []).append(g)
             if not groups:
                 return
-            for gens in groups.values():
-                self._prefill_group(gens)
+            for (n, full), gens in groups.items():
+                rows = max(1, PROMPT_LOGPROBS_CHUNK // n) if full else len(gens)  # full output: [rows, n, V] logits
+                for i in range(0, len(gens), rows):
+                    self._prefill_group(gens[i : i + rows])
 
     def _prefill_group(self, gens: list[Generation]) -> None:
         """The next chunk of each of ``gens`` in one forward; if that fails, each alone again, so a
@@ -385,7 +389,7 @@ class Engine:
         prompt's logprobs are recorded, else ``[V]``."""
         if g.prompt_logprobs is not None:
             g.record_prompt(logits)
-            logits = logits[-1]
+            logits = logits[-1].clone()  # not a view keeping the whole [B, T, V] output alive
         g.advance_prefill(len(chunk))
         if g.prefilled == g.cut:
             self.cache.store(g.ids[: g.cut], g.state, logits)
