@@ -4,6 +4,12 @@ Replies stream as they are generated; Ctrl-C stops the current reply (what it sa
 kept) and not the chat. Each turn's prompt is the whole conversation, and the engine's prompt
 cache holds the state after the previous turn's prompt, so a turn prefills only what is new.
 Commands: /reset, /regen, /save FILE, /load FILE, /help, /quit (or Ctrl-D).
+
+``/save FILE`` writes the messages (JSON) and, beside them in ``FILE.state.safetensors``, the
+model's state after the conversation (:meth:`State.save`, with the model's fingerprint); ``/load``
+puts that state into the prompt cache, so the next reply prefills only the new turn. The state is
+taken after the conversation's tokens but the last, which ``/load`` runs through the model for the
+next-token scores a cache entry holds: one decode step, not a prefill.
 """
 
 from __future__ import annotations
@@ -18,19 +24,22 @@ from omegaconf import DictConfig
 
 from rwkvkit.config import make_penalties, make_sampler, make_stops
 from rwkvkit.engine import Engine, Request
-from rwkvkit.errors import RwkvkitError, Terminated, fail
+from rwkvkit.errors import RwkvkitError, StateError, Terminated, fail
 from rwkvkit.interfaces import Callback
 from rwkvkit.prompt_cache import PromptCache
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.run import check_model, load_model
 from rwkvkit.server.template import ChatTemplate
+from rwkvkit.state import State
 
 FORMAT = "rwkvkit-chat/1"
+STATE_SUFFIX = ".state.safetensors"  # the state file beside a saved chat
 HELP = """commands:
   /reset       forget the conversation (the system message stays)
   /regen       replace the last reply with a new one
-  /save FILE   write the conversation to FILE (JSON; an existing file is not overwritten)
-  /load FILE   continue a conversation saved by /save (with the same model)
+  /save FILE   write the conversation to FILE (JSON) and its model state to FILE.state.safetensors
+               (an existing file is not overwritten)
+  /load FILE   continue a conversation saved by /save (with the same model), without prefilling it again
   /help        this list
   /quit        leave (Ctrl-D too); Ctrl-C stops a reply, not the chat"""
 
@@ -57,7 +66,7 @@ class Chat:
     """A conversation with one model: ``messages`` as (role, content) pairs."""
 
     def __init__(self, cfg: DictConfig, model, tokenizer, out: TextIO = sys.stdout) -> None:
-        self.cfg, self.model, self.out = cfg, model, out
+        self.cfg, self.model, self.tokenizer, self.out = cfg, model, tokenizer, out
         self.template = ChatTemplate.of(cfg.model.chat)
         cache = PromptCache(cfg.prompt_cache_mb << 20) if cfg.prompt_cache_mb > 0 else None
         self.engine = Engine(model, tokenizer, max_batch=1, cache=cache)
@@ -103,14 +112,33 @@ class Chat:
         self.reply()
 
     def save(self, path: Path) -> None:
+        """The messages to ``path`` and the state after them beside it; neither file may exist."""
+        state_path = path.with_name(path.name + STATE_SUFFIX)
+        for p in (path, state_path):
+            if p.exists():
+                raise ChatError(f"/save {path}: {p} exists; choose another name")
+        ids = self.tokenizer.encode(self.template.history(self.messages))
         data = {"format": FORMAT, "model_fingerprint": self.model.fingerprint, "messages": [list(m) for m in self.messages]}
         try:
+            if len(ids) > 1:
+                self._state_before_last(ids).save(state_path)
+                data["state"] = {"file": state_path.name, "tokens": ids}
             with path.open("x", encoding="utf-8") as f:
                 json.dump(data, f, ensure_ascii=False, indent=1)
-        except FileExistsError:
-            raise ChatError(f"/save {path}: the file exists; choose another name") from None
-        except OSError as exc:
-            raise ChatError(f"/save {path}: cannot write it ({exc.strerror or exc})") from None
+        except (OSError, StateError) as exc:
+            if "state" in data:
+                state_path.unlink(missing_ok=True)
+            detail = (exc.strerror or exc) if isinstance(exc, OSError) else exc
+            raise ChatError(f"/save {path}: cannot write it ({detail})") from None
+
+    def _state_before_last(self, ids: list[int]) -> State:
+        """The state after ``ids[:-1]``: through the engine, so the prompt cache's state after the
+        last reply's prompt is reused and only the reply is prefilled."""
+        handle = self.engine.submit(Request(ids[:-1], 0, self.sampler))
+        self.engine.run()
+        if handle.error is not None:
+            raise handle.error
+        return handle.result.state
 
     def load(self, path: Path) -> None:
         try:
@@ -124,7 +152,24 @@ class Chat:
             raise ChatError(f"/load {path}: not a chat saved by /save (expected format {FORMAT!r} with [role, text] messages)")
         if data.get("model_fingerprint") != self.model.fingerprint:
             raise ChatError(f"/load {path}: saved with another model (fingerprint {data.get('model_fingerprint')}, this one {self.model.fingerprint})")
-        self.messages = [tuple(m) for m in messages]
+        messages = [tuple(m) for m in messages]
+        if "state" in data:
+            self._load_state(path, data["state"], messages)
+        self.messages = messages
+
+    def _load_state(self, path: Path, saved: object, messages: list[tuple[str, str]]) -> None:
+        """Put the saved state, and the state after the conversation's last token, in the prompt
+        cache (without a cache, replies prefill the whole conversation anyway)."""
+        ids = self.tokenizer.encode(self.template.history(messages))
+        if not isinstance(saved, dict) or not isinstance(saved.get("file"), str) or saved.get("tokens") != ids:
+            raise ChatError(f"/load {path}: its 'state' entry does not match its messages (expected the file name and the messages' token ids)")
+        try:
+            state = State.load(path.with_name(saved["file"]), self.model)
+        except StateError as exc:
+            raise ChatError(f"/load {path}: {exc}") from None
+        if self.engine.cache is not None:
+            logits, after = self.model.forward(ids[-1:], state)
+            self.engine.cache.store(ids, after, logits)
 
     def command(self, line: str) -> bool:
         """Run a /command; False for /quit."""

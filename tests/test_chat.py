@@ -1,5 +1,6 @@
 """``rwkvkit chat`` (issue 17): the conversation through the engine and the World template,
-/regen, /reset, /save and /load (never overwriting, refusing another model's file), the prompt
+/regen, /reset, /save and /load (never overwriting, refusing another model's file; the saved state
+lets a loaded chat go on without prefilling the conversation again), the prompt
 cache reused across turns, and, in a real terminal-less subprocess, Ctrl-C stopping a reply but
 not the chat."""
 
@@ -15,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from rwkvkit.chat import Chat, ChatError
@@ -22,6 +24,7 @@ from rwkvkit.config import ModelConfig
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.run import load_model
 from rwkvkit.server.config import ChatConfig
+from rwkvkit.state import State
 
 DEMO = ModelConfig(path="pkg://rwkvkit.demo/demo.pth", tokenizer="pkg://rwkvkit.demo/tokenizer.json")
 
@@ -81,6 +84,81 @@ def test_save_and_load_the_conversation(loaded, tmp_path):
     with pytest.raises(ChatError, match="unknown command"):
         chat.command("/bogus")
     assert chat.messages == saved  # refused loads leave the conversation as it was
+
+
+def forwarded_tokens(monkeypatch, model) -> list[int]:
+    """Counts the tokens each ``model.forward`` call runs from now on."""
+    counts, forward = [], model.forward
+
+    def counted(tokens, state, full_output=False):
+        counts.append(torch.as_tensor(tokens).numel())
+        return forward(tokens, state, full_output)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return counts
+
+
+def test_save_keeps_the_state_and_load_continues_without_prefilling_again(loaded, tmp_path, monkeypatch):
+    cfg, model, tok = loaded
+    chat, _ = new_chat(loaded)
+    chat.say("Who made the heaven?")
+    path = tmp_path / "talk.json"
+    chat.command(f"/save {path}")
+    data = json.loads(path.read_text())
+    ids = tok.encode(chat.template.history(chat.messages))
+    assert data["state"] == {"file": "talk.json.state.safetensors", "tokens": ids}
+    # the state after all but the last token: as a plain prefill gives it (summation-order
+    # differences of other chunkings only, ~1e-6 of values of size ~1; 1e-4 is far above them)
+    saved = State.load(tmp_path / "talk.json.state.safetensors", model)
+    _, want = model.forward(ids[:-1], None)
+    for a, b in zip(saved.layers, want.layers):
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert torch.allclose(x, y, rtol=0, atol=1e-4 * float(y.abs().max()))
+
+    chat.say("And then?")  # the conversation going on in the chat that saved it
+    fresh, _ = new_chat(loaded)
+    fresh.seed = chat.seed - 1  # the seed the second reply took
+    fresh.command(f"/load {path}")
+    counts = forwarded_tokens(monkeypatch, model)
+    fresh.say("And then?")
+    monkeypatch.undo()
+    prompt = tok.encode(fresh.template.render(fresh.messages[:-1]))
+    assert counts[0] == len(prompt) - len(ids)  # only the new turn is prefilled
+    assert fresh.messages == chat.messages
+
+
+def test_save_never_overwrites_and_load_refuses_a_state_that_does_not_fit(loaded, tmp_path):
+    cfg, model, tok = loaded
+    chat, _ = new_chat(loaded)
+    chat.say("Hello")
+    taken = tmp_path / "b.json.state.safetensors"
+    taken.write_bytes(b"mine")
+    with pytest.raises(ChatError, match="b.json.state.safetensors exists"):
+        chat.command(f"/save {tmp_path / 'b.json'}")
+    assert taken.read_bytes() == b"mine" and not (tmp_path / "b.json").exists()
+
+    path = tmp_path / "a.json"
+    chat.command(f"/save {path}")
+    saved = list(chat.messages)
+    state_file = tmp_path / "a.json.state.safetensors"
+    good = State.load(state_file, model)
+    fresh, _ = new_chat(loaded)
+    State(good.layers, "0" * 32).save(tmp_path / "other.state.safetensors")  # another model's state
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "state": {**data["state"], "file": "other.state.safetensors"}}))
+    with pytest.raises(ChatError, match="belongs to another model"):
+        fresh.load(path)
+    path.write_text(json.dumps({**data, "state": {**data["state"], "tokens": data["state"]["tokens"][:-1]}}))
+    with pytest.raises(ChatError, match="does not match its messages"):
+        fresh.load(path)
+    state_file.unlink()
+    path.write_text(json.dumps(data))
+    with pytest.raises(ChatError, match="state file not found"):
+        fresh.load(path)
+    assert fresh.messages == [("system", "Be brief.")]  # refused loads leave the conversation as it was
+    path.write_text(json.dumps({k: v for k, v in data.items() if k != "state"}))  # a chat saved before states were
+    fresh.load(path)
+    assert fresh.messages == saved
 
 
 def read_until(proc: subprocess.Popen, marker: str, seen: str, timeout: float = 60) -> str:

@@ -7,10 +7,11 @@ decodes every prefilled sequence in one batched ``Model.forward`` of ``[B, 1]`` 
 each row with its own sampler, penalties and seeded generator, streams, and retires finished
 sequences, whose slots the next step reuses.
 
-A sequence's tokens do not depend on what else is in the batch: prefill runs per sequence in
-chunks fixed by its request and the engine's budget, never by its neighbours; a batched decode row
-differs from a batch-1 step only in the summation order of the backend's matrix products (bounded
-in tests/test_engine.py); each row samples from its own generator.
+A sequence's tokens do not depend on what else is in the batch: its prompt is cut into chunks by
+its request and the engine's budget, never by its neighbours (chunks of equal length from several
+prompts share one ``[B, T]`` forward); a batched row differs from a batch-1 step only in the
+summation order of the backend's matrix products (bounded in tests/test_engine.py and
+tests/test_engine_prefill.py); each row samples from its own generator.
 
 The decoding sequences' states are the rows of one batched :class:`State` (``Model.forward``
 returns the next one): rows are gathered or appended only when a sequence joins or leaves.
@@ -30,7 +31,7 @@ import torch
 
 from rwkvkit.constraints import Constraint, prepares_masks
 from rwkvkit.cuda_graphs import BatchGraphs, graph_device, shared_graphs
-from rwkvkit.engine.sequence import Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
+from rwkvkit.engine.sequence import PROMPT_LOGPROBS_CHUNK, Generation, GenerationResult, Request, TokenLogprob, auto_chunk_len, stop_reason_of
 from rwkvkit.errors import InputError, PluginError, StrategyError
 from rwkvkit.interfaces import Sampler, SampleContext, Tokenizer
 from rwkvkit.model import Model
@@ -359,21 +360,69 @@ class Engine:
             self._prefilled(g, hit.logits.to(self._logits_device, torch.float32))
 
     def _prefill(self) -> None:
-        """Chunks of prompts in admission order while the budget lasts (at least one per step)."""
+        """Chunks of prompts under the budget (at least one per step), in rounds: a round takes the
+        next chunk of each prefilling sequence, in admission order, while the budget lasts, and
+        runs the chunks of one length (and output kind) in one ``[B, T]`` forward (rows recording
+        prompt logprobs: at most PROMPT_LOGPROBS_CHUNK positions' logits per forward, as alone). A
+        prompt's chunks are cut by its request, the cache and the budget alone, never by its
+        neighbours."""
         budget, spent = self.prefill_tokens_per_step or math.inf, 0
-        for g in [g for g in self._active if g.prefilling]:
-            while not (g.ended or g.cancelled) and g.prefilling and (spent == 0 or spent + len(g.next_chunk()) <= budget):
-                chunk = g.next_chunk()
-                spent += len(chunk)
-                self._guard(g, self._prefill_chunk, g, chunk)
+        while True:
+            groups: dict[tuple[int, bool], list[Generation]] = {}
+            for g in self._active:
+                if g.ended or g.cancelled or not g.prefilling:
+                    continue
+                n = len(g.next_chunk())
+                if spent == 0 or spent + n <= budget:
+                    spent += n
+                    groups.setdefault((n, g.prompt_logprobs is not None), []).append(g)
+            if not groups:
+                return
+            for (n, full), gens in groups.items():
+                rows = max(1, PROMPT_LOGPROBS_CHUNK // n) if full else len(gens)  # full output: [rows, n, V] logits
+                for i in range(0, len(gens), rows):
+                    self._prefill_group(gens[i : i + rows])
 
-    def _prefill_chunk(self, g: Generation, chunk: list[int]) -> None:
-        before = g.state
-        full = g.prompt_logprobs is not None
-        logits, g.state = self.model.forward(chunk, before, full_output=full)
-        if full:
+    def _prefill_group(self, gens: list[Generation]) -> None:
+        """The next chunk of each of ``gens`` in one forward; if that fails, each alone again, so a
+        failure ends only the sequences it belongs to (one request's bad initial state, say)."""
+        for g in gens:
+            self._guard(g, self._adopt, g)
+        gens = [g for g in gens if not g.ended]
+        if len(gens) > 1:
+            try:
+                self._prefill_chunks(gens)
+                return
+            except Exception:  # noqa: BLE001 - retried row by row below, where it ends its own rows
+                pass
+        for g in gens:
+            self._guard(g, self._prefill_chunks, [g])
+
+    def _adopt(self, g: Generation) -> None:
+        """``g.state`` as one row this model can stack with others (zeros for a fresh start)."""
+        if g.state is None:
+            g.state = self.model.zero_state()
+        elif g.state is g.request.state:
+            state = self.model.adopt_state(g.state)
+            if state.batch_size != 1:
+                raise InputError(f"the request's state has batch size {state.batch_size}: expected one sequence's state (batch size 1)")
+            g.state = state
+
+    def _prefill_chunks(self, gens: list[Generation]) -> None:
+        chunks = [g.next_chunk() for g in gens]
+        befores = [g.state for g in gens]
+        full = gens[0].prompt_logprobs is not None
+        logits, state = self.model.forward(torch.tensor(chunks), _stack(befores), full_output=full)
+        for i, (g, chunk, before) in enumerate(zip(gens, chunks, befores)):
+            g.state = state if len(gens) == 1 else _take(state, [i])
+            self._guard(g, self._prefilled_chunk, g, chunk, before, logits[i])
+
+    def _prefilled_chunk(self, g: Generation, chunk: list[int], before: State, logits: torch.Tensor) -> None:
+        """Bookkeeping after ``chunk`` went into ``g.state``: ``logits`` are ``[T, V]`` when the
+        prompt's logprobs are recorded, else ``[V]``."""
+        if g.prompt_logprobs is not None:
             g.record_prompt(logits)
-            logits = logits[-1]
+            logits = logits[-1].clone()  # not a view keeping the whole [B, T, V] output alive
         g.advance_prefill(len(chunk))
         if g.prefilled == g.cut:
             self.cache.store(g.ids[: g.cut], g.state, logits)

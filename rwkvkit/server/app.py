@@ -141,8 +141,8 @@ class _Run:
                 remaining = self.deadline - time.monotonic()
                 if remaining <= 0:
                     raise APIError(504, f"the request took longer than this server's request_timeout={self.service.limits.request_timeout:g} s", code="timeout")
-                try:
-                    event = await asyncio.wait_for(self.queue.get(), min(remaining, POLL_S))
+                try:  # events already queued need no timer (wait_for costs a task per call: per token)
+                    event = self.queue.get_nowait() if not self.queue.empty() else await asyncio.wait_for(self.queue.get(), min(remaining, POLL_S))
                 except TimeoutError:
                     if request is not None and await request.is_disconnected():
                         return

@@ -31,8 +31,12 @@ class ChatTemplate:
         text = re.sub(r"\n\s*\n", "\n", content.strip())
         return text.replace(self.separator, "\n") if self.separator.strip() else text
 
-    def render(self, messages: Sequence[tuple[str, str]]) -> str:
-        """The prompt for the assistant's next reply to ``messages`` ((role, content) pairs)."""
+    def history(self, messages: Sequence[tuple[str, str]]) -> str:
+        """``messages`` ((role, content) pairs) as turns each ended by the separator: what the
+        prompt of every later reply in the conversation starts with."""
         names = {"system": self.system, "user": self.user, "assistant": self.assistant}
-        turns = [f"{names[role]}: {self.clean(content)}" for role, content in messages]
-        return self.separator.join([*turns, f"{self.assistant}:"])
+        return "".join(f"{names[role]}: {self.clean(content)}{self.separator}" for role, content in messages)
+
+    def render(self, messages: Sequence[tuple[str, str]]) -> str:
+        """The prompt for the assistant's next reply to ``messages``."""
+        return f"{self.history(messages)}{self.assistant}:"
