@@ -86,6 +86,10 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated()
 
 
+def _stop_for(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def _run(args: list[str], command: str = "run") -> int:
     """Hand the command line of a Hydra app (``run``, ``serve``, ``chat``) to Hydra (so -m sweeps, launchers, --config-dir all work), with
     free-text values quoted for it (rwkvkit.argv) and its errors raised instead of printed
@@ -93,10 +97,14 @@ def _run(args: list[str], command: str = "run") -> int:
 
     SIGTERM stops a run the way Ctrl-C does (see Terminated); a stop at any point, start-up
     included, ends with one line and exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
-    saved_argv, saved_handler = sys.argv, signal.signal(signal.SIGTERM, _raise_terminated)
+    held: list[int] = []  # Ctrl-C / SIGTERM while modules import, delivered once they have
+    saved_argv, saved_handler = sys.argv, signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    saved_int = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
     saved_full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
+        # An interrupt inside a C extension's import (torch, numpy) leaves it half-initialised: a
+        # later AttributeError, an abort from C++, or a death by the signal instead of one line.
         import hydra
         from hydra.errors import HydraException
         from omegaconf.errors import OmegaConfBaseException
@@ -117,6 +125,10 @@ def _run(args: list[str], command: str = "run") -> int:
         entry = hydra.main(config_path="pkg://rwkvkit.conf", config_name=config_name, version_base=None)(getattr(import_module(module), task))
         # an installed completion script registers and calls the program named here: `rwkvkit`
         sys.argv = ["rwkvkit" if any(a in COMPLETION_FLAGS for a in overrides) else f"rwkvkit {command}", *overrides]
+        signal.signal(signal.SIGINT, saved_int)
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if held:
+            raise _stop_for(held[0])
         entry()
     except RwkvkitError as exc:
         return report(exc)
@@ -130,6 +142,7 @@ def _run(args: list[str], command: str = "run") -> int:
         return code
     finally:
         sys.argv = saved_argv
+        signal.signal(signal.SIGINT, saved_int)
         signal.signal(signal.SIGTERM, saved_handler)
         if saved_full_error is None:
             del os.environ["HYDRA_FULL_ERROR"]

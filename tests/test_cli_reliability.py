@@ -179,6 +179,20 @@ def test_a_signal_during_generation_keeps_everything(tmp_path, world_args, sig, 
 
 
 @pytest.mark.parametrize("sig, status, code", [(signal.SIGTERM, "terminated", 143), (signal.SIGINT, "interrupted", 130)])
+def test_a_signal_while_torch_imports_is_one_line(tmp_path, world_args, sig, status, code):
+    """Signals landing inside `import torch`/numpy (C extensions a KeyboardInterrupt leaves half
+    initialised: a later AttributeError, an abort from C++ or a death by the signal, each seen
+    before the signals were held during start-up's imports) at several moments of it."""
+    for i, delay in enumerate((0.2, 0.4, 0.6, 0.8, 1.0)):
+        proc = start(*world_args, "token_count=100000", f"hydra.run.dir={tmp_path / str(i)}", cwd=tmp_path)
+        time.sleep(delay)
+        proc.send_signal(sig)
+        stderr = finish(proc)
+        assert proc.returncode == code, (delay, stderr)
+        assert len(stderr.strip().splitlines()) == 1 and stderr.strip().startswith(f"rwkvkit: {status}"), (delay, stderr)
+
+
+@pytest.mark.parametrize("sig, status, code", [(signal.SIGTERM, "terminated", 143), (signal.SIGINT, "interrupted", 130)])
 def test_a_signal_during_start_up_is_one_line(tmp_path, world_args, sig, status, code):
     proc = start(*world_args, "token_count=100000", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path)
     time.sleep(1.0)  # importing torch and Hydra, composing the config or loading the model by now
