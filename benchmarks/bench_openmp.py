@@ -1,10 +1,11 @@
 """Decode speed with the kernels' own thread pool against OpenMP regions, on an idle machine and
 next to a busy process; and what one parallel job costs.
 
-The native CPU kernels run ~85 short parallel jobs per decoded token (7 per layer). Since they
-run on their own pool (``kernels/cpu_pool.h``: spin ~5 us, yield up to 2 ms, then sleep; shares
-claimed by whichever thread comes first), ``RWKVKIT_CPU_POOL=omp`` is what they did before: OpenMP
-regions in the libgomp that ``import torch`` loads, whose policy is read once, when it loads:
+The native CPU kernels run ~85 short parallel jobs per decoded token (7 per layer): by default as
+OpenMP regions in the libgomp that ``import torch`` loads, whose policy is read once, when it
+loads; with ``RWKVKIT_CPU_POOL=pool`` decode runs them on the kernels' own pool
+(``kernels/cpu_pool.h``: spin ~5 us, yield up to 2 ms, then sleep; shares claimed by whichever
+thread comes first):
 
 - ``pool`` / ``omp``: the kernels' pool / OpenMP regions;
 - ``default``: nothing set (libgomp spins ~300,000 iterations before a thread sleeps);
@@ -82,8 +83,7 @@ def in_fresh_process(code: str, kernels: str, policy: str, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "RWKVKIT_CPU_POOL")}
     if policy != "default":
         env["OMP_WAIT_POLICY"] = policy
-    if kernels == "omp":
-        env["RWKVKIT_CPU_POOL"] = "omp"
+    env["RWKVKIT_CPU_POOL"] = kernels
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 

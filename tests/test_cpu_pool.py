@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import threading
 from importlib import resources
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import pytest
 import torch
 
 from rwkvkit import RWKV
-from rwkvkit.backend import Epilogue
 from rwkvkit.errors import InputError
 from rwkvkit.models import rwkv7
 from rwkvkit.native import cpu
@@ -27,6 +25,7 @@ from rwkvkit.state import LayerState
 from rwkvkit.testing import make_checkpoint
 
 HERE = Path(__file__).parent
+POOL = {"RWKVKIT_CPU_POOL": "pool"}  # the kernels' own pool (OpenMP regions are the default)
 
 
 def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
@@ -89,61 +88,74 @@ def test_scan_and_int8_prefill_kernels_are_bit_identical_for_any_thread_count():
         assert all(torch.equal(p, q) for p, q in zip(out, outs[0]))
 
 
-def test_concurrent_callers_get_the_results_of_serial_calls(small_model):
-    """ctypes releases the GIL, so two Python threads reach the pool at once: the second waits its turn."""
-    model = RWKV(small_model, "cpu fp32")
-    stage = model.stages[0]
-    layers = [block.native for block in stage.blocks]
-    _, state = model.forward([1, 2, 3], None)
-    xs = [torch.randn(1, 1, model.spec.n_embd, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    serial = [cpu.decode_stage(layers, x, None, state.layers, torch.float32, 2)[0] for x in xs]
-    got: list[list[torch.Tensor]] = [[], []]
+CONCURRENT = """
+import sys, threading
+import torch
+from rwkvkit import RWKV
+from rwkvkit.native import cpu
+model = RWKV(sys.argv[1], "cpu fp32")
+layers = [block.native for block in model.stages[0].blocks]
+_, state = model.forward([1, 2, 3], None)
+xs = [torch.randn(1, 1, model.spec.n_embd, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+serial = [cpu.decode_stage(layers, x, None, state.layers, torch.float32, 2)[0] for x in xs]
+got = [[], []]
+def decode(i):
+    for _ in range(20):
+        got[i].append(cpu.decode_stage(layers, xs[i], None, state.layers, torch.float32, 2)[0])
+workers = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
+for w in workers:
+    w.start()
+for w in workers:
+    w.join()
+print(sum(len(got[i]) == 20 and all(torch.equal(y, serial[i]) for y in got[i]) for i in range(2)))
+"""
 
-    def decode(i: int) -> None:
-        for _ in range(20):
-            got[i].append(cpu.decode_stage(layers, xs[i], None, state.layers, torch.float32, 2)[0])
 
-    workers = [threading.Thread(target=decode, args=(i,)) for i in range(2)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for i in range(2):
-        assert len(got[i]) == 20 and all(torch.equal(y, serial[i]) for y in got[i])
+@pytest.mark.parametrize("env", [POOL, {}], ids=["pool", "omp"])
+def test_concurrent_callers_get_the_results_of_serial_calls(small_model, env):
+    """ctypes releases the GIL, so two Python threads reach the kernels at once: with the pool, the
+    second waits its turn."""
+    assert run_python(CONCURRENT, str(small_model), env=env).split() == ["2"]
 
 
 @pytest.mark.parametrize(
     "env, mode",
-    [({}, cpu._POOL), ({"OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE), ({"OMP_WAIT_POLICY": " ACTIVE"}, cpu._ACTIVE), ({"RWKVKIT_CPU_POOL": "omp", "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP)],
+    [({}, cpu._OPENMP), (POOL, cpu._POOL), ({**POOL, "OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE), ({**POOL, "OMP_WAIT_POLICY": " ACTIVE"}, cpu._ACTIVE), ({"RWKVKIT_CPU_POOL": "omp", "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP)],
 )
 def test_wait_policy_follows_the_environment(env, mode):
     assert cpu.wait_policy(env) == (mode, cpu.SPIN_NS, cpu.YIELD_NS)
 
 
 def test_a_bad_pool_setting_is_an_error_and_a_bad_omp_policy_a_warning():
-    with pytest.raises(InputError, match="RWKVKIT_CPU_POOL='gomp': expected 'omp'"):
+    with pytest.raises(InputError, match="RWKVKIT_CPU_POOL='gomp': expected 'pool'"):
         cpu.wait_policy({"RWKVKIT_CPU_POOL": "gomp"})
     with pytest.warns(RuntimeWarning, match="OMP_WAIT_POLICY='spin' is neither ACTIVE nor PASSIVE: ignored"):
-        assert cpu.wait_policy({"OMP_WAIT_POLICY": "spin"})[0] == cpu._POOL
+        assert cpu.wait_policy({**POOL, "OMP_WAIT_POLICY": "spin"})[0] == cpu._POOL
 
 
-def test_a_changed_policy_is_refused_once_the_pool_runs(monkeypatch):
+CHANGED = """
+import os
+import torch
+from rwkvkit.backend import Epilogue
+from rwkvkit.errors import InputError
+from rwkvkit.native import cpu
+cpu.project([torch.randn(2, 256)], [torch.randn(256, 256)], [Epilogue.NONE], None, 2)  # decoded rows: the pool runs
+cpu.library.cache_clear()
+assert cpu.library() is not None  # the same policy again: fine
+os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
+cpu.library.cache_clear()
+try:
+    cpu.library()
+except InputError as exc:
+    print(exc)
+"""
+
+
+def test_a_changed_policy_is_refused_once_the_pool_runs():
     """Its threads read the policy unlocked, so it is set once; loading the library again (its
     cache cleared) with the same environment is fine, with another one a clear error."""
-    if os.environ.get("RWKVKIT_CPU_POOL"):
-        pytest.skip("the pool runs only without RWKVKIT_CPU_POOL")
-    x, w = torch.randn(2, 256), torch.randn(256, 256)
-    cpu.project([x], [w], [Epilogue.NONE], None, 2)  # decoded rows: the pool runs
-    cpu.library.cache_clear()
-    assert cpu.library() is not None
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE" if cpu.wait_policy(os.environ)[0] == cpu._PASSIVE else "PASSIVE")
-    cpu.library.cache_clear()
-    try:
-        with pytest.raises(InputError, match="OMP_WAIT_POLICY or RWKVKIT_CPU_POOL changed after the CPU kernels started"):
-            cpu.library()
-    finally:
-        monkeypatch.undo()
-        cpu.library.cache_clear()
+    out = run_python(CHANGED, env={**POOL, "OMP_WAIT_POLICY": "PASSIVE"})
+    assert "OMP_WAIT_POLICY or RWKVKIT_CPU_POOL changed after the CPU kernels started" in out
 
 
 # Decodes with 3 threads, then prints the pool threads' count and the CPU seconds (process, pool
@@ -178,7 +190,7 @@ def test_idle_pool_threads_use_no_cpu_and_the_policies_agree_on_results(small_mo
     is slack for clock ticks and the interpreter). With OMP_WAIT_POLICY=ACTIVE they do spin (so
     the measurement sees them), and with RWKVKIT_CPU_POOL=omp there is no pool. All give the same bytes."""
     runs = {name: run_python(IDLE, str(small_model), env=env).split() for name, env in
-            (("pool", {}), ("active", {"OMP_WAIT_POLICY": "ACTIVE"}), ("omp", {"RWKVKIT_CPU_POOL": "omp"}))}  # fmt: skip
+            (("pool", POOL), ("active", {**POOL, "OMP_WAIT_POLICY": "ACTIVE"}), ("omp", {}))}  # fmt: skip
     threads, used, pool_cpu, logits = runs["pool"]
     assert int(threads) == 2 and float(used) < 0.05 and float(pool_cpu) < 0.05
     threads, used, pool_cpu, active_logits = runs["active"]
@@ -191,9 +203,9 @@ def test_idle_pool_threads_use_no_cpu_and_the_policies_agree_on_results(small_mo
 FORK = """
 import os, signal, sys, threading
 import torch
+from rwkvkit.backend import Epilogue
 from rwkvkit.native import cpu
 sys.path.insert(0, sys.argv[1])
-from rwkvkit.backend import Epilogue
 torch.set_num_threads(1)  # torch's own OpenMP (libgomp) is not fork-safe: only our kernels run threads
 gen = torch.Generator().manual_seed(0)
 x, w = torch.randn(2, 1024, generator=gen), torch.randn(4096, 1024, generator=gen)
@@ -225,7 +237,7 @@ def test_a_forked_child_gets_a_working_pool():
     """Children forked while another thread runs pool jobs: each must compute (on a pool of its
     own) without waiting for threads or a lock that fork() did not copy (a child that deadlocks
     is killed by its alarm). Without the pool's pthread_atfork handler, this hangs."""
-    assert run_python(FORK, str(HERE), timeout=120).split() == ["0"]
+    assert run_python(FORK, str(HERE), env=POOL, timeout=120).split() == ["0"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")

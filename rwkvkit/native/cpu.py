@@ -15,11 +15,13 @@ Ops (each for any batch and token count its backend routes to it):
 - :func:`decode_stage`: a stage's blocks for one token of each sequence in one native call
   (``decode_layers``), composed in C++ of the very functions the op entry points call.
 
-The kernels run in parallel on a thread pool of their own (``kernels/cpu_pool.h``), not OpenMP: a
-waiting thread spins ~5 us, then yields its core for up to 2 ms, then sleeps, so decoding next to
-another busy process does not collapse and idle pool threads use no CPU. ``OMP_WAIT_POLICY=ACTIVE``
-makes it spin only, ``PASSIVE`` sleep at once; ``RWKVKIT_CPU_POOL=omp`` runs OpenMP regions
-instead (libgomp's policy, for comparisons). Read once, when the library loads (:func:`wait_policy`).
+The kernels run in parallel as OpenMP regions, in the libgomp torch loads. ``RWKVKIT_CPU_POOL=pool``
+runs decode on a thread pool of their own instead (``kernels/cpu_pool.h``): a waiting thread spins
+~5 us, then yields its core for up to 2 ms, then sleeps, so decoding next to another busy process
+does not collapse (0.1B fp32 decode next to a busy process: 27.9 tok/s against OpenMP's 14.7) and
+idle pool threads use no CPU; on an idle machine it costs fp32 decode ~4% and bf16 decode 10-20%
+(its shorter jobs), which is why it is not the default. With the pool, ``OMP_WAIT_POLICY=ACTIVE``
+makes it spin only, ``PASSIVE`` sleep at once. Read once, when the library loads (:func:`wait_policy`).
 
 Native code trusts the sizes it is given, so every wrapper checks each tensor's shape, dtype and
 device first (:func:`expect`): a wrong size is an error here, never an out-of-bounds access there.
@@ -111,9 +113,9 @@ def library() -> ctypes.CDLL | None:
 
 def wait_policy(environ: Mapping[str, str]) -> tuple[int, int, int]:
     """The pool's ``(mode, spin_ns, yield_ns)`` from ``OMP_WAIT_POLICY`` and ``RWKVKIT_CPU_POOL``."""
-    pool = environ.get("RWKVKIT_CPU_POOL", "")
-    if pool not in ("", "omp"):
-        raise InputError(f"RWKVKIT_CPU_POOL={pool!r}: expected 'omp' (OpenMP regions, for comparisons) or nothing (the kernels' own pool)")
+    pool = environ.get("RWKVKIT_CPU_POOL", "") or "omp"
+    if pool not in ("omp", "pool"):
+        raise InputError(f"RWKVKIT_CPU_POOL={pool!r}: expected 'pool' (the kernels' own thread pool, for machines shared with busy processes) or 'omp' (OpenMP regions, the default)")
     policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
     if policy not in ("", "ACTIVE", "PASSIVE"):
         warnings.warn(f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']!r} is neither ACTIVE nor PASSIVE: ignored", RuntimeWarning, stacklevel=3)
