@@ -30,6 +30,8 @@ from rwkvkit.compat import PIPELINE, PIPELINE_ARGS
 from rwkvkit.errors import CheckpointError, InputError, StateError, TokenizerError
 from rwkvkit.formats import hf
 from rwkvkit.formats.convert import ConvertError, convert
+from rwkvkit.generation import generate
+from rwkvkit.plugins.samplers import GreedySampler
 from rwkvkit.resolve import resolve_tokenizer
 from rwkvkit.state import LayerState, State
 from rwkvkit.testing import make_spec, random_checkpoint, save_checkpoint
@@ -554,6 +556,9 @@ def test_merged_state_model_file_starts_from_its_state(source, reference, tmp_pa
     model = RWKV(merged, "cpu fp32")
     assert torch.equal(model.forward(TOKENS, None)[0], by_hand) and rel_diff(by_hand, reference) > 1e-3
     assert torch.equal(model.forward(TOKENS, model.zero_state())[0], reference)  # an explicit state still wins
+    tok, greedy = resolve_tokenizer("pkg://rwkvkit.demo/tokenizer.json"), GreedySampler()
+    generated = [generate(m, tok, TOKENS, token_count=8, sampler=greedy, state=s).tokens for m, s in ((model, None), (plain, State.from_tuned(tmp_path / "tuned.pth", plain)))]
+    assert generated[0] == generated[1]  # the engine (PIPELINE, run, serve) starts from it too
     assert model.fingerprint != plain.fingerprint  # a cache of states or weights must tell them apart
     # the int8 path quantizes the weights only: the state is the same tensors
     q, q_plain = RWKV(merged, "cpu fp32i8"), RWKV(source[0], "cpu fp32i8")

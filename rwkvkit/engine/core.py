@@ -399,9 +399,10 @@ class Engine:
             self._guard(g, self._prefill_chunks, [g])
 
     def _adopt(self, g: Generation) -> None:
-        """``g.state`` as one row this model can stack with others (zeros for a fresh start)."""
+        """``g.state`` as one row this model can stack with others (for a fresh start, the model's
+        initial state: zeros, or the tuned state its file carries)."""
         if g.state is None:
-            g.state = self.model.zero_state()
+            g.state = self.model.initial_state()
         elif g.state is g.request.state:
             state = self.model.adopt_state(g.state)
             if state.batch_size != 1:
