@@ -38,8 +38,8 @@ bool fits(const Layer& L, int64_t C, bool residual) {
 void decode_layer(const Layer* L, int64_t B, bool residual, float* x, float* v_first, const float* att_x_in, float* att_x_out,
                   const float* kv_in, float* kv_out, const float* ffn_x_in, float* ffn_x_out, int threads) {
     const int64_t C = B * L->C;  // one [B, C] activation
-    const auto buf = scratch<float>(C * 13 + B * L->F);
-    float *mixed = buf.get(), *r = mixed + 6 * C, *k = r + C, *v = k + C, *lw = v + C, *la = lw + C, *g = la + C, *lv = g + C;
+    struct Activations;
+    float *mixed = reused<float, Activations>(C * 13 + B * L->F), *r = mixed + 6 * C, *k = r + C, *v = k + C, *lw = v + C, *la = lw + C, *g = la + C, *lv = g + C;
     float* hidden = lv + C;
 
     // ---- rwkv7.time_mix. The positional contract of its ln_mix output: mixed[0] feeds R, [1] the

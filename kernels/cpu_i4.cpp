@@ -83,7 +83,7 @@ void rows_i4_portable(const Product& p, int64_t b, int64_t lo, int64_t hi) {
 
 void rows_i4(const Product& p, const Input& in, int64_t lo, int64_t hi) {
     if (has_vnni())
-        over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_i4_vnni<nb.value>(p, in.i16.data(), in.step.data(), b0, o0, o1); });
+        over_tiles<4>(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_i4_vnni<nb.value>(p, in.i16.data(), in.step.data(), b0, o0, o1); });
     else
         for (int64_t b = 0; b < p.n; ++b) rows_i4_portable(p, b, lo, hi);
 }

@@ -52,6 +52,16 @@ std::unique_ptr<T[]> scratch(size_t n) {
     return std::unique_ptr<T[]>(new T[n]);
 }
 
+// Decode's per-step scratch (sized by the batch, not by a prompt): a buffer of at least n T's that
+// the calling thread keeps for its next call, one per Use. Fresh buffers of this size came from
+// mmap each time, and their page faults were ~10% of a B = 16 decode step.
+template <class T, class Use>
+T* reused(size_t n) {
+    thread_local std::vector<T> buffer;
+    if (buffer.size() < n) buffer.resize(n);
+    return buffer.data();
+}
+
 inline float to_f32(float v) { return v; }
 inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 inline float to_f32(int16_t v) { return float(v); }
@@ -151,33 +161,47 @@ inline void store(const Product& p, int64_t b, int64_t o, float sum) {
     p.y[i] = p.residual != nullptr ? p.residual[i] + v : v;
 }
 
-// Input rows per pass over a block of weight rows: two accumulators each stay in registers.
-constexpr int kTile = 4;
+// Weight rows per register block of the fp32/bf16/int8 kernels, and input rows per tile: each of
+// the kRegRows x kTile (weight row, input row) pairs has one accumulator (24 of the 32 zmm), and
+// every weight and input vector loaded serves kTile or kRegRows products.
+constexpr int kRegRows = 4;
+constexpr int kTile = 6;
+constexpr int kTileI8 = 4;  // int8: each weight vector widened to int16 in a register too
 constexpr int64_t kRowBlock = 8;  // weight rows per block: reread from cache for every tile of inputs
 
 template <int NB>
 using Tile = std::integral_constant<int, NB>;
 
 // kernel(Tile<NB>, b0, lo, hi) over input rows [b0, b0 + NB) and weight rows [lo, hi): for each
-// block of weight rows, every tile of input rows, so each weight is read from memory once for all
-// n rows. A row's arithmetic is the same in any tile (the tile only repeats it NB times).
-template <class Kernel>
+// block of weight rows, every tile of input rows (TILE at most), so each weight is read from memory
+// once for all n rows. A row's arithmetic is the same in any tile (the tile only repeats it NB times).
+template <int TILE, class Kernel>
 void over_tiles(int64_t n, int64_t lo, int64_t hi, Kernel kernel) {
+    static_assert(TILE >= 1 && TILE <= 8);
     for (int64_t o = lo; o < hi; o += kRowBlock) {
         const int64_t end = std::min(hi, o + kRowBlock);
         int64_t b = 0;
-        for (; b + kTile <= n; b += kTile) kernel(Tile<kTile>{}, b, o, end);
-        switch (n - b) {
+        for (; b + TILE <= n; b += TILE) kernel(Tile<TILE>{}, b, o, end);
+        switch (n - b) {  // fewer than TILE left
             case 1: kernel(Tile<1>{}, b, o, end); break;
-            case 2: kernel(Tile<2>{}, b, o, end); break;
-            case 3: kernel(Tile<3>{}, b, o, end); break;
-            case 4: kernel(Tile<4>{}, b, o, end); break;
-            case 5: kernel(Tile<5>{}, b, o, end); break;
-            case 6: kernel(Tile<6>{}, b, o, end); break;
-            case 7: kernel(Tile<7>{}, b, o, end); break;
+            case 2: if constexpr (TILE > 2) kernel(Tile<2>{}, b, o, end); break;
+            case 3: if constexpr (TILE > 3) kernel(Tile<3>{}, b, o, end); break;
+            case 4: if constexpr (TILE > 4) kernel(Tile<4>{}, b, o, end); break;
+            case 5: if constexpr (TILE > 5) kernel(Tile<5>{}, b, o, end); break;
+            case 6: if constexpr (TILE > 6) kernel(Tile<6>{}, b, o, end); break;
+            case 7: if constexpr (TILE > 7) kernel(Tile<7>{}, b, o, end); break;
             default: break;
         }
     }
+}
+
+// Weight rows [lo, hi) in blocks of kRegRows, the last few one at a time: block<NO>(o) takes rows [o, o + NO)
+template <int NB, class Block>
+inline void over_rows(int64_t lo, int64_t hi, Block block) {
+    int64_t o = lo;
+    if constexpr (NB > 1)
+        for (; o + kRegRows <= hi; o += kRegRows) block(Tile<kRegRows>{}, o);
+    for (; o < hi; ++o) block(Tile<1>{}, o);
 }
 
 // What the CPU runs (asked on first use: __builtin_cpu_supports is not ready during static initialization)
@@ -194,30 +218,76 @@ bool has_vnni() {
     return yes;
 }
 
-// NO weight rows from o against NB input rows (x: the tile's first, b0 its index), fp32: per pair,
-// two accumulators over alternate 16-column halves, reduced as for a lone row.
+// Each vector's 16 lanes summed, for K vectors at once (a transposing tree of shuffles instead of
+// K separate reductions: after the products, the reductions were a third of the work at 768
+// columns). Each sum is formed exactly as _mm512_reduce_add_ps forms it, (lo256 + hi256), then
+// lo128 + hi128, then (e0 + e2) + (e1 + e3), whatever K is and wherever the vector sits; the
+// inputs enter transposed (4 x 4) so that lane j of the result is vector j's sum.
+template <int K>
+__attribute__((target("avx512f"), always_inline)) inline void reduce_adds(const __m512* v, float* out) {
+    if constexpr (K > 16) {
+        reduce_adds<16>(v, out);
+        reduce_adds<K - 16>(v + 16, out + 16);
+    } else {
+        __m512 a[16], s8[8], s4[4], s2[2];
+        for (int i = 0; i < 16; ++i) a[i] = (i % 4) * 4 + i / 4 < K ? v[(i % 4) * 4 + i / 4] : _mm512_setzero_ps();
+        for (int i = 0; i < 8; ++i)  // [x0-3, x4-7, y0-3, y4-7] + [x8-11, x12-15, y8-11, y12-15]
+            s8[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+        for (int i = 0; i < 4; ++i)  // the 128-bit halves of each 256
+            s4[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s8[2 * i], s8[2 * i + 1], 0xDD));
+        for (int i = 0; i < 2; ++i) {  // e0 + e2, e1 + e3
+            const __m512d x = _mm512_castps_pd(s4[2 * i]), y = _mm512_castps_pd(s4[2 * i + 1]);
+            s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+        }
+        float lanes[16];
+        _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD)));
+        std::memcpy(out, lanes, sizeof(float) * K);
+    }
+}
+
+// The fp32, bf16 and int8 kernels below: NO weight rows from o against NB input rows (x: the
+// tile's first, b0 its index), one accumulator per (weight row, input row) over all columns in
+// order, 16 lanes wide, reduced by reduce_adds, then a scalar tail: a pair's sum is the
+// same whatever NO and NB are, so a lone row's equals its row in any batch. The first tile of a
+// block (b0 == 0) also prefetches the same rows of the next block (kRowBlock rows on) into cache,
+// a line per row per step: the hardware prefetcher alone left the first tile waiting on memory.
+// Keeps v in a register: GCC otherwise folds its load into every instruction that reads it, once
+// per weight row (loads, not arithmetic, then bound the fp32 and int8 kernels).
+template <class V>
+__attribute__((always_inline)) inline void in_register(V& v) {
+    asm("" : "+v"(v));
+}
+
+template <class W>
+__attribute__((always_inline)) inline void prefetch_ahead(bool ahead, const W* rows, int64_t cols, int n) {
+    if (ahead)
+        for (int r = 0; r < n; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (kRowBlock + r) * cols), _MM_HINT_T0);
+}
+
 template <int NO, int NB>
 __attribute__((target("avx512f"), always_inline)) inline void f32_block(const Product& p, const float* x, int64_t b0, int64_t o) {
-    const int64_t cols = p.m->cols, vec = cols / 32 * 32;
+    const int64_t cols = p.m->cols, vec = cols / kLanes * kLanes;
     const float* wr = static_cast<const float*>(p.m->w) + o * cols;
-    __m512 acc0[NO][NB], acc1[NO][NB];
+    __m512 acc[NO][NB];
     for (int r = 0; r < NO; ++r)
-        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < vec; c += 32) {
-        __m512 w0[NO], w1[NO];
-        for (int r = 0; r < NO; ++r) w0[r] = _mm512_loadu_ps(wr + r * cols + c), w1[r] = _mm512_loadu_ps(wr + r * cols + c + 16);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+    const bool ahead = NB > 1 && b0 == 0;
+    for (int64_t c = 0; c < vec; c += kLanes) {
+        prefetch_ahead(ahead, wr + c, cols, NO);
+        __m512 w[NO];
+        for (int r = 0; r < NO; ++r) w[r] = _mm512_loadu_ps(wr + r * cols + c);
         for (int b = 0; b < NB; ++b) {
-            const __m512 x0 = _mm512_loadu_ps(x + b * cols + c), x1 = _mm512_loadu_ps(x + b * cols + c + 16);
-            for (int r = 0; r < NO; ++r) {
-                acc0[r][b] = _mm512_fmadd_ps(w0[r], x0, acc0[r][b]);
-                acc1[r][b] = _mm512_fmadd_ps(w1[r], x1, acc1[r][b]);
-            }
+            __m512 xb = _mm512_loadu_ps(x + b * cols + c);
+            in_register(xb);
+            for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xb, acc[r][b]);
         }
     }
+    float sums[NO][NB];
+    reduce_adds<NO * NB>(&acc[0][0], &sums[0][0]);
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const float* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
+            float sum = sums[r][b];
             for (int64_t c = vec; c < cols; ++c) sum += wr[r * cols + c] * xb[c];
             store(p, b0 + b, o + r, sum);
         }
@@ -227,41 +297,34 @@ __attribute__((target("avx512f"), always_inline)) inline void f32_block(const Pr
 template <int NB>
 __attribute__((target("avx512f"))) void rows_f32_avx512(const Product& p, int64_t b0, int64_t lo, int64_t hi) {
     const float* x = p.x + b0 * p.m->cols;
-    int64_t o = lo;
-    for (; NB > 1 && o + 2 <= hi; o += 2) f32_block<2, NB>(p, x, b0, o);
-    for (; o < hi; ++o) f32_block<1, NB>(p, x, b0, o);
+    over_rows<NB>(lo, hi, [&](auto no, int64_t o) { f32_block<no.value, NB>(p, x, b0, o); });
 }
 
-// The same for bf16 weights and inputs (x: rounded to bf16, as torch's bf16 linear rounds it):
-// accumulators over alternate 32-column halves of each 64, a last 32 columns into the first.
+// bf16 weights and inputs (x: rounded to bf16, as torch's bf16 linear rounds it), 32 columns per `vdpbf16ps`
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline void bf16_block(const Product& p, const uint16_t* x, int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 32 * 32;
     const uint16_t* wr = static_cast<const uint16_t*>(p.m->w) + o * cols;
-    __m512 acc0[NO][NB], acc1[NO][NB];
+    __m512 acc[NO][NB];
     for (int r = 0; r < NO; ++r)
-        for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_ps();
-    int64_t c = 0;
-    for (; c + 64 <= vec; c += 64) {
-        __m512bh w0[NO], w1[NO];
-        for (int r = 0; r < NO; ++r) w0[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c), w1[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c + 32);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+    const bool ahead = NB > 1 && b0 == 0;
+    for (int64_t c = 0; c < vec; c += 32) {
+        prefetch_ahead(ahead, wr + c, cols, NO);
+        __m512bh w[NO];
+        for (int r = 0; r < NO; ++r) w[r] = (__m512bh)_mm512_loadu_si512(wr + r * cols + c);
         for (int b = 0; b < NB; ++b) {
-            const __m512bh x0 = (__m512bh)_mm512_loadu_si512(x + b * cols + c), x1 = (__m512bh)_mm512_loadu_si512(x + b * cols + c + 32);
-            for (int r = 0; r < NO; ++r) {
-                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], w0[r], x0);
-                acc1[r][b] = _mm512_dpbf16_ps(acc1[r][b], w1[r], x1);
-            }
+            const __m512bh xb = (__m512bh)_mm512_loadu_si512(x + b * cols + c);
+            for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], w[r], xb);
         }
     }
-    for (; c < vec; c += 32)
-        for (int r = 0; r < NO; ++r)
-            for (int b = 0; b < NB; ++b)
-                acc0[r][b] = _mm512_dpbf16_ps(acc0[r][b], (__m512bh)_mm512_loadu_si512(wr + r * cols + c), (__m512bh)_mm512_loadu_si512(x + b * cols + c));
+    float sums[NO][NB];
+    reduce_adds<NO * NB>(&acc[0][0], &sums[0][0]);
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const uint16_t* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][b], acc1[r][b]));
-            for (int64_t t = c; t < cols; ++t) sum += bf16_to_f32(wr[r * cols + t]) * bf16_to_f32(xb[t]);
+            float sum = sums[r][b];
+            for (int64_t t = vec; t < cols; ++t) sum += bf16_to_f32(wr[r * cols + t]) * bf16_to_f32(xb[t]);
             store(p, b0 + b, o + r, sum);
         }
     }
@@ -271,65 +334,84 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
 template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t b0, int64_t lo, int64_t hi) {
     x += b0 * p.m->cols;
-    int64_t o = lo;
-    for (; NB > 1 && o + 2 <= hi; o += 2) bf16_block<2, NB>(p, x, b0, o);
-    for (; o < hi; ++o) bf16_block<1, NB>(p, x, b0, o);
+    over_rows<NB>(lo, hi, [&](auto no, int64_t o) { bf16_block<no.value, NB>(p, x, b0, o); });
 }
 
-// NO weight rows from o against NB input rows from b0 (x: the tile's first row). x: the input rows
-// as int16 steps of step[b] (see Input); integer sums are exact, so only the lanes, the per-chunk
-// conversions and the epilogue order matter, and they are a lone row's.
+// acc += the pairwise products of w and x, in place (the intrinsic's copies of a result had GCC
+// shuffle and spill the accumulators of a tile)
+__attribute__((target("avx512f,avx512vnni"), always_inline)) inline void dpwssd(__m512i& acc, __m512i w, __m512i x) {
+    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+}
+
+// int8 weights against the input rows as int16 steps of step[b] (see Input), each 64 columns as two
+// halves of 32 through `vpdpwssd`. Integer sums are exact in any order (a lone row splits them over
+// two accumulators, for a shorter dependency chain; a tile has one per pair), and each chunk of
+// columns [start, end) is converted and reduced (reduce_adds) on its own into part, then added to
+// the pair's sum in chunk order: a lone row's arithmetic in any tile.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_chunk(const int8_t* qr, int64_t cols, const int16_t* x, bool ahead, int64_t start,
+                                                                              int64_t end, float* part) {
+    __m512i acc[NO][NB], acc2[NO][NB];  // acc2: the lone row's second accumulator
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) acc[r][b] = acc2[r][b] = _mm512_setzero_si512();
+    const auto half = [&](int64_t c, __m512i (&into)[NO][NB]) {
+        __m512i w[NO];
+        for (int r = 0; r < NO; ++r) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr + r * cols + c)));
+        for (int b = 0; b < NB; ++b) {
+            __m512i xb = _mm512_loadu_si512(x + b * cols + c);
+            in_register(xb);
+            for (int r = 0; r < NO; ++r) into[r][b] = _mm512_dpwssd_epi32(into[r][b], w[r], xb);
+        }
+    };
+    for (int64_t c = start; c < end; c += 64) {
+        prefetch_ahead(ahead, qr + c, cols, NO);
+        half(c, acc);
+        half(c + 32, NB == 1 ? acc2 : acc);
+    }
+    __m512 lanes[NO][NB];
+    for (int r = 0; r < NO; ++r)
+        for (int b = 0; b < NB; ++b) lanes[r][b] = _mm512_cvtepi32_ps(NB == 1 ? _mm512_add_epi32(acc[r][b], acc2[r][b]) : acc[r][b]);
+    reduce_adds<NO * NB>(&lanes[0][0], part);
+}
+
+// A tile's chunk as a call of its own: inlined next to the chunks' sums, GCC spilled the accumulators.
+template <int NO, int NB>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) void i8_chunk_apart(const int8_t* qr, int64_t cols, const int16_t* x, bool ahead,
+                                                                                    int64_t start, int64_t end, float* part) {
+    i8_chunk<NO, NB>(qr, cols, x, ahead, start, end, part);
+}
+
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_block(const Product& p, const int16_t* x, const float* step,
                                                                                           int64_t b0, int64_t o) {
     const int64_t cols = p.m->cols, vec = cols / 64 * 64;
-    constexpr int64_t kFlush = 8192;  // int32 lanes gain <= 2 * 127 * 32767 per 64 columns: flush before overflow
+    constexpr int64_t kFlush = 4096;  // int32 lanes gain <= 4 * 128 * 32767 per 64 columns: flush before overflow
     const int8_t* qr = static_cast<const int8_t*>(p.m->w) + o * cols;
-    __m512 total[NO][NB];
-    for (int r = 0; r < NO; ++r)
-        for (int b = 0; b < NB; ++b) total[r][b] = _mm512_setzero_ps();
+    float sums[NO][NB] = {}, part[NO][NB];
     for (int64_t start = 0; start < vec; start += kFlush) {
-        __m512i acc0[NO][NB], acc1[NO][NB];
-        for (int r = 0; r < NO; ++r)
-            for (int b = 0; b < NB; ++b) acc0[r][b] = acc1[r][b] = _mm512_setzero_si512();
         const int64_t end = std::min(vec, start + kFlush);
-        for (int64_t c = start; c < end; c += 64) {
-            __m512i lo16[NO], hi16[NO];
-            for (int r = 0; r < NO; ++r) {
-                const __m512i codes = _mm512_loadu_si512(qr + r * cols + c);
-                lo16[r] = _mm512_cvtepi8_epi16(_mm512_castsi512_si256(codes));
-                hi16[r] = _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64(codes, 1));
-            }
-            for (int b = 0; b < NB; ++b) {
-                const __m512i xl = _mm512_loadu_si512(x + b * cols + c), xh = _mm512_loadu_si512(x + b * cols + c + 32);
-                for (int r = 0; r < NO; ++r) {
-                    acc0[r][b] = _mm512_dpwssd_epi32(acc0[r][b], lo16[r], xl);
-                    acc1[r][b] = _mm512_dpwssd_epi32(acc1[r][b], hi16[r], xh);
-                }
-            }
-        }
+        if constexpr (NO * NB == 1)
+            i8_chunk<NO, NB>(qr, cols, x, NB > 1 && b0 == 0, start, end, &part[0][0]);
+        else
+            i8_chunk_apart<NO, NB>(qr, cols, x, NB > 1 && b0 == 0, start, end, &part[0][0]);
         for (int r = 0; r < NO; ++r)
-            for (int b = 0; b < NB; ++b) total[r][b] = _mm512_add_ps(total[r][b], _mm512_cvtepi32_ps(_mm512_add_epi32(acc0[r][b], acc1[r][b])));
+            for (int b = 0; b < NB; ++b) sums[r][b] += part[r][b];
     }
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const int16_t* xb = x + b * cols;
-            float sum = _mm512_reduce_add_ps(total[r][b]);
+            float sum = sums[r][b];
             for (int64_t c = vec; c < cols; ++c) sum += float(qr[r * cols + c]) * float(xb[c]);
             store(p, b0 + b, o + r, sum * step[b0 + b] * p.m->scale[o + r]);
         }
     }
 }
 
-// Weight rows [lo, hi) against the NB input rows from b0, two weight rows at a time for a tile of
-// several (each x load serves both), one at a time for a lone row (one stream: bandwidth-bound).
 template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void rows_i8_vnni(const Product& p, const int16_t* x, const float* step, int64_t b0, int64_t lo,
                                                                        int64_t hi) {
     x += b0 * p.m->cols;
-    int64_t o = lo;
-    for (; NB > 1 && o + 2 <= hi; o += 2) i8_block<2, NB>(p, x, step, b0, o);
-    for (; o < hi; ++o) i8_block<1, NB>(p, x, step, b0, o);
+    over_rows<NB>(lo, hi, [&](auto no, int64_t o) { i8_block<no.value, NB>(p, x, step, b0, o); });
 }
 
 // (The fallbacks below take one input row at a time.)
@@ -391,7 +473,7 @@ struct Input {
     std::vector<int16_t> i16;
     std::vector<float> step;
 
-    explicit Input(const Product& p) {
+    void fill(const Product& p) {  // reuses the vectors' memory (project_products keeps Inputs per thread)
         const int64_t cols = p.m->cols, n = p.n;
         if (p.m->format == BF16) {
             bf16.resize(n * cols);
@@ -417,13 +499,13 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
     switch (p.m->format) {
         case BF16:
             if (has_bf16_dot())
-                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_bf16_avx512<nb.value>(p, in.bf16.data(), b0, o0, o1); });
+                over_tiles<kTile>(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_bf16_avx512<nb.value>(p, in.bf16.data(), b0, o0, o1); });
             else
                 for (int64_t b = 0; b < p.n; ++b) rows_portable<uint16_t>(p, in.bf16.data() + b * p.m->cols, b, lo, hi);
             break;
         case I8:
             if (has_vnni())
-                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_i8_vnni<nb.value>(p, in.i16.data(), in.step.data(), b0, o0, o1); });
+                over_tiles<kTileI8>(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_i8_vnni<nb.value>(p, in.i16.data(), in.step.data(), b0, o0, o1); });
             else if (has_avx512())
                 for (int64_t b = 0; b < p.n; ++b) rows_i8_avx512(p, b, lo, hi);
             else
@@ -434,7 +516,7 @@ void product_rows(const Product& p, const Input& in, int64_t lo, int64_t hi) {
             break;
         default:
             if (has_avx512())
-                over_tiles(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_f32_avx512<nb.value>(p, b0, o0, o1); });
+                over_tiles<kTile>(p.n, lo, hi, [&](auto nb, int64_t b0, int64_t o0, int64_t o1) { rows_f32_avx512<nb.value>(p, b0, o0, o1); });
             else
                 for (int64_t b = 0; b < p.n; ++b) rows_portable<float>(p, p.x + b * p.m->cols, b, lo, hi);
     }
@@ -448,11 +530,12 @@ bool valid(const Mat& m) {
 // The products in one parallel region: each thread takes the same share of every matrix's rows
 // (no barrier between matrices), so a row's sum never depends on the thread count.
 void project_products(const Product* ps, int64_t n, int threads) {
-    std::vector<Input> inputs;
-    inputs.reserve(n);
+    thread_local std::vector<Input> mine;  // see reused
+    std::vector<Input>& inputs = mine;      // the caller's, in the parallel body too
+    if (int64_t(inputs.size()) < n) inputs.resize(n);
     int64_t rows = 0;
     for (int64_t i = 0; i < n; ++i) {
-        inputs.emplace_back(ps[i]);
+        inputs[i].fill(ps[i]);
         rows += ps[i].m->rows * ps[i].n;
     }
     parallel(rows >= 64, threads, [&](int64_t tid, int64_t nth) {
@@ -491,19 +574,36 @@ struct VecMat {
     float* y;
 };
 
-// out[b] += x[b, k] A[k] for k in [k0, k1), every row b (out[b] at out + b * stride): each row of A is
-// read once for all n rows, and row b's sums are formed as for a lone row.
+// out[b] += x[b, k] A[k] for k in [k0, k1), every row b (out[b] at out + b * stride), each output
+// summed over k in order: a row's sums are formed as for a lone row. Row b's outputs stay in
+// registers, 64 at a time, across all k (adding into memory once per k cost a load and a store
+// per multiply-add); A's share is small enough to be reread from cache for each row.
 template <class W>
 void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out, int64_t stride) {
     const W* A = static_cast<const W*>(job.A);
-    for (int64_t k = k0; k < k1; ++k) {
-        const W* row = A + k * job.D;
-        for (int64_t b = 0; b < job.n; ++b) {
-            const float xk = job.x[b * job.K + k];
-            float* o = out + b * stride;
-            int64_t d = 0;
-            for (; d + kLanes <= job.D; d += kLanes) vstore(o + d, vload(o + d) + xk * vload(row + d));
-            for (; d < job.D; ++d) o[d] += xk * to_f32(row[d]);
+    const int64_t D = job.D;
+    for (int64_t b = 0; b < job.n; ++b) {
+        const float* x = job.x + b * job.K;
+        float* o = out + b * stride;
+        int64_t d = 0;
+        for (; d + 4 * kLanes <= D; d += 4 * kLanes) {
+            v16 s0 = vload(o + d), s1 = vload(o + d + kLanes), s2 = vload(o + d + 2 * kLanes), s3 = vload(o + d + 3 * kLanes);
+            for (int64_t k = k0; k < k1; ++k) {
+                const W* row = A + k * D + d;
+                const float xk = x[k];
+                s0 += xk * vload(row), s1 += xk * vload(row + kLanes), s2 += xk * vload(row + 2 * kLanes), s3 += xk * vload(row + 3 * kLanes);
+            }
+            vstore(o + d, s0), vstore(o + d + kLanes, s1), vstore(o + d + 2 * kLanes, s2), vstore(o + d + 3 * kLanes, s3);
+        }
+        for (; d + kLanes <= D; d += kLanes) {
+            v16 sum = vload(o + d);
+            for (int64_t k = k0; k < k1; ++k) sum += x[k] * vload(A + k * D + d);
+            vstore(o + d, sum);
+        }
+        for (; d < D; ++d) {
+            float sum = o[d];
+            for (int64_t k = k0; k < k1; ++k) sum += x[k] * to_f32(A[k * D + d]);
+            o[d] = sum;
         }
     }
 }
@@ -521,10 +621,12 @@ void vector_products(const VecMat* jobs, int64_t n, int threads) {
     int64_t width = 0;
     for (int64_t i = 0; i < n; ++i) width += jobs[i].D;
     const int64_t rows = n > 0 ? jobs[0].n : 0, share = rows * width;
-    std::vector<float> partial(size_t(kLoraParts * share), 0.f);
+    struct Partial;
+    float* const partial = reused<float, Partial>(kLoraParts * share);
+    std::fill(partial, partial + kLoraParts * share, 0.f);
     parallel(true, threads, [&](int64_t tid, int64_t nth) {
         for (int64_t part = kLoraParts * tid / nth; part < kLoraParts * (tid + 1) / nth; ++part) {
-            float* mine = partial.data() + part * share;
+            float* mine = partial + part * share;
             for (int64_t i = 0; i < n; ++i) {
                 const VecMat& job = jobs[i];
                 const int64_t k0 = job.K * part / kLoraParts, k1 = job.K * (part + 1) / kLoraParts;
@@ -556,9 +658,9 @@ void lora_products(const LoraJob* jobs, int64_t n, int threads) {
     const int64_t rows = n > 0 ? jobs[0].n : 0;
     int64_t width = 0;
     for (int64_t i = 0; i < n; ++i) width += jobs[i].pair->rank;
-    const auto hidden = scratch<float>(rows * width);
+    struct Hidden;
     std::vector<VecMat> down(n), up(n);
-    float* h = hidden.get();
+    float* h = reused<float, Hidden>(rows * width);
     for (int64_t i = 0; i < n; ++i) {
         const LoraPair& p = *jobs[i].pair;
         down[i] = {jobs[i].x, p.first, p.in, p.rank, rows, p.format, h};
