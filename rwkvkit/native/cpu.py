@@ -33,10 +33,13 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
+import threading
 import warnings
 from dataclasses import fields
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -381,6 +384,39 @@ def time_mix_core(
     return y, state, v_first if residual else v
 
 
+class _Recycled:
+    """Buffers for the decode stage's new states that are used again once nothing holds them.
+
+    A step's new states are ~38 MB at B = 16 (the 0.1B shape's 12 layers), beyond malloc's mmap
+    threshold: fresh pages each step, whose faults and clearing were ~15% of the step. Each buffer
+    is a numpy array lent to torch (``torch.from_numpy`` holds a reference to it for as long as any
+    tensor uses its memory), so an array only the pool references is free. A caller that drops the
+    state it decoded from (the engine, a generate loop) leaves one buffer free every step; states
+    kept longer just take new buffers. At most ``keep`` buffers are held, so idle ones cost at most
+    ``keep - 1`` states of memory."""
+
+    def __init__(self, keep: int) -> None:
+        self._keep, self._arrays, self._lock = keep, [], threading.Lock()
+        self._never_lent = [np.empty(0, dtype=np.float32)]  # the reference count of an array only a list holds, read the same way
+
+    def empty(self, size: int) -> torch.Tensor:
+        """An uninitialized fp32 tensor ``[size]``."""
+        with self._lock:
+            alone = sys.getrefcount(self._never_lent[0])
+            free = [i for i in range(len(self._arrays)) if sys.getrefcount(self._arrays[i]) == alone]
+            fits = next((i for i in free if self._arrays[i].size == size), None)
+            if fits is None:
+                fits = free[0] if free else (len(self._arrays) if len(self._arrays) < self._keep else None)
+                if fits is None:
+                    return torch.empty(size)
+                array = np.empty(size, dtype=np.float32)
+                self._arrays[fits : fits + 1] = [array]
+            return torch.from_numpy(self._arrays[fits])
+
+
+_STATES = _Recycled(keep=3)  # the state decoded from, the new one, and one a caller still holds
+
+
 def decode_stage(
     layers: Sequence[NativeLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]]:
@@ -399,7 +435,9 @@ def decode_stage(
     vf = torch.empty(B, C) if v_first is None else v_first.reshape(B, C).to(torch.float32, copy=True)  # read, or written by the first layer
     att_in, ffn_in = (torch.stack([getattr(s, name) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
     kv_in = [s.att_kv.contiguous() for s in states]
-    att_out, ffn_out, kv_out = torch.empty(n, B, C), torch.empty(n, B, C), torch.empty(n, *kv_in[0].shape)
+    kv_size = kv_in[0].numel()
+    out = _STATES.empty(n * (2 * B * C + kv_size))
+    att_out, ffn_out, kv_out = out[: n * B * C].view(n, B, C), out[n * B * C : 2 * n * B * C].view(n, B, C), out[2 * n * B * C :].view(n, *kv_in[0].shape)
     checked(library().decode_layers)(
         n, (_ptr * n)(*(ctypes.addressof(layer.struct) for layer in layers)), B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
         att_in.data_ptr(), (_ptr * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(),
