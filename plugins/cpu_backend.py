@@ -50,10 +50,10 @@ class CpuBackend(TorchBackend):
     name = "cpu"
     priority = 20
     # Decoded rows per step up to which fp32/bf16 products (and the whole stage) run in the native
-    # row kernels; beyond, oneDNN's GEMMs won here (single-thread CPU time of a 0.1B-shape step at
-    # B = 16: fp32 ~1.4x, bf16 ~1.3x faster), while at B = 4 the native stage was even (fp32) or
-    # ~1.3x faster (bf16). None: no limit.
-    native_rows: ClassVar[int | None] = 4
+    # row kernels; beyond, oneDNN's GEMMs (and ~10 op calls per layer) win. Single-thread CPU time
+    # of a 0.1B-shape step, native stage vs GEMMs: bf16 B = 8 / 16 / 32 / 64: 41 / 58 / 97 / 185 ms
+    # vs 53 / 65 / 102 / 151; fp32: 61 / 89 / 147 / 266 vs 79 / 99 / 151 / 248. None: no limit.
+    native_rows: ClassVar[int | None] = 32
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
