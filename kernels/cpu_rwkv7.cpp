@@ -10,9 +10,10 @@
 //   project: y = epilogue(M x) [+ residual] for several matrices, each with its own inputs (one row
 //     per decoded sequence), in one parallel region (each matrix's rows split evenly over the
 //     threads). Decode reads every weight once per step, for all the batch's rows at once (tiles
-//     of up to kTile rows per pass over a block of weight rows), so one row is bound by memory
-//     bandwidth and a batch by arithmetic; each input row's sums are formed exactly as for a lone
-//     row, so a sequence's result does not depend on its batch. The row kernels stream a matrix
+//     of up to kTile input rows against kRegRows weight rows in registers, per pass over a block
+//     of weight rows), so one row is bound by memory bandwidth and a batch by arithmetic; each
+//     input row's sums are formed exactly as for a lone row, so a sequence's result does not
+//     depend on its batch. The row kernels stream a matrix
 //     in its stored format (fp32 AVX512; bf16 with AVX512-BF16 `vdpbf16ps`; int8 with one scale
 //     per row, through AVX512-VNNI `vpdpwssd` on activations rounded once per call to int16 steps
 //     of max|x|/32767, 1.5e-5 of the largest entry: far below bf16's error; int4 in groups with

@@ -232,6 +232,23 @@ def test_batched_decode_equals_each_sequence_alone_bit_for_bit(model_paths, spec
             assert torch.equal(a, t)
 
 
+def test_decode_state_buffers_are_reused_only_once_released():
+    """The decode stage's output buffers (``cpu._Recycled``) come back only when no tensor, not
+    even a view, still uses their memory; past ``keep`` held buffers, plain new tensors."""
+    pool = cpu._Recycled(keep=2)
+    a, b = pool.empty(10), pool.empty(10)
+    first, second = a.data_ptr(), b.data_ptr()
+    view = a[2:5]
+    del a
+    c = pool.empty(10)  # both pooled buffers in use (one through a view): a fresh tensor
+    assert c.data_ptr() not in (first, second)
+    del view
+    assert pool.empty(10).data_ptr() == first
+    del b
+    bigger = pool.empty(20)  # the free buffer of another size is replaced
+    assert bigger.shape == (20,) and bigger.data_ptr() not in (first, second)
+
+
 def test_more_rows_than_native_rows_take_the_gemm_and_match_the_python_math(model_paths, monkeypatch):
     """Past ``native_rows`` decoded rows, fp32 products go to oneDNN's GEMM (and no fused stage):
     the same math in another summation order (2e-5, as for the oracle)."""

@@ -392,8 +392,8 @@ class _Recycled:
     is a numpy array lent to torch (``torch.from_numpy`` holds a reference to it for as long as any
     tensor uses its memory), so an array only the pool references is free. A caller that drops the
     state it decoded from (the engine, a generate loop) leaves one buffer free every step; states
-    kept longer just take new buffers. At most ``keep`` buffers are held, so idle ones cost at most
-    ``keep - 1`` states of memory."""
+    kept longer just take new buffers. At most ``keep`` buffers are held (a free one of another
+    size is replaced), so idle ones cost at most ``keep`` states of memory."""
 
     def __init__(self, keep: int) -> None:
         self._keep, self._arrays, self._lock = keep, [], threading.Lock()
@@ -414,7 +414,7 @@ class _Recycled:
             return torch.from_numpy(self._arrays[fits])
 
 
-_STATES = _Recycled(keep=3)  # the state decoded from, the new one, and one a caller still holds
+_STATES = _Recycled(keep=2)  # the state decoded from and the new one
 
 
 def decode_stage(
@@ -422,7 +422,7 @@ def decode_stage(
 ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]]:
     """``rwkv7.block`` on each layer in turn for one token of each of B sequences, ``x [B, 1, C]``,
     in one native call (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``.
-    The new states are rows of three stacked buffers (one allocation each instead of three per layer)."""
+    The new states are rows of three stacked buffers, carved from one recycled buffer (:class:`_Recycled`)."""
     n, C, B = len(layers), layers[0].struct.C, x.shape[0]
     if len(states) != n:
         raise InputError(f"native decode: {n} layers but {len(states)} layer states")
