@@ -255,6 +255,8 @@ __attribute__((target("avx512f"), always_inline)) inline void reduce_adds(const 
 // same whatever NO and NB are, so a lone row's equals its row in any batch. The first tile of a
 // block (b0 == 0) also prefetches the same rows of the next block (kRowBlock rows on) into cache,
 // a line per row per step: the hardware prefetcher alone left the first tile waiting on memory.
+// A lone row (NB = 1) reads one weight row at a time, one sequential stream: reading four at once
+// cost B = 1 up to ~1.5x, and prefetching did not win it back.
 // Keeps v in a register: GCC otherwise folds its load into every instruction that reads it, once
 // per weight row (loads, not arithmetic, then bound the fp32 and int8 kernels).
 template <class V>
@@ -339,12 +341,6 @@ template <int NB>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(const Product& p, const uint16_t* x, int64_t b0, int64_t lo, int64_t hi) {
     x += b0 * p.m->cols;
     over_rows<NB>(lo, hi, [&](auto no, int64_t o) { bf16_block<no.value, NB>(p, x, b0, o); });
-}
-
-// acc += the pairwise products of w and x, in place (the intrinsic's copies of a result had GCC
-// shuffle and spill the accumulators of a tile)
-__attribute__((target("avx512f,avx512vnni"), always_inline)) inline void dpwssd(__m512i& acc, __m512i w, __m512i x) {
-    asm("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
 }
 
 // int8 weights against the input rows as int16 steps of step[b] (see Input), each 64 columns as two
