@@ -264,10 +264,17 @@ __attribute__((always_inline)) inline void in_register(V& v) {
     asm("" : "+v"(v));
 }
 
+// How many blocks ahead the tile numbered `tile` of a block prefetches (0: none, for a lone row):
+// the first tile the next block, the second the one after, and so on up to kMaxAhead, so that
+// memory stays busy while the later tiles compute from cache (the first tile alone left it idle
+// then: B = 16 bf16 products of 768 columns ran ~1.2x slower).
+constexpr int64_t kMaxAhead = 3;
+inline int64_t blocks_ahead(int nb, int64_t tile) { return nb > 1 ? std::min(1 + tile, kMaxAhead) : 0; }
+
 template <class W>
-__attribute__((always_inline)) inline void prefetch_ahead(bool ahead, const W* rows, int64_t cols, int n) {
-    if (ahead)
-        for (int r = 0; r < n; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (kRowBlock + r) * cols), _MM_HINT_T0);
+__attribute__((always_inline)) inline void prefetch_ahead(int64_t blocks, const W* rows, int64_t cols, int n) {
+    if (blocks)
+        for (int r = 0; r < n; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows + (blocks * kRowBlock + r) * cols), _MM_HINT_T0);
 }
 
 template <int NO, int NB>
@@ -277,7 +284,7 @@ __attribute__((target("avx512f"), always_inline)) inline void f32_block(const Pr
     __m512 acc[NO][NB];
     for (int r = 0; r < NO; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-    const bool ahead = NB > 1 && b0 == 0;
+    const int64_t ahead = blocks_ahead(NB, b0 / kTile);
     for (int64_t c = 0; c < vec; c += kLanes) {
         prefetch_ahead(ahead, wr + c, cols, NO);
         __m512 w[NO];
@@ -314,7 +321,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
     __m512 acc[NO][NB];
     for (int r = 0; r < NO; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
-    const bool ahead = NB > 1 && b0 == 0;
+    const int64_t ahead = blocks_ahead(NB, b0 / kTile);
     for (int64_t c = 0; c < vec; c += 32) {
         prefetch_ahead(ahead, wr + c, cols, NO);
         __m512bh w[NO];
@@ -349,7 +356,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
 // columns [start, end) is converted and reduced (reduce_adds) on its own into part, then added to
 // the pair's sum in chunk order: a lone row's arithmetic in any tile.
 template <int NO, int NB>
-__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_chunk(const int8_t* qr, int64_t cols, const int16_t* x, bool ahead, int64_t start,
+__attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_chunk(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead, int64_t start,
                                                                               int64_t end, float* part) {
     __m512i acc[NO][NB], acc2[NO][NB];  // acc2: the lone row's second accumulator
     for (int r = 0; r < NO; ++r)
@@ -376,7 +383,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
 
 // A tile's chunk as a call of its own: inlined next to the chunks' sums, GCC spilled the accumulators.
 template <int NO, int NB>
-__attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) void i8_chunk_apart(const int8_t* qr, int64_t cols, const int16_t* x, bool ahead,
+__attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) void i8_chunk_apart(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead,
                                                                                     int64_t start, int64_t end, float* part) {
     i8_chunk<NO, NB>(qr, cols, x, ahead, start, end, part);
 }
@@ -391,9 +398,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
     for (int64_t start = 0; start < vec; start += kFlush) {
         const int64_t end = std::min(vec, start + kFlush);
         if constexpr (NO * NB == 1)
-            i8_chunk<NO, NB>(qr, cols, x, NB > 1 && b0 == 0, start, end, &part[0][0]);
+            i8_chunk<NO, NB>(qr, cols, x, 0, start, end, &part[0][0]);
         else
-            i8_chunk_apart<NO, NB>(qr, cols, x, NB > 1 && b0 == 0, start, end, &part[0][0]);
+            i8_chunk_apart<NO, NB>(qr, cols, x, blocks_ahead(NB, b0 / kTileI8), start, end, &part[0][0]);
         for (int r = 0; r < NO; ++r)
             for (int b = 0; b < NB; ++b) sums[r][b] += part[r][b];
     }
