@@ -1,21 +1,22 @@
-"""Decode speed with the kernels' own thread pool against OpenMP regions, on an idle machine and
-next to a busy process; and what one parallel job costs.
+"""What rwkvkit's default wait policy costs an idle machine and gives a shared one (issue 13).
 
-The native CPU kernels run ~85 short parallel jobs per decoded token (7 per layer): by default as
-OpenMP regions in the libgomp that ``import torch`` loads, whose policy is read once, when it
-loads; with ``RWKVKIT_CPU_POOL=pool`` decode runs them on the kernels' own pool
-(``kernels/cpu_pool.h``: spin ~5 us, yield up to 2 ms, then sleep; shares claimed by whichever
-thread comes first):
+The native CPU kernels run ~85 short parallel jobs per decoded token. Configurations, each run in a
+fresh process that imports ``rwkvkit`` before torch (as every ``rwkvkit`` command does):
 
-- ``pool`` / ``omp``: the kernels' pool / OpenMP regions;
-- ``default``: nothing set (libgomp spins ~300,000 iterations before a thread sleeps);
-- ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE`` (the pool sleeps at once; so does libgomp).
+- ``default``: nothing set. rwkvkit sets ``GOMP_SPINCOUNT=0`` (libgomp's threads sleep at once)
+  and decode runs on the kernels' own pool (spin ~5 us, yield up to 2 ms, then sleep); see
+  ``rwkvkit/omp_wait.py``.
+- ``spinning``: ``GOMP_SPINCOUNT=300000``, libgomp's own default (what a process that imported torch
+  first gets): decode on OpenMP regions whose threads spin for milliseconds after each region.
+- ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE``: every waiting thread, the pool's too, sleeps at once.
 
-``contended`` runs one busy Python loop pinned to CPU 0 meanwhile (a shared machine). Each case is
-a fresh process. Random model of the World 0.1B shape, ``cpu fp32``, 2 threads, median of 5 x 64
-decoded tokens after warm-up; also the process's CPU time per token (what the waiting costs).
-``test_job_latency``: one job of almost no work (relu² of 512 floats) on 2 threads, back to back:
-wall and CPU microseconds per call, ctypes included. Run it alone:
+``test_idle``: on an idle machine, ``default`` and ``spinning`` alternate ``PAIRS`` times per
+strategy (one noisy stretch of the machine hits both), each process timing decode (median of 5 x
+48 tokens after warm-up) and prefill (median of 3 prompts of 512 tokens); it prints every pair and
+the median ratio default / spinning. ``test_contended``: the same next to one busy Python loop
+pinned to CPU 0 (a shared machine), every configuration once. ``test_job_latency``: one job of
+almost no work (relu² of 512 floats) on 2 threads, back to back: wall and CPU microseconds per call,
+ctypes included. Random model of the World 0.1B shape, 2 threads. Run it alone, on an idle machine:
 ``pytest benchmarks/bench_openmp.py --benchmark-enable -p no:cacheprovider -s``.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -31,31 +33,38 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-ROUNDS, TOKENS, CALLS = 5, 64, 20000
+PAIRS, CALLS = 5, 20000
+STRATEGIES = ("cpu fp32", "cpu bf16")
+CONFIGS = {"default": {}, "spinning": {"GOMP_SPINCOUNT": "300000"}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
 
-DECODE = """
+SPEED = """
 import json, statistics, sys, time
 import rwkvkit
 import torch
 sys.path.insert(0, sys.argv[1])
 from bench_cpu import checkpoint
 torch.set_num_threads(2)
-model = rwkvkit.RWKV(checkpoint("0.1B"), "cpu fp32")
+model = rwkvkit.RWKV(checkpoint("0.1B"), sys.argv[2])
 _, state = model.forward(list(range(16)), None)
 for token in range(8):
     _, state = model.forward([token], state)
-speeds, cpu = [], []
-for _ in range(int(sys.argv[2])):
-    start, used, s = time.perf_counter(), time.process_time(), state
-    for token in range(int(sys.argv[3])):
+decode = []
+for _ in range(5):
+    start, s = time.perf_counter(), state
+    for token in range(48):
         _, s = model.forward([token], s)
-    speeds.append(int(sys.argv[3]) / (time.perf_counter() - start))
-    cpu.append((time.process_time() - used) / int(sys.argv[3]) * 1e3)
-print(json.dumps({"tok_per_s": statistics.median(speeds), "cpu_ms_per_token": statistics.median(cpu), "all": speeds}))
+    decode.append(48 / (time.perf_counter() - start))
+prefill = []
+for round in range(3):
+    start = time.perf_counter()
+    model.forward([(7 * i + round) % 65536 for i in range(512)], None)
+    prefill.append(512 / (time.perf_counter() - start))
+print(json.dumps({"decode": statistics.median(decode), "prefill": statistics.median(prefill)}))
 """
 
 JOB = """
 import json, sys, time
+import rwkvkit
 import torch
 from rwkvkit.native import cpu
 torch.set_num_threads(2)
@@ -79,29 +88,39 @@ def busy_cpu0():
         proc.wait()
 
 
-def in_fresh_process(code: str, kernels: str, policy: str, *args: str) -> dict:
+def in_fresh_process(code: str, config: str, *args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "RWKVKIT_CPU_POOL")}
-    if policy != "default":
-        env["OMP_WAIT_POLICY"] = policy
-    env["RWKVKIT_CPU_POOL"] = kernels
-    out = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code, *args], env={**env, **CONFIGS[config]}, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("load", ["idle", "contended"])
-@pytest.mark.parametrize("policy", ["default", "PASSIVE"])
-@pytest.mark.parametrize("kernels", ["pool", "omp"])
-def test_decode_under_wait_policy(benchmark, kernels, policy, load):
-    with busy_cpu0() if load == "contended" else contextlib.nullcontext():
-        result = benchmark.pedantic(in_fresh_process, args=(DECODE, kernels, policy, str(HERE), str(ROUNDS), str(TOKENS)), rounds=1)
-    rounds = ", ".join(f"{v:.1f}" for v in result["all"])
-    print(f"\n{load} {kernels} {policy}: {result['tok_per_s']:.1f} tok/s, {result['cpu_ms_per_token']:.1f} ms CPU per token (rounds {rounds})")
-    benchmark.extra_info.update(kind="decode", kernels=kernels, policy=policy, load=load, **result)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_idle(benchmark, strategy):
+    def pairs() -> list[tuple[dict, dict]]:
+        return [(in_fresh_process(SPEED, "default", str(HERE), strategy), in_fresh_process(SPEED, "spinning", str(HERE), strategy)) for _ in range(PAIRS)]
+
+    runs = benchmark.pedantic(pairs, rounds=1)
+    print(f"\nidle {strategy}, default vs spinning, tok/s per pair:")
+    summary = {}
+    for kind in ("decode", "prefill"):
+        print(f"  {kind}: " + ", ".join(f"{d[kind]:.1f}/{s[kind]:.1f}" for d, s in runs))
+        ratio = statistics.median(d[kind] / s[kind] for d, s in runs)
+        summary[kind] = {"default": statistics.median(d[kind] for d, _ in runs), "spinning": statistics.median(s[kind] for _, s in runs), "ratio": ratio}
+        print(f"  {kind}: median default {summary[kind]['default']:.1f}, spinning {summary[kind]['spinning']:.1f}, median ratio {ratio:.3f}")
+    benchmark.extra_info.update(kind="idle", strategy=strategy, **summary)
 
 
-@pytest.mark.parametrize("policy", ["default", "PASSIVE"])
-@pytest.mark.parametrize("kernels", ["pool", "omp"])
-def test_job_latency(benchmark, kernels, policy):
-    result = benchmark.pedantic(in_fresh_process, args=(JOB, kernels, policy, str(CALLS)), rounds=1)
-    print(f"\njob {kernels} {policy}: {result['wall_us']:.1f} us wall, {result['cpu_us']:.1f} us CPU per call")
-    benchmark.extra_info.update(kind="job", kernels=kernels, policy=policy, **result)
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_contended(benchmark, strategy, config):
+    with busy_cpu0():
+        result = benchmark.pedantic(in_fresh_process, args=(SPEED, config, str(HERE), strategy), rounds=1)
+    print(f"\ncontended {strategy} {config}: decode {result['decode']:.1f} tok/s, prefill {result['prefill']:.1f} tok/s")
+    benchmark.extra_info.update(kind="contended", strategy=strategy, config=config, **result)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_job_latency(benchmark, config):
+    result = benchmark.pedantic(in_fresh_process, args=(JOB, config, str(CALLS)), rounds=1)
+    print(f"\njob {config}: {result['wall_us']:.1f} us wall, {result['cpu_us']:.1f} us CPU per call")
+    benchmark.extra_info.update(kind="job", config=config, **result)

@@ -19,9 +19,10 @@
 // (a share it claimed still holds up the job until it is done). The shares are the
 // same whoever runs them, so results do not depend on the thread count or on who ran what.
 //
-// The policy (pool_policy, set once by rwkvkit/native/cpu.py from the environment): OpenMP regions
-// unless RWKVKIT_CPU_POOL=pool (on an idle machine the pool was 10-20% slower for bf16 decode,
-// whose jobs are short); with the pool, OMP_WAIT_POLICY=ACTIVE spins only, =PASSIVE sleeps at once
+// The policy (pool_policy, set once by rwkvkit/native/cpu.py from the environment): the pool, unless
+// libgomp's threads spin (then one of them would take the core a pool thread needs: idle bf16
+// decode lost 10-20%; rwkvkit/omp_wait.py makes them sleep at once where it can) or
+// RWKVKIT_CPU_POOL=omp; with the pool, OMP_WAIT_POLICY=ACTIVE spins only, =PASSIVE sleeps at once
 // (polling with sched_yield spins too on an idle core).
 //
 // One job runs at a time (callers from other threads wait their turn); a body never calls parallel

@@ -7,8 +7,11 @@ row, with that sequence's own generator, so a sequence's tokens do not depend on
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from abc import abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from numbers import Real
 from typing import Sequence
 
@@ -109,6 +112,13 @@ def _draw(weights: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
     return [int(torch.multinomial(w.to(c.generator.device), 1, generator=c.generator)) for w, c in zip(weights, ctxs)]
 
 
+@functools.cache
+def _pass_threads(threads: int, pid: int) -> ThreadPoolExecutor:
+    """The threads CPU passes run on, one pool per thread count and process (a forked child has
+    none of its parent's threads)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="rwkvkit-sample")
+
+
 # Rows per CPU pass hold at most this many bytes of double weights: whole [64, 65536] batches
 # (32 MB a tensor) spill the caches, and the allocator maps and page-faults every such tensor
 # afresh, which made a batch slower than a loop over its rows.
@@ -124,10 +134,16 @@ class _BatchSampler(Sampler):
 
     def sample_batch(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:
         """All rows in one pass on an accelerator (one launch per op); on the CPU, passes of
-        ``CPU_PASS_BYTES``. Rows never interact, so the split changes no token."""
+        ``CPU_PASS_BYTES``, run side by side on torch's thread count (a pass is mostly a sort and
+        the draws' exponentials, one thread each, with the GIL released). Rows never interact, so
+        the split changes no token; rows that share a generator keep their order (one thread)."""
         check_sample_batch(logits, ctxs)
         step = max(1, len(ctxs) if logits.device.type != "cpu" else CPU_PASS_BYTES // (8 * logits.shape[-1]))
-        return [token for i in range(0, len(ctxs), step) for token in self._sample_rows(logits[i : i + step], ctxs[i : i + step])]
+        passes = [(logits[i : i + step], ctxs[i : i + step]) for i in range(0, len(ctxs), step)]
+        threads = torch.get_num_threads()
+        if len(passes) == 1 or threads == 1 or len({id(c.generator) for c in ctxs}) < len(ctxs):
+            return [token for rows, row_ctxs in passes for token in self._sample_rows(rows, row_ctxs)]
+        return [token for tokens in _pass_threads(threads, os.getpid()).map(lambda p: self._sample_rows(*p), passes) for token in tokens]
 
     @abstractmethod
     def _sample_rows(self, logits: torch.Tensor, ctxs: Sequence[SampleContext]) -> list[int]:

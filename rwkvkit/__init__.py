@@ -10,6 +10,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from rwkvkit.errors import CheckpointError, InputError, PluginError, RwkvkitError, StateError, StrategyError, TokenizerError
+from rwkvkit.omp_wait import quiet_openmp
+
+quiet_openmp()  # before anything loads torch (see rwkvkit.omp_wait)
 
 if TYPE_CHECKING:
     from rwkvkit.compat import PIPELINE, PIPELINE_ARGS, RWKV

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkvkit import RWKV
+from rwkvkit import RWKV, omp_wait
 from rwkvkit.errors import InputError
 from rwkvkit.models import rwkv7
 from rwkvkit.native import cpu
@@ -25,13 +25,17 @@ from rwkvkit.state import LayerState
 from rwkvkit.testing import make_checkpoint
 
 HERE = Path(__file__).parent
-POOL = {"RWKVKIT_CPU_POOL": "pool"}  # the kernels' own pool (OpenMP regions are the default)
+POOL = {"RWKVKIT_CPU_POOL": "pool"}  # the kernels' own pool, whatever libgomp does
+OMP = {"RWKVKIT_CPU_POOL": "omp"}  # OpenMP regions
 
 
 def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     """``code`` in a fresh interpreter (the policy is read once per process; a deadlock or a crash
-    fails the test instead of hanging or killing pytest); returns its stdout."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    fails the test instead of hanging or killing pytest); returns its stdout. The policy variables
+    come from ``env`` alone, not from this process (which set GOMP_SPINCOUNT if it imported rwkvkit
+    before torch)."""
+    inherited = {k: v for k, v in os.environ.items() if k not in (*omp_wait.USER_KNOBS, "RWKVKIT_CPU_POOL")}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True, timeout=timeout, env={**inherited, **(env or {})})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -91,7 +95,7 @@ def test_scan_and_int8_prefill_kernels_are_bit_identical_for_any_thread_count():
 CONCURRENT = """
 import sys, threading
 import torch
-from rwkvkit import RWKV
+from rwkvkit import RWKV, omp_wait
 from rwkvkit.native import cpu
 model = RWKV(sys.argv[1], "cpu fp32")
 layers = [block.native for block in model.stages[0].blocks]
@@ -111,7 +115,7 @@ print(sum(len(got[i]) == 20 and all(torch.equal(y, serial[i]) for y in got[i]) f
 """
 
 
-@pytest.mark.parametrize("env", [POOL, {}], ids=["pool", "omp"])
+@pytest.mark.parametrize("env", [POOL, OMP], ids=["pool", "omp"])
 def test_concurrent_callers_get_the_results_of_serial_calls(small_model, env):
     """ctypes releases the GIL, so two Python threads reach the kernels at once: with the pool, the
     second waits its turn."""
@@ -120,7 +124,17 @@ def test_concurrent_callers_get_the_results_of_serial_calls(small_model, env):
 
 @pytest.mark.parametrize(
     "env, mode",
-    [({}, cpu._OPENMP), (POOL, cpu._POOL), ({**POOL, "OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE), ({**POOL, "OMP_WAIT_POLICY": " ACTIVE"}, cpu._ACTIVE), ({"RWKVKIT_CPU_POOL": "omp", "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP)],
+    [
+        ({}, cpu._OPENMP),  # libgomp's default spins: a pool thread would lose its core to it
+        ({"GOMP_SPINCOUNT": "0"}, cpu._POOL),  # what rwkvkit sets when it loads before torch
+        ({"GOMP_SPINCOUNT": "10k", "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP),  # the count wins, as in libgomp
+        ({"OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE),
+        (POOL, cpu._POOL),
+        ({**POOL, "OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE),
+        ({**POOL, "OMP_WAIT_POLICY": " ACTIVE"}, cpu._ACTIVE),
+        ({**OMP, "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP),
+        ({**OMP, "GOMP_SPINCOUNT": "0"}, cpu._OPENMP),
+    ],
 )
 def test_wait_policy_follows_the_environment(env, mode):
     assert cpu.wait_policy(env) == (mode, cpu.SPIN_NS, cpu.YIELD_NS)
@@ -131,6 +145,44 @@ def test_a_bad_pool_setting_is_an_error_and_a_bad_omp_policy_a_warning():
         cpu.wait_policy({"RWKVKIT_CPU_POOL": "gomp"})
     with pytest.warns(RuntimeWarning, match="OMP_WAIT_POLICY='spin' is neither ACTIVE nor PASSIVE: ignored"):
         assert cpu.wait_policy({**POOL, "OMP_WAIT_POLICY": "spin"})[0] == cpu._POOL
+
+
+@pytest.mark.parametrize(
+    "env, torch_loaded, sets",
+    [({}, False, True), ({}, True, False), ({"OMP_WAIT_POLICY": "ACTIVE"}, False, False), ({"GOMP_SPINCOUNT": "300000"}, False, False), ({"OMP_WAIT_POLICY": " "}, False, True)],
+)
+def test_rwkvkit_quiets_openmp_only_before_torch_and_without_a_users_choice(env, torch_loaded, sets):
+    environ = dict(env)
+    assert omp_wait.quiet_openmp(environ, torch_loaded) is sets
+    assert environ == ({**env, "GOMP_SPINCOUNT": "0"} if sets else env)
+
+
+# Prints how many pool threads one decode started and GOMP_SPINCOUNT as the process saw it.
+IMPORT_ORDER = """
+import os, sys, time
+if sys.argv[2] == "torch first":
+    import torch
+import rwkvkit
+import torch
+torch.set_num_threads(2)
+model = rwkvkit.RWKV(sys.argv[1], "cpu fp32")
+_, state = model.forward([1, 2], None)
+model.forward([3], state)
+for _ in range(100):  # a pool thread names itself once it runs
+    comms = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    if "rwkvkit-pool" in comms:
+        break
+    time.sleep(0.01)
+print(comms.count("rwkvkit-pool"), os.environ.get("GOMP_SPINCOUNT", "unset"))
+"""
+
+
+def test_decode_runs_on_the_pool_by_default_and_on_openmp_when_libgomp_already_spins(small_model):
+    """``import rwkvkit`` before torch (as every rwkvkit command does) makes libgomp sleep at once
+    and decode use the pool; torch imported first has fixed libgomp's spinning, so decode keeps
+    OpenMP's regions and the environment is left alone."""
+    assert run_python(IMPORT_ORDER, str(small_model), "rwkvkit first").split() == ["1", "0"]
+    assert run_python(IMPORT_ORDER, str(small_model), "torch first").split() == ["0", "unset"]
 
 
 CHANGED = """
@@ -163,7 +215,7 @@ def test_a_changed_policy_is_refused_once_the_pool_runs():
 IDLE = """
 import os, sys, time
 import torch
-from rwkvkit import RWKV
+from rwkvkit import RWKV, omp_wait
 torch.set_num_threads(3)
 model = RWKV(sys.argv[1], "cpu fp32")
 out, state = model.forward([1], None)
@@ -190,7 +242,7 @@ def test_idle_pool_threads_use_no_cpu_and_the_policies_agree_on_results(small_mo
     is slack for clock ticks and the interpreter). With OMP_WAIT_POLICY=ACTIVE they do spin (so
     the measurement sees them), and with RWKVKIT_CPU_POOL=omp there is no pool. All give the same bytes."""
     runs = {name: run_python(IDLE, str(small_model), env=env).split() for name, env in
-            (("pool", POOL), ("active", {**POOL, "OMP_WAIT_POLICY": "ACTIVE"}), ("omp", {}))}  # fmt: skip
+            (("pool", POOL), ("active", {**POOL, "OMP_WAIT_POLICY": "ACTIVE"}), ("omp", OMP))}  # fmt: skip
     threads, used, pool_cpu, logits = runs["pool"]
     assert int(threads) == 2 and float(used) < 0.05 and float(pool_cpu) < 0.05
     threads, used, pool_cpu, active_logits = runs["active"]

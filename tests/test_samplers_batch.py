@@ -85,6 +85,21 @@ def test_cpu_passes_of_a_few_rows_change_no_token(name, monkeypatch):
     assert_same_draws(builtin_samplers()[name](), batch=7, vocab=3000, steps=6)
 
 
+def test_passes_of_rows_that_share_a_generator_draw_in_row_order(monkeypatch):
+    """CPU passes run side by side, but rows drawing from one generator must draw in row order:
+    then the passes run one after another, and the tokens are the rows sampled one by one."""
+    monkeypatch.setattr(samplers, "CPU_PASS_BYTES", 8 * 3000 * 2)  # passes of 2 rows
+    sampler, logits = builtin_samplers()["nucleus"](top_p=1.0), mixed_logits(8, 3000, torch.Generator().manual_seed(5))
+    shared, alone = SampleContext(torch.Generator().manual_seed(9)), SampleContext(torch.Generator().manual_seed(9))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = sampler.sample_batch(logits, [shared] * 8)
+    finally:
+        torch.set_num_threads(threads)
+    assert got == [sampler.sample(row.clone(), alone) for row in logits]
+
+
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_sample_batch_equals_separate_samples_at_the_world_vocabulary(name):
     """65,536 tokens on two threads: a lone row's reductions split across threads (sum() would

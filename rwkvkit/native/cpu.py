@@ -15,13 +15,14 @@ Ops (each for any batch and token count its backend routes to it):
 - :func:`decode_stage`: a stage's blocks for one token of each sequence in one native call
   (``decode_layers``), composed in C++ of the very functions the op entry points call.
 
-The kernels run in parallel as OpenMP regions, in the libgomp torch loads. ``RWKVKIT_CPU_POOL=pool``
-runs decode on a thread pool of their own instead (``kernels/cpu_pool.h``): a waiting thread spins
-~5 us, then yields its core for up to 2 ms, then sleeps, so decoding next to another busy process
-does not collapse (0.1B fp32 decode next to a busy process: 27.9 tok/s against OpenMP's 14.7) and
-idle pool threads use no CPU; on an idle machine it costs fp32 decode ~4% and bf16 decode 10-20%
-(its shorter jobs), which is why it is not the default. With the pool, ``OMP_WAIT_POLICY=ACTIVE``
-makes it spin only, ``PASSIVE`` sleep at once. Read once, when the library loads (:func:`wait_policy`).
+The kernels run in parallel on a thread pool of their own during decode (``kernels/cpu_pool.h``: a
+waiting thread spins ~5 us, then yields its core for up to 2 ms, then sleeps), so decoding next to
+another busy process does not collapse, and as OpenMP regions, in the libgomp torch loads,
+elsewhere. Where libgomp's threads spin after a region (torch loaded before ``rwkvkit``, or the
+user asked for it), decode stays on OpenMP regions: a spinning libgomp thread would take the core
+a pool thread needs (see :mod:`rwkvkit.omp_wait`). ``RWKVKIT_CPU_POOL=pool|omp`` chooses either
+way; with the pool, ``OMP_WAIT_POLICY=ACTIVE`` makes it spin only, ``PASSIVE`` sleep at once.
+Read once, when the library loads (:func:`wait_policy`).
 
 Native code trusts the sizes it is given, so every wrapper checks each tensor's shape, dtype and
 device first (:func:`expect`): a wrong size is an error here, never an out-of-bounds access there.
@@ -47,6 +48,7 @@ from rwkvkit.backend import Epilogue
 from rwkvkit.errors import InputError
 from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
 from rwkvkit.native import load_library
+from rwkvkit.omp_wait import openmp_spins
 from rwkvkit.quant import CHUNK, Int4Weight, Int8Weight
 from rwkvkit.state import LayerState
 
@@ -116,9 +118,9 @@ def library() -> ctypes.CDLL | None:
 
 def wait_policy(environ: Mapping[str, str]) -> tuple[int, int, int]:
     """The pool's ``(mode, spin_ns, yield_ns)`` from ``OMP_WAIT_POLICY`` and ``RWKVKIT_CPU_POOL``."""
-    pool = environ.get("RWKVKIT_CPU_POOL", "") or "omp"
+    pool = environ.get("RWKVKIT_CPU_POOL", "") or ("omp" if openmp_spins(environ) else "pool")
     if pool not in ("omp", "pool"):
-        raise InputError(f"RWKVKIT_CPU_POOL={pool!r}: expected 'pool' (the kernels' own thread pool, for machines shared with busy processes) or 'omp' (OpenMP regions, the default)")
+        raise InputError(f"RWKVKIT_CPU_POOL={pool!r}: expected 'pool' (the kernels' own thread pool) or 'omp' (OpenMP regions); unset, decode uses the pool unless libgomp's threads spin")
     policy = environ.get("OMP_WAIT_POLICY", "").strip().upper()
     if policy not in ("", "ACTIVE", "PASSIVE"):
         warnings.warn(f"OMP_WAIT_POLICY={environ['OMP_WAIT_POLICY']!r} is neither ACTIVE nor PASSIVE: ignored", RuntimeWarning, stacklevel=3)
