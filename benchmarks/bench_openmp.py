@@ -55,9 +55,9 @@ for _ in range(5):
         _, s = model.forward([token], s)
     decode.append(48 / (time.perf_counter() - start))
 prefill = []
-for round in range(3):
+for r in range(3):
     start = time.perf_counter()
-    model.forward([(7 * i + round) % 65536 for i in range(512)], None)
+    model.forward([(7 * i + r) % 65536 for i in range(512)], None)
     prefill.append(512 / (time.perf_counter() - start))
 print(json.dumps({"decode": statistics.median(decode), "prefill": statistics.median(prefill)}))
 """
