@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every test, and every process a test starts, builds kernels and caches into a temporary
     folder: the suite never writes to the user's ``~/.cache/rwkvkit``."""
     config._rwkvkit_cache = os.environ["RWKVKIT_CACHE"] = tempfile.mkdtemp(prefix="rwkvkit-test-cache-")
+    # A shell without job control starts a background job (`pytest ... &`, nohup) with Ctrl-C
+    # ignored, and every child inherits that: the Ctrl-C tests' `rwkvkit run` would ignore the
+    # SIGINT they send, as it should, and never stop. Children of a handled SIGINT start with the default.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
