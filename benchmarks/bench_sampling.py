@@ -4,8 +4,8 @@ same run; and ``Penalties.apply_batch`` against a loop of ``apply``.
 
 Logits are ``peaked`` (a confident model: the top-p cutoff lies within the top 64 tokens) or
 ``flat`` (randn: at top_p 0.85 the cutoff is ~34,000 tokens down, so nucleus sorts whole rows). Every
-draw is a ``torch.multinomial`` over 65,536 doubles per row, which neither form avoids: it is
-what keeps a sequence's tokens exactly those it draws alone.
+draw is one uniform from the row's own generator and a search of the row's running sum (what
+keeps a sequence's tokens exactly those it draws alone).
 
 Run: ``pytest benchmarks/bench_sampling.py --benchmark-enable -s`` (``RWKVKIT_BENCH_THREADS``,
 default 2); ``test_summary`` prints microseconds per row (the fastest round: the least disturbed by other

@@ -126,7 +126,7 @@ def test_extreme_temperatures_sample_and_never_pick_a_banned_token(temperature, 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.5, 0.7, 1.5, 3.0])
 def test_ordinary_temperatures_keep_chatrwkvs_exact_weights(temperature):
-    """The weights handed to multinomial are bit for bit ``kept ** (1 / T)`` as before, so the
+    """The weights handed to the draw are bit for bit ``kept ** (1 / T)`` as before, so the
     same seed draws the same tokens."""
     probs = torch.softmax(_banned_logits(), 0).numpy()
     kept = torch.from_numpy(nucleus_probs(probs, 0.9, 0)).double()

@@ -9,6 +9,7 @@ import torch
 from rwkvkit.errors import InputError
 from rwkvkit.interfaces import SampleContext
 from rwkvkit.penalties import Penalties
+from rwkvkit.plugins import samplers
 from rwkvkit.plugins.samplers import GreedySampler, MinPSampler, NucleusSampler, TypicalSampler, nucleus_probs
 
 
@@ -28,13 +29,14 @@ def chatrwkv_distribution(logits: torch.Tensor, temperature: float, top_p: float
 
 
 def our_distribution(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, monkeypatch) -> np.ndarray:
+    """The normalised weights NucleusSampler hands to its draw."""
     seen = {}
 
-    def multinomial(probs, n, generator=None):
-        seen["p"] = (probs / probs.sum()).numpy()
-        return torch.tensor([0])
+    def draw(weights, ctxs):
+        seen["p"] = (weights[0] / weights[0].sum()).numpy()
+        return [0]
 
-    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(samplers, "_draw", draw)
     NucleusSampler(temperature, top_p, top_k).sample(logits, SampleContext(torch.Generator()))
     return seen["p"]
 
@@ -104,6 +106,22 @@ def test_sampling_frequencies_match_the_distribution():
     assert chi_square(counts, kept / kept.sum()) < 24.3
 
 
+@pytest.mark.parametrize("u, token", [(0.0, 1), (0.25 - 1e-12, 1), (0.25, 3), (float(np.nextafter(1.0, 0.0)), 3)])
+def test_a_draw_lands_on_its_weight_and_never_on_a_zero_weight(monkeypatch, u, token):
+    """The extreme uniforms 0 and the largest double below 1 land on the first and last tokens
+    with weight; [0, 1, 0, 3, 0] splits at u = 1/4."""
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([u], dtype=torch.float64))
+    weights = torch.tensor([[0.0, 1.0, 0.0, 3.0, 0.0]], dtype=torch.float64)
+    assert samplers._draw(weights, [SampleContext(torch.Generator())]) == [token]
+
+
+@pytest.mark.parametrize("bad", [0.0, float("nan"), float("inf")])
+def test_a_row_with_nothing_to_draw_is_refused(bad):
+    weights = torch.tensor([[0.0, 1.0], [0.0, bad]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="invalid distribution"):
+        samplers._draw(weights, [SampleContext(torch.Generator()) for _ in range(2)])
+
+
 def test_same_seed_same_tokens_different_seed_different_tokens():
     logits = torch.randn(500, generator=torch.Generator().manual_seed(3))
 
@@ -167,3 +185,36 @@ def test_penalties_follow_chatrwkv():
 def test_bad_ban_list():
     with pytest.raises(InputError, match=r"token_ban has id\(s\) \[70000\]"):
         Penalties(ban=[1, 70000]).check(65536)
+
+
+def numpy_cutoff(row: np.ndarray, top_p: float) -> np.float32:
+    """ChatRWKV's cutoff as numpy computes it (0 where the running sum never reaches top_p)."""
+    ranked = np.sort(row)[::-1]
+    reached = np.cumsum(ranked) >= top_p
+    return ranked[reached.argmax()] if reached.any() else np.float32(0)
+
+
+def cutoff_rows():
+    g = torch.Generator().manual_seed(5)
+    for vocab in (1, 7, 1000, 65536):
+        for scale in (0.1, 1.0, 4.0, 20.0):
+            yield torch.softmax(torch.randn(3, vocab, generator=g) * scale, -1)
+    tied = torch.softmax((torch.randn(2, 5000, generator=g) * 2).round(), -1)  # many exact ties
+    yield tied
+    yield torch.where(torch.rand(tied.shape, generator=g) < 0.5, tied, 0.0)  # banned tokens: zeros
+    yield torch.softmax(torch.randn(1, 65536, generator=g) * 0.01, -1) * 0.5  # a sum that never reaches high top_p
+
+
+@pytest.mark.parametrize("top_p", [0.0, 0.1, 0.5, 0.85, 0.850000030, 0.95, 0.999, 1.0])
+def test_native_nucleus_cutoffs_are_numpys_exactly(top_p):
+    """The radix-sorted float32 running sum cuts at the very value numpy's sort and cumsum do
+    (the float32 sum rounds differently in any other order, so this fails unless the order and
+    the arithmetic are the same); 0.850000030 is a top_p whose float32 rounding decides ties."""
+    from rwkvkit.native import cpu
+
+    for probs in cutoff_rows():
+        ours = cpu.nucleus_cutoffs(probs, top_p)
+        if ours is None:
+            pytest.skip("the CPU kernels cannot be built here")
+        expected = [numpy_cutoff(row, top_p) for row in probs.numpy()]
+        assert ours.numpy().tolist() == [float(e) for e in expected]

@@ -52,7 +52,7 @@ from rwkvkit.omp_wait import openmp_spins
 from rwkvkit.quant import CHUNK, Int4Weight, Int8Weight
 from rwkvkit.state import LayerState
 
-KERNELS = ("cpu_pool.h", "cpu_rwkv7.cpp", "cpu_i4.cpp", "cpu_mix.cpp", "cpu_decode.cpp")  # one translation unit, in this order
+KERNELS = ("cpu_pool.h", "cpu_rwkv7.cpp", "cpu_i4.cpp", "cpu_mix.cpp", "cpu_decode.cpp", "cpu_sample.cpp")  # one translation unit, in this order
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 DTYPES = (torch.float32, torch.bfloat16)  # the activation dtypes the kernels read and write
 MAX_HEAD_SIZE = 64  # the scans keep a head's N x N state in fixed local arrays
@@ -143,6 +143,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
         "relu_square": ([_i64, _ptr, c_int, c_int], None),
         "dequantize_i4": ([_ptr, _ptr, c_int, c_int], c_int),
+        "nucleus_cutoffs": ([_i64, _i64, _ptr, _f32, _ptr], None),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)
@@ -516,3 +517,17 @@ def wkv(kv: torch.Tensor, r: torch.Tensor, decay: torch.Tensor, k: torch.Tensor,
     y = torch.empty(B, T, H * N, dtype=torch.float32)
     checked(library().wkv7_f32)(B, T, H, N, *(t.data_ptr() for t in (state, r, decay, k, v, kk, a, y)), threads)
     return y, state
+
+
+def nucleus_cutoffs(probs: torch.Tensor, top_p: float) -> torch.Tensor | None:
+    """ChatRWKV's top-p cutoff of each row of float32 probabilities ``[B, V]`` on the CPU (``[B]``;
+    0 where the running sum never reaches ``top_p``), sorting by radix on the calling thread;
+    None where the kernels cannot be built."""
+    lib = library()
+    if lib is None:
+        return None
+    probs = probs.contiguous()
+    expect(probs, tuple(probs.shape), "probs", torch.float32)
+    out = torch.empty(probs.shape[0], dtype=torch.float32)
+    lib.nucleus_cutoffs(*probs.shape, probs.data_ptr(), top_p, out.data_ptr())
+    return out
