@@ -100,6 +100,21 @@ class StateLayout:
         return self.cls(*tensors)
 
 
+def _fits(t: Any, shape: tuple[int, ...]) -> bool:
+    """A dense floating-point tensor ``[B >= 1, *shape]``."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided and not t.is_meta and t.dim() == 1 + len(shape) and t.shape[1:] == shape and t.shape[0] >= 1
+
+
+def _misfit(where: str, t: Any, shape: tuple[int, ...]) -> str:
+    """Why ``t`` does not fit ``[B, *shape]``."""
+    want = f"[B, {', '.join(map(str, shape))}]"
+    if not isinstance(t, torch.Tensor):
+        return f"{where} is a {type(t).__name__}; expected a tensor {want}"
+    if not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
+        return f"{where} is a {t.layout} {t.dtype} tensor on {t.device}; expected a dense floating-point tensor {want}"
+    return f"{where} has shape {list(t.shape)}; expected {want} with B >= 1 (the model's dimensions)"
+
+
 @dataclass
 class State:
     """Per-layer recurrent state with a leading batch dimension, tagged with the model's
@@ -126,6 +141,10 @@ class State:
         any kernel sees it: tensors of a floating dtype with these shapes, one batch size for all,
         finite values. A state is user input (edited in memory, or read from a file), and a wrong
         size that reached native code would be an out-of-bounds access. Returns the batch size."""
+        if all(isinstance(layer, LayerTensors) for layer in self.layers) and self.is_produced():  # a model's own tensors: dense, floating point, finite; only their shapes could have changed (in place)
+            batch = next(self._tensors()).shape[0]
+            if all(t.shape[0] == batch and t.shape[1:] == shapes[name] for layer in self.layers for name, t in zip(layer.names(), layer.tensors())):
+                return batch
         batch = None
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, LayerTensors):
@@ -133,15 +152,10 @@ class State:
             if layer.names() != tuple(shapes):
                 raise StateError(f"state layer {i} holds {', '.join(layer.names())}; this model's layers hold {', '.join(shapes)} (a state of another architecture)")
             for name, t in zip(layer.names(), layer.tensors()):
-                where, want = f"state layer {i} {name}", f"[B, {', '.join(map(str, shapes[name]))}]"
-                if not isinstance(t, torch.Tensor):
-                    raise StateError(f"{where} is a {type(t).__name__}; expected a tensor {want}")
-                if not t.is_floating_point() or t.layout != torch.strided or t.is_meta:
-                    raise StateError(f"{where} is a {t.layout} {t.dtype} tensor on {t.device}; expected a dense floating-point tensor {want}")
-                if tuple(t.shape[1:]) != shapes[name] or t.dim() != 1 + len(shapes[name]) or t.shape[0] < 1:
-                    raise StateError(f"{where} has shape {list(t.shape)}; expected {want} with B >= 1 (the model's dimensions)")
+                if not _fits(t, shapes[name]):  # the message only on failure: this runs per decoded token
+                    raise StateError(_misfit(f"state layer {i} {name}", t, shapes[name]))
                 if batch is not None and t.shape[0] != batch:
-                    raise StateError(f"{where} has batch size {t.shape[0]} but earlier tensors have {batch}: one batch size for all layers")
+                    raise StateError(f"state layer {i} {name} has batch size {t.shape[0]} but earlier tensors have {batch}: one batch size for all layers")
                 batch = t.shape[0]
         if not self.is_produced():
             for i, layer in enumerate(self.layers):

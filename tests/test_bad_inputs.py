@@ -130,6 +130,18 @@ def test_bad_state_objects_are_refused(model):
         model.forward([2], State([state.layers[0], tuple(state.layers[1].tensors())], state.fingerprint))
 
 
+@pytest.mark.parametrize("name, shape", [("att_kv", (1, 1, 2, 2)), ("att_x_prev", (2, 128)), ("ffn_x_prev", (1, 64))])
+def test_a_model_made_state_resized_in_place_is_refused(model, name, shape):
+    """A state the model made skips the value scan; its tensors' shapes are still checked, since
+    an in-place resize keeps the very tensor objects the model made (torch allows it on these
+    inference tensors inside inference mode)."""
+    _, state = model.forward([1], None)
+    with torch.inference_mode():
+        getattr(state.layers[1], name).resize_(*shape)
+    with pytest.raises(StateError, match=f"state layer 1 {name} has (shape|batch size)"):
+        model.forward([2], state)
+
+
 def test_a_state_in_another_precision_or_layout_is_accepted(model):
     """float64 and non-contiguous tensors holding the right values give the same logits."""
     _, state = model.forward([1, 2], None)
