@@ -36,9 +36,9 @@ def _host_index(per_row: Sequence[Sequence[int] | np.ndarray], vocab: int) -> tu
     return np.repeat(np.arange(len(sizes)), sizes), ids
 
 
-def _device_index(rows: np.ndarray, ids: np.ndarray, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``like[rows, ids]``'s index on ``like``'s device, both arrays in one host-to-device copy."""
-    return tuple(torch.from_numpy(np.stack([rows, ids])).to(like.device))
+def _device_index(flat: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Flat indices into ``like`` on its device."""
+    return torch.from_numpy(flat).to(like.device)
 
 
 def is_int(value: object) -> bool:
@@ -139,19 +139,21 @@ class Penalties:
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(penalties):
             got = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             raise InputError(f"apply_batch takes logits [B, V] and B penalties, got {got} and {len(penalties)}")
-        out = logits.clone()
-        rows, ids = _host_index([p.ban for p in penalties], out.shape[-1])
+        out = logits.clone(memory_format=torch.contiguous_format)
+        flat, vocab = out.view(-1), out.shape[-1]  # flat index ops: ~10x cheaper than out[rows, ids]
+        rows, ids = _host_index([p.ban for p in penalties], vocab)
         if ids.size:
-            out[_device_index(rows, ids, out)] = -float("inf")
+            flat.index_fill_(0, _device_index(rows * vocab + ids, out), -float("inf"))
         per_row = [p.counts.arrays() for p in penalties]
-        rows, ids = _host_index([row_ids for row_ids, _ in per_row], out.shape[-1])
+        rows, ids = _host_index([row_ids for row_ids, _ in per_row], vocab)
         if ids.size:
             counts = np.concatenate([values for _, values in per_row])
             presence, frequency = np.array([[p.presence, p.frequency] for p in penalties])[rows].T
             # presence + count * frequency in double, rounded once to the logits' dtype, as
-            # ChatRWKV's Python floats are (two separate ops: no fused multiply-add)
-            amounts = torch.from_numpy(counts * frequency + presence).to(out.device, out.dtype)
-            out[_device_index(rows, ids, out)] -= amounts
+            # ChatRWKV's Python floats are (two separate ops: no fused multiply-add); a row's ids
+            # are distinct, so adding the negated amount is the subtraction, bit for bit
+            amounts = torch.from_numpy(-(counts * frequency + presence)).to(out.device, out.dtype)
+            flat.index_add_(0, _device_index(rows * vocab + ids, out), amounts)
         return out
 
     def update(self, token: int, text: str) -> None:

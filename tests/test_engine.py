@@ -359,3 +359,36 @@ def test_memory_is_reported_and_bounded_by_the_configuration(load):
     assert cache.stats().evictions == 4 and m.peak_cache == cache.stats().peak_bytes > 2 * state_bytes
     assert m.metrics()["engine_max_in_flight_mb"] == 3 * sequence / 2**20
     assert Engine(model, tok).memory().max_cache == 0
+
+
+class ThreadsSeen(GreedySampler):
+    """Greedy, recording how many torch threads each sampling call ran with."""
+
+    def __init__(self):
+        self.seen = []
+
+    def sample_batch(self, logits, ctxs):
+        self.seen.append(torch.get_num_threads())
+        return super().sample_batch(logits, ctxs)
+
+
+@pytest.mark.parametrize("serial_logits, serial", [(1 << 18, True), (0, False)])
+def test_small_host_side_steps_run_on_one_torch_thread(load, monkeypatch, serial_logits, serial):
+    """Penalties and sampling of a few rows run on one torch thread (each parallel region would
+    pay a wake-up of libgomp's sleeping threads), larger batches on all; the thread count is
+    restored after every step, and the tokens are the same either way."""
+    from rwkvkit.engine import core
+
+    model, tok = load("demo")
+    monkeypatch.setattr(core, "SERIAL_LOGITS", serial_logits)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sampler = ThreadsSeen()
+        result = Engine(model, tok).generate([Request([1, 2, 3], 6, sampler)])[0]
+        assert torch.get_num_threads() == 2
+        assert sampler.seen == [1 if serial else 2] * 6
+        baseline = Engine(model, tok).generate([Request([1, 2, 3], 6, GreedySampler())])[0]
+        assert result.tokens == baseline.tokens
+    finally:
+        torch.set_num_threads(threads)
