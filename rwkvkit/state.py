@@ -141,9 +141,11 @@ class State:
         any kernel sees it: tensors of a floating dtype with these shapes, one batch size for all,
         finite values. A state is user input (edited in memory, or read from a file), and a wrong
         size that reached native code would be an out-of-bounds access. Returns the batch size."""
-        if all(isinstance(layer, LayerTensors) for layer in self.layers) and self.is_produced():  # a model's own tensors: dense, floating point, finite; only their shapes could have changed (in place)
+        # A model's own tensors are dense, floating point and finite: only their shapes could have
+        # changed since (in place). Anything else that does not fit gets the full check's message.
+        if all(isinstance(layer, LayerTensors) for layer in self.layers) and self.is_produced():
             batch = next(self._tensors()).shape[0]
-            if all(t.shape[0] == batch and t.shape[1:] == shapes[name] for layer in self.layers for name, t in zip(layer.names(), layer.tensors())):
+            if all(t.shape[0] == batch and t.shape[1:] == shapes.get(name) for layer in self.layers for name, t in zip(layer.names(), layer.tensors())):
                 return batch
         batch = None
         for i, layer in enumerate(self.layers):
