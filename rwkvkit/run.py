@@ -119,6 +119,12 @@ class _Recorder(Callback):
     def on_text(self, piece: str) -> None:
         self.pieces.append(piece)
 
+    def on_end(self, result: Any) -> None:
+        """The result's own tokens and text, which every callback's end sees: a signal landing
+        after the engine recorded a token and before this callback heard of it left run.json one
+        token short of generation.jsonl's end record."""
+        self.tokens, self.pieces = list(result.tokens), [result.text]
+
 
 def _origin(key: str, group: str) -> str:
     """Which config set ``key``: a command-line override or the chosen group option."""

@@ -220,3 +220,36 @@ def test_an_unwritable_hash_cache_is_skipped(tmp_path, monkeypatch, model_paths)
     monkeypatch.setenv("RWKVKIT_CACHE", str(tmp_path / "afile" / "cache"))  # cannot be created
     path = model_paths["tiny"]
     assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_interrupt_inside_a_token_leaves_the_run_record_equal_to_the_end_record():
+    """A signal between the engine recording a token and the run's recorder hearing of it (here:
+    inside the penalties' update of the 6th token) must not leave run.json's tokens and text
+    one token behind what every callback's on_end reports (generation.jsonl's end record)."""
+    from rwkvkit import RWKV
+    from rwkvkit.generation import generate
+    from rwkvkit.interfaces import Callback
+    from rwkvkit.penalties import Penalties
+    from rwkvkit.plugins.samplers import GreedySampler
+    from rwkvkit.resolve import resolve_tokenizer
+    from rwkvkit.run import _Recorder
+
+    class Interrupting(Penalties):
+        updates = 0
+
+        def update(self, token, text):
+            super().update(token, text)
+            self.updates += 1
+            if self.updates == 6:
+                raise KeyboardInterrupt
+
+    class End(Callback):
+        def on_end(self, result):
+            self.result = result
+
+    recorder, end = _Recorder(), End()
+    model, tokenizer = RWKV("demo", "cpu fp32"), resolve_tokenizer("pkg://rwkvkit.demo/tokenizer.json")
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, tokenizer, "\nIn the beginning", token_count=50, sampler=GreedySampler(), penalties=Interrupting(), callbacks=[recorder, end])
+    assert end.result.stop_reason == "interrupted" and len(end.result.tokens) == 6
+    assert (recorder.tokens, "".join(recorder.pieces)) == (end.result.tokens, end.result.text)
