@@ -16,7 +16,7 @@ from rwkvkit.backend import Backend, Role
 from rwkvkit.checkpoint import Checkpoint
 from rwkvkit.errors import InputError, StateError, StrategyError
 from rwkvkit.registry import registry
-from rwkvkit.state import LayerTensors, State
+from rwkvkit.state import LayerTensors, Maker, State
 from rwkvkit.strategy import Placement, Plan
 from rwkvkit.streaming import Streamer, to_host
 
@@ -60,6 +60,7 @@ class Model:
         self.checkpoint_path = checkpoint.path
         self.fingerprint = checkpoint.fingerprint()
         self.plan = plan
+        self._maker = Maker()  # marks the states this model produced (State.mark_produced)
         self.derived: dict[str, Any] = {}  # kept with the model and dropped with it (e.g. captured CUDA graphs)
         t = checkpoint.tensors
         self.stages: list[_Stage] = []
@@ -120,13 +121,15 @@ class Model:
         if len(state.layers) != self.spec.n_layer:
             raise StateError(f"state has {len(state.layers)} layers; model has {self.spec.n_layer}")
         state.check(self.state_layout.shapes)
+        if state.produced_by(self._maker) and all(t.is_contiguous() for t in state._produced):
+            return state  # this model's own tensors, of the right shapes: on its devices, in its dtypes already
         return self._produced([self.state_layout.adopt(s, p.device, p.dtype) for s, p in zip(state.layers, self._layer_placements())])
 
     def _produced(self, layers: list[LayerTensors]) -> State:
         """A state of this model's making, or one it has checked: known to fit, so ``adopt_state``
-        skips its value scan next time."""
+        skips its value scan, and its copies to this model's devices and dtypes, next time."""
         state = State(layers, self.fingerprint)
-        state.mark_produced()
+        state.mark_produced(self._maker)
         return state
 
     def _token_batch(self, tokens: Tokens) -> tuple[torch.Tensor, bool]:

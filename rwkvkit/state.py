@@ -10,9 +10,10 @@ ChatRWKV-style ``copy.deepcopy(state)`` keeps working too.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -37,6 +38,7 @@ class StateOwner(Protocol):
 
 
 _NAMES: dict[type, tuple[str, ...]] = {}
+_GETTERS: dict[type, Callable[[Any], tuple[torch.Tensor, ...]]] = {}
 
 
 class LayerTensors:
@@ -49,8 +51,13 @@ class LayerTensors:
             _NAMES[cls] = tuple(f.name for f in fields(self))  # type: ignore[arg-type]
         return _NAMES[cls]
 
-    def tensors(self) -> Iterator[torch.Tensor]:
-        return (getattr(self, name) for name in self.names())
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        cls = type(self)
+        if cls not in _GETTERS:  # one C call per layer: states are walked per decoded token
+            names = self.names()
+            get = operator.attrgetter(*names)
+            _GETTERS[cls] = get if len(names) > 1 else lambda layer: (get(layer),)
+        return _GETTERS[cls](self)
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> LayerTensors:
         """The same layout with ``fn`` applied to every tensor."""
@@ -115,6 +122,14 @@ def _misfit(where: str, t: Any, shape: tuple[int, ...]) -> str:
     return f"{where} has shape {list(t.shape)}; expected {want} with B >= 1 (the model's dimensions)"
 
 
+class Maker:
+    """A model's mark on the states it produced (:meth:`State.mark_produced`): an identity that a
+    deep copy keeps (the copy holds the same values, on the same devices) and a pickle does not."""
+
+    def __deepcopy__(self, memo: dict) -> Maker:
+        return self
+
+
 @dataclass
 class State:
     """Per-layer recurrent state with a leading batch dimension, tagged with the model's
@@ -122,12 +137,13 @@ class State:
 
     layers: list[LayerTensors]
     fingerprint: str = field(default="")
-    # the tensors a model produced (so known finite); set by the model, lost by any copy or edit
+    # the tensors a model produced (so known finite), and who: set by the model, lost by any copy or edit
     _produced: tuple[torch.Tensor, ...] = field(default=(), init=False, repr=False, compare=False)
+    _maker: Maker | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
-        return next(self.layers[0].tensors()).shape[0]
+        return self.layers[0].tensors()[0].shape[0]
 
     def clone(self) -> State:
         return self._map(torch.Tensor.clone)
@@ -143,9 +159,10 @@ class State:
         size that reached native code would be an out-of-bounds access. Returns the batch size."""
         # A model's own tensors are dense, floating point and finite: only their shapes could have
         # changed since (in place). Anything else that does not fit gets the full check's message.
-        if all(isinstance(layer, LayerTensors) for layer in self.layers) and self.is_produced():
-            batch = next(self._tensors()).shape[0]
-            if all(t.shape[0] == batch and t.shape[1:] == shapes.get(name) for layer in self.layers for name, t in zip(layer.names(), layer.tensors())):
+        if self._produced and all(isinstance(layer, LayerTensors) for layer in self.layers) and self.is_produced():
+            batch = self._produced[0].shape[0]
+            want = [(batch, *shapes[name]) if name in shapes else None for name in self.layers[0].names()]
+            if all(layer.names() == self.layers[0].names() for layer in self.layers) and [t.shape for t in self._produced] == want * len(self.layers):
                 return batch
         batch = None
         for i, layer in enumerate(self.layers):
@@ -168,20 +185,26 @@ class State:
             raise StateError("state has no layers")
         return batch
 
-    def mark_produced(self) -> None:
+    def mark_produced(self, maker: Maker | None = None) -> None:
         """Record that a model made these tensors (finite by construction), so checking them again
-        on the next ``forward`` can skip the value scan, a visible cost per decoded token."""
+        on the next ``forward`` can skip the value scan, a visible cost per decoded token. A model
+        passes its :class:`Maker`: its own tensors are already on its devices, in its dtypes."""
         self._produced = tuple(self._tensors())
+        self._maker = maker
+
+    def produced_by(self, maker: Maker) -> bool:
+        """True while the layers hold exactly the tensors ``maker`` marked (:meth:`mark_produced`)."""
+        return maker is not None and self._maker is maker and self.is_produced()
 
     def is_produced(self) -> bool:
         """True while the layers hold exactly the tensors a model produced (any replaced tensor, or
         a copy of the state, makes it False)."""
         produced = self._produced
-        current = tuple(self._tensors())
-        return len(produced) == len(current) and all(a is b for a, b in zip(produced, current))
+        current = self._tensors()
+        return len(produced) == len(current) and all(map(operator.is_, produced, current))
 
-    def _tensors(self) -> Iterator[torch.Tensor]:
-        return (t for layer in self.layers for t in layer.tensors())
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for t in layer.tensors()]
 
     def _map(self, fn) -> State:
         return State([layer.map(fn) for layer in self.layers], self.fingerprint)

@@ -7,6 +7,7 @@ fails its test instead of killing pytest.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import subprocess
 import sys
@@ -160,6 +161,37 @@ def test_value_scan_is_skipped_only_for_untouched_states(model):
     state.layers[1].ffn_x_prev = state.layers[1].ffn_x_prev.clone()
     assert not state.is_produced()
     assert not state.clone().is_produced()
+
+
+def test_a_models_own_state_is_adopted_as_it_is_and_anything_else_converted(model, model_paths):
+    """adopt_state skips its per-tensor copies (a cost per decoded token) only for the very tensors
+    this model produced: a deep copy keeps that, a tensor replaced or made non-contiguous in place,
+    or a state another model of the same checkpoint produced (same fingerprint, other dtype), does not."""
+    _, state = model.forward([1, 2], None)
+    assert model.adopt_state(state) is state
+    assert model.adopt_state(copy.deepcopy(state)) is not state
+    deep = copy.deepcopy(state)
+    assert model.adopt_state(deep) is deep  # a deep copy keeps the model's mark and values
+
+    replaced = copy.copy(state)
+    replaced.layers = [copy.copy(layer) for layer in state.layers]
+    replaced.layers[0].att_x_prev = state.layers[0].att_x_prev.double()
+    adopted = model.adopt_state(replaced)
+    assert adopted is not replaced and adopted.layers[0].att_x_prev.dtype == torch.float32
+
+    strided = copy.deepcopy(state)
+    kv = strided.layers[1].att_kv
+    kv.as_strided_(kv.shape, (kv.stride(0), kv.stride(1), 1, kv.shape[-1]))  # the transpose, in place: same shape
+    assert not kv.is_contiguous()
+    adopted = model.adopt_state(strided)
+    assert adopted is not strided and all(t.is_contiguous() for layer in adopted.layers for t in layer.tensors())
+
+    other = RWKV(model_paths["tiny"], "cpu bf16")
+    _, foreign = other.forward([1, 2], None)
+    assert foreign.fingerprint == state.fingerprint
+    adopted = model.adopt_state(foreign)
+    assert adopted is not foreign and adopted.layers[0].att_x_prev.dtype == torch.float32
+    assert other.adopt_state(foreign) is foreign
 
 
 def test_random_states_and_tokens_never_crash(model_paths):

@@ -279,13 +279,18 @@ class NativeLayer:
         keep += [t for t in (att.w1, att.w2, att.a1, att.a2, att.g1, att.g2, att.v1, att.v2) if t is not None]
         keep += [t for m in matrices for t in ((m.q, m.scale) if isinstance(m, _QUANTIZED) else (m,))]
         self._keep = keep
+        self.address = ctypes.addressof(self.struct)
+        self._kv_shape = (self.struct.tm.H, self.struct.tm.N, self.struct.tm.N)
 
     def check_state(self, s: LayerState, batch: int) -> None:
-        """A layer state as the kernels read it: fp32 ``att_kv [B, H, N, N]``, ``x_prev [B, C]``."""
-        tm = self.struct.tm
-        expect(s.att_kv, (batch, tm.H, tm.N, tm.N), "att_kv", torch.float32)
-        expect(s.att_x_prev, (batch, self.struct.C), "att_x_prev")
-        expect(s.ffn_x_prev, (batch, self.struct.C), "ffn_x_prev")
+        """A layer state as the kernels read it: fp32 ``att_kv [B, H, N, N]``, ``x_prev [B, C]`` (the
+        common case tested first in one expression: this runs per layer and decoded token)."""
+        kv, att, ffn, C = s.att_kv, s.att_x_prev, s.ffn_x_prev, self.struct.C
+        if kv.dtype == torch.float32 and kv.is_cpu and att.is_cpu and ffn.is_cpu and kv.shape == (batch, *self._kv_shape) and att.shape == ffn.shape == (batch, C):
+            return
+        expect(kv, (batch, *self._kv_shape), "att_kv", torch.float32)
+        expect(att, (batch, C), "att_x_prev")
+        expect(ffn, (batch, C), "ffn_x_prev")
 
 
 class NativeBlockWeights(BlockWeights):
@@ -436,18 +441,18 @@ def decode_stage(
         layer.check_state(s, B)
     x32 = x.reshape(B, C).to(torch.float32, copy=True)
     vf = torch.empty(B, C) if v_first is None else v_first.reshape(B, C).to(torch.float32, copy=True)  # read, or written by the first layer
-    att_in, ffn_in = (torch.stack([getattr(s, name) for s in states]).to(torch.float32) for name in ("att_x_prev", "ffn_x_prev"))
+    shifts = torch.stack([s.att_x_prev for s in states] + [s.ffn_x_prev for s in states]).to(torch.float32)  # [2n, B, C]: att, then ffn
     kv_in = [s.att_kv.contiguous() for s in states]
     kv_size = kv_in[0].numel()
     out = _STATES.empty(n * (2 * B * C + kv_size))
-    att_out, ffn_out, kv_out = out[: n * B * C].view(n, B, C), out[n * B * C : 2 * n * B * C].view(n, B, C), out[2 * n * B * C :].view(n, *kv_in[0].shape)
+    shifts_out, kv_out = out[: 2 * n * B * C].view(2 * n, B, C), out[2 * n * B * C :].view(n, *kv_in[0].shape)
     checked(library().decode_layers)(
-        n, (_ptr * n)(*(ctypes.addressof(layer.struct) for layer in layers)), B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
-        att_in.data_ptr(), (_ptr * n)(*(kv.data_ptr() for kv in kv_in)), ffn_in.data_ptr(), att_out.data_ptr(), kv_out.data_ptr(),
-        ffn_out.data_ptr(), threads,
+        n, (_ptr * n)(*[layer.address for layer in layers]), B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
+        shifts.data_ptr(), (_ptr * n)(*[kv.data_ptr() for kv in kv_in]), shifts[n].data_ptr(), shifts_out.data_ptr(), kv_out.data_ptr(),
+        shifts_out[n].data_ptr(), threads,
     )  # fmt: skip
-    att_out, ffn_out = att_out.to(dtype), ffn_out.to(dtype)
-    new_states = [LayerState(att_out[i], kv_out[i], ffn_out[i]) for i in range(n)]
+    shifts_out = shifts_out.to(dtype).unbind(0)
+    new_states = [LayerState(a, kv, f) for a, kv, f in zip(shifts_out[:n], kv_out.unbind(0), shifts_out[n:])]
     return x32.view(B, 1, C).to(dtype), vf.view(B, 1, C).to(dtype), new_states
 
 
