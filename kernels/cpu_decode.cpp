@@ -66,6 +66,43 @@ void decode_layer(const Layer* L, int64_t B, bool residual, float* x, float* v_f
     project_products(&value, 1, threads);
 }
 
+// The table a decode step's tokens are looked up in: [rows, cols] fp32 or bf16 rows, or int8 rows
+// with one fp32 scale each (rwkvkit/native/cpu.py mirrors it).
+struct Embedding {
+    const void* w;
+    const float* scale;  // int8 only
+    int64_t rows, cols;
+    int32_t format;
+};
+
+// x [B, C] = the rows of `ids` as the backend's embed gives them in the activation dtype (bf16:
+// rounded there, an int8 row's code times its scale each rounded first, as the torch ops round),
+// widened to fp32. Returns false for an id outside the table.
+bool gather_rows(const Embedding& e, const int64_t* ids, int64_t B, bool bf16, float* x) {
+    const int64_t C = e.cols;
+    for (int64_t b = 0; b < B; ++b)
+        if (ids[b] < 0 || ids[b] >= e.rows) return false;
+    for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = ids[b] * C;
+        float* out = x + b * C;
+        if (e.format == I8) {
+            const int8_t* q = static_cast<const int8_t*>(e.w) + row;
+            const float scale = bf16 ? bf16_to_f32(to_bf16(e.scale[ids[b]])) : e.scale[ids[b]];
+            for (int64_t c = 0; c < C; ++c) out[c] = bf16 ? bf16_to_f32(to_bf16(float(q[c]) * scale)) : float(q[c]) * scale;
+        } else if (e.format == BF16) {
+            for (int64_t c = 0; c < C; ++c) out[c] = bf16_to_f32(static_cast<const uint16_t*>(e.w)[row + c]);
+        } else {
+            std::memcpy(out, static_cast<const float*>(e.w) + row, sizeof(float) * C);
+        }
+    }
+    return true;
+}
+
+// The rows rounded to bf16 in place (what converting them to a bf16 placement's dtype does)
+void round_bf16(float* x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) x[i] = bf16_to_f32(to_bf16(x[i]));
+}
+
 }  // namespace
 
 extern "C" {
@@ -78,28 +115,79 @@ int64_t layer_layout(int64_t* out, int64_t n) {
         sizeof(Mat),        sizeof(Product),        sizeof(LoraPair),           sizeof(LoraJob),    sizeof(TimeMix),
         sizeof(Layer),      offsetof(Layer, att_mixes), offsetof(Layer, w),     offsetof(Layer, R), offsetof(Layer, tm),
         offsetof(Layer, C), offsetof(Layer, ln_eps), offsetof(TimeMix, H),      offsetof(TimeMix, kk_eps), offsetof(Product, n),
-        offsetof(LoraJob, n),
+        offsetof(LoraJob, n), sizeof(Embedding), offsetof(Embedding, format),
     };
     const int64_t count = sizeof values / sizeof values[0];
     std::memcpy(out, values, sizeof(int64_t) * std::min(std::max(n, int64_t(0)), count));
     return count;
 }
 
-// A stage's n layers for one token of each of B sequences, in order. att_in / ffn_in / att_out /
-// ffn_out are [n, B, C] (layer i at row i), kv_out [n, B, H*N*N]; kv_in holds each layer's
+// A stage's n layers for one token of each of B sequences, in order. att_in[i] / ffn_in[i] point at
+// layer i's token shifts [B, C], fp32, or bf16 when shifts_bf16 (a bf16 placement's state); att_out
+// / ffn_out are fp32 [n, B, C] (layer i at row i), kv_out [n, B, H*N*N]; kv_in holds each layer's
 // [B, H, N, N] state pointer. x [B, C] in/out; v_first [B, C] read when has_v_first, else written
 // by the first layer (the model's first). Returns 0, or 1 (nothing computed) when a layer's
 // dimensions or weights do not fit.
-int decode_layers(int64_t n, const Layer* const* layers, int64_t B, int has_v_first, float* x, float* v_first, const float* att_in,
-                  const float* const* kv_in, const float* ffn_in, float* att_out, float* kv_out, float* ffn_out, int threads) {
+int decode_layers(int64_t n, const Layer* const* layers, int64_t B, int has_v_first, float* x, float* v_first, const void* const* att_in,
+                  const float* const* kv_in, const void* const* ffn_in, int shifts_bf16, float* att_out, float* kv_out, float* ffn_out, int threads) {
     if (n < 1 || B < 1) return n < 0 || B < 0;
     const PoolScope scope;
     const int64_t C = layers[0]->C, S = B * C * layers[0]->tm.N, X = B * C;
     for (int64_t i = 0; i < n; ++i)
         if (!fits(*layers[i], C, has_v_first || i > 0) || layers[i]->tm.N != layers[0]->tm.N) return 1;
-    for (int64_t i = 0; i < n; ++i)
-        decode_layer(layers[i], B, has_v_first || i > 0, x, v_first, att_in + i * X, att_out + i * X, kv_in[i], kv_out + i * S, ffn_in + i * X,
-                     ffn_out + i * X, threads);
+    struct Shifts;
+    float* widened = reused<float, Shifts>(shifts_bf16 ? 2 * X : 0);  // a bf16 layer's shifts, as fp32
+    for (int64_t i = 0; i < n; ++i) {
+        const float *att = static_cast<const float*>(att_in[i]), *ffn = static_cast<const float*>(ffn_in[i]);
+        if (shifts_bf16) {
+            for (int64_t j = 0; j < X; ++j) {
+                widened[j] = bf16_to_f32(static_cast<const uint16_t*>(att_in[i])[j]);
+                widened[X + j] = bf16_to_f32(static_cast<const uint16_t*>(ffn_in[i])[j]);
+            }
+            att = widened, ffn = widened + X;
+        }
+        decode_layer(layers[i], B, has_v_first || i > 0, x, v_first, att, att_out + i * X, kv_in[i], kv_out + i * S, ffn, ffn_out + i * X, threads);
+    }
+    return 0;
+}
+
+
+// One decode step of a whole model on one stage, for one token of each of B sequences: the
+// embedding lookup, decode_layers, the final layer norm (ln_w, ln_b in the activation dtype,
+// eps) and the head (a Mat of any format) into fp32 logits [B, head.rows], each step as the op
+// by op path rounds it (bf16: the embedding, the residual stream after the last layer, the
+// normed rows and the logits). The states as decode_layers takes them. Returns 0; 1 (nothing
+// written) for dimensions that do not fit; 2 for an id outside the embedding.
+int decode_model(int64_t n, const Layer* const* layers, const Embedding* emb, const int64_t* ids, int64_t B, const void* ln_w, const void* ln_b,
+                 float ln_eps, const Mat* head, int bf16, const void* const* att_in, const float* const* kv_in, const void* const* ffn_in,
+                 float* att_out, float* kv_out, float* ffn_out, float* logits, int threads) {
+    if (n < 1 || B < 1 || emb == nullptr || head == nullptr || ids == nullptr) return 1;
+    const int64_t C = layers[0]->C;
+    if (emb->cols != C || emb->rows < 1 || (emb->format == I8 && emb->scale == nullptr) || !valid(*head) || head->cols != C || C % kLanes ||
+        (emb->format != F32 && emb->format != BF16 && emb->format != I8))
+        return 1;
+    struct Rows;
+    float* x = reused<float, Rows>(3 * B * C);  // the residual stream, v_first, the normed rows
+    if (!gather_rows(*emb, ids, B, bf16, x)) return 2;
+    const int status = decode_layers(n, layers, B, 0, x, x + B * C, att_in, kv_in, ffn_in, bf16, att_out, kv_out, ffn_out, threads);
+    if (status) return status;
+    float* normed = x + 2 * B * C;
+    if (bf16) {
+        round_bf16(x, B * C);
+        struct Row;
+        uint16_t* row = reused<uint16_t, Row>(C);
+        for (int64_t r = 0; r < B; ++r) {
+            for (int64_t c = 0; c < C; ++c) row[c] = to_bf16(x[r * C + c]);
+            norm_row(row, static_cast<const uint16_t*>(ln_w), static_cast<const uint16_t*>(ln_b), C, ln_eps, normed + r * C);
+        }
+        round_bf16(normed, B * C);
+    } else {
+        for (int64_t r = 0; r < B; ++r) norm_row(x + r * C, static_cast<const float*>(ln_w), static_cast<const float*>(ln_b), C, ln_eps, normed + r * C);
+    }
+    const PoolScope scope;
+    const Product out = {head, normed, logits, nullptr, B, NONE};
+    project_products(&out, 1, threads);
+    if (bf16) round_bf16(logits, B * head->rows);
     return 0;
 }
 

@@ -27,7 +27,9 @@ import torch
 from rwkvkit.backend import Epilogue, project_epilogues
 from rwkvkit.checkpoint import ModelSpec
 from rwkvkit.hookspecs import hookimpl
-from rwkvkit.models.rwkv7 import BlockWeights, Constants, TimeMixWeights
+from rwkvkit.errors import InputError
+from rwkvkit.models import rwkv7
+from rwkvkit.models.rwkv7 import BlockWeights, Constants, HeadWeights, TimeMixWeights
 from rwkvkit.native import cpu
 from rwkvkit.plugins.torch_backend import TorchBackend
 from rwkvkit.state import LayerState
@@ -54,6 +56,7 @@ class CpuBackend(TorchBackend):
     # of a 0.1B-shape step, native stage vs GEMMs: bf16 B = 8 / 16 / 32 / 64: 41 / 58 / 97 / 185 ms
     # vs 53 / 65 / 102 / 151; fp32: 61 / 89 / 147 / 266 vs 79 / 99 / 151 / 248. None: no limit.
     native_rows: ClassVar[int | None] = 32
+    _plan: tuple[tuple[Any, Any, Any], cpu.DecodePlan | None] | None = None  # (what it was built from, the plan)
 
     @classmethod
     def unavailable_reason(cls, placement: Placement) -> str | None:
@@ -89,6 +92,32 @@ class CpuBackend(TorchBackend):
         if x.dim() != 3 or x.shape[1] != 1 or not self._row_kernels([x]) or not layers or None in layers or not _native(x):
             return None
         return cpu.decode_stage(layers, x, v_first, states, self.placement.dtype, self.threads)
+
+    def fused_decode(
+        self, table: Any, weights: Sequence[BlockWeights], head: Any, ids: torch.Tensor, states: Sequence[LayerState]
+    ) -> tuple[torch.Tensor, list[LayerState]] | None:
+        plan = self._decode_plan(table, weights, head)
+        if plan is None or not self._row_kernels([ids]):
+            return None
+        return plan(ids, states, self.threads)
+
+    def _decode_plan(self, table: Any, weights: Sequence[BlockWeights], head: Any) -> cpu.DecodePlan | None:
+        """The model's :class:`~rwkvkit.native.cpu.DecodePlan`, built on first use (None where the
+        layers have no native layout or the head is not RWKV-7's layer norm and matrix), with the
+        architecture's layer-norm epsilon as it is then (read, not copied at import: tests patch
+        it). Kept with the objects it was built from: a stage's weights never change after loading."""
+        key = (table, weights, head)
+        if self._plan is not None and all(a is b for a, b in zip(self._plan[0], key)):
+            return self._plan[1]
+        layers = [getattr(w, "native", None) for w in weights]
+        plan = None
+        if cpu.library() is not None and layers and None not in layers and isinstance(head, HeadWeights) and cpu.takes_matrix(head.head) and layers[0].struct.C % 16 == 0:
+            try:
+                plan = cpu.DecodePlan(layers, table, head.ln_out_weight, head.ln_out_bias, rwkv7.LN_EPS, head.head, self.placement.dtype)
+            except (TypeError, InputError):
+                plan = None  # an embedding or head the native step does not read: the op-by-op path
+        self._plan = (key, plan)
+        return plan
 
     def ln_mix(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, x_prev: torch.Tensor, mixes: Sequence[torch.Tensor], eps: float

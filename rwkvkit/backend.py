@@ -123,6 +123,14 @@ class Backend(ABC):
         from the same kernels as this backend's ops (tested op by op against the defaults here)."""
         return None
 
+    def fused_decode(self, table: Any, weights: Sequence[Any], head: Any, ids: torch.Tensor, states: Sequence[Any]) -> tuple[torch.Tensor, list[Any]] | None:
+        """A whole model held by this one stage, for one token per sequence (``ids [B, 1]``): the
+        embedding, every block and the head in one native call, returning float32 logits
+        ``[B, V]`` and the new layer states. None (the default) where this backend has none for
+        these weights and shapes; the model then runs ``embed``, the architecture's blocks and its
+        head. Like ``fused_stage``, it must compose this backend's own kernels."""
+        return None
+
     def embed(self, table: Any, ids: torch.Tensor) -> torch.Tensor:
         """Rows of a table prepared with ``Role.EMBEDDING``: ``ids [B, T] -> [B, T, C]``
         (``embedding`` gathers rows ~15x faster than ``table[ids]`` on the CPU)."""

@@ -171,7 +171,12 @@ class Model:
         """The layer loop without input checks (they read ids back to the host, which a CUDA-graph
         capture forbids): ``batch [B, T]`` ids on the first stage's device, a state already adopted.
         Returns float32 logits (``[B, V]``, or ``[B, T, V]`` with ``full_output``) and new layer states."""
-        x = self.stages[0].ops.embed(self.emb, batch)  # [B, T, C]
+        first = self.stages[0]
+        if len(self.stages) == 1 and batch.shape[1] == 1 and first.streamer is None:  # one decoded token per sequence
+            fused = first.ops.fused_decode(self.emb, first.blocks, self.head, batch, state.layers)
+            if fused is not None:
+                return fused[0][:, None] if full_output else fused[0], fused[1]
+        x = first.ops.embed(self.emb, batch)  # [B, T, C]
         carry = None  # what one block hands the next (RWKV-7: v_first)
         layers: list[LayerTensors] = []
         for stage in self.stages:

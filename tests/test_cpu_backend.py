@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-from rwkvkit import RWKV
+from rwkvkit import RWKV, InputError
 from rwkvkit.backend import Backend
 from rwkvkit.models import rwkv7
 from rwkvkit.native import cpu
@@ -74,9 +74,9 @@ def test_without_a_compiler_it_falls_back_to_torch_ops(model_paths, monkeypatch)
 
 
 def use_the_torch_ops(monkeypatch) -> None:
-    """CpuBackend (and Int8Backend) without its fused stage and fused ops: rwkv7.block over the
+    """CpuBackend (and Int8Backend) without its fused model, stage and ops: rwkv7.block over the
     torch defaults, with only ``linear`` and ``wkv`` native."""
-    for op in ("fused_stage", "ln_mix", "project", "lora", "time_mix_core"):
+    for op in ("fused_decode", "fused_stage", "ln_mix", "project", "lora", "time_mix_core"):
         monkeypatch.setattr(CpuBackend, op, getattr(Backend, op))
 
 
@@ -127,6 +127,54 @@ def test_fused_stage_is_the_ops_composed(model_paths, spec, backend, B):
     assert torch.equal(fused[0], y) and torch.equal(fused[1], v_first)
     for a, b in zip(fused[2], layers):
         assert all(torch.equal(s, t) for s, t in zip(a.tensors(), b.tensors()))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+@pytest.mark.parametrize("spec, backend, tol", [("cpu fp32", "cpu", 1e-5), ("cpu fp32i8", "int8", 1e-4), ("cpu bf16", "cpu", 1e-2), ("cpu bf16i4", "int4", 1e-2)])
+def test_fused_decode_is_the_stage_and_head_composed(model_paths, monkeypatch, spec, backend, tol, B):
+    """A decoded token through decode_model (the embedding, decode_layers, the final layer norm and
+    the head in one native call) against the same token through embed, fused_stage and the head's
+    ops. The states come from the same kernels in the same order: equal bit for bit, and so is the
+    embedding's rounding. The logits differ only through the final layer norm (native vs torch's
+    layer_norm, another summation order): fp32 ~1e-7 of the logit scale, so 1e-5; int8 rounds the
+    normed rows to int16 steps, where that can move an input by one step, so 1e-4 (as the fused
+    stage's test); bf16 rounds the normed rows to 8 bits, where a last-bit difference can move an
+    input by 2^-8, so 1e-2, and its logits are rounded to bf16 as the op path's are. Measured on
+    these seeds: fp32 2e-7, int8 4e-6, bf16 0 (the roundings agreed)."""
+    model = RWKV(model_paths["world"], spec, backend=backend)
+    g = torch.Generator().manual_seed(B)
+    _, state = model.forward(torch.randint(0, 65536, (B, 4), generator=g), None)
+    steps = [torch.randint(0, 65536, (B, 1), generator=g) for _ in range(4)]
+
+    def run():
+        s, outs = state, []
+        for ids in steps:
+            out, s = model.forward(ids, s)
+            outs.append(out)
+        return torch.stack(outs), s
+
+    stage = model.stages[0]
+    assert stage.ops.fused_decode(model.emb, stage.blocks, model.head, steps[0], state.layers) is not None
+    fused, fused_state = run()
+    monkeypatch.setattr(type(stage.ops), "fused_decode", Backend.fused_decode)
+    ref, ref_state = run()
+    assert fused.dtype == torch.float32 and fused.shape == ref.shape == (4, B, 65536)
+    assert _rel(fused, ref) < tol
+    if "bf16" in spec:
+        assert torch.equal(fused, fused.bfloat16().float())
+    for a, b in zip(fused_state.layers, ref_state.layers):
+        assert all(torch.equal(s, t) and s.dtype == t.dtype for s, t in zip(a.tensors(), b.tensors()))
+
+
+def test_fused_decode_refuses_an_id_outside_the_embedding_and_keeps_full_output_shapes(model_paths):
+    model = RWKV(model_paths["world"], "cpu fp32", backend="cpu")
+    stage = model.stages[0]
+    _, state = model.forward([1, 2], None)
+    with pytest.raises(InputError, match="token id outside the embedding"):
+        stage.ops.fused_decode(model.emb, stage.blocks, model.head, torch.tensor([[65536]]), state.layers)
+    last, _ = model.forward([3], state)
+    full, _ = model.forward([3], state, full_output=True)
+    assert full.shape == (1, 65536) and torch.equal(full[0], last)
 
 
 def _block_inputs(model: RWKV, layer: int, B: int, T: int, seed: int):

@@ -88,6 +88,10 @@ class _TimeMix(ctypes.Structure):
     _fields_ = [*((name, _ptr) for name in _TM_VECTORS), ("H", _i64), ("N", _i64), ("group_norm_eps", _f32), ("decay_scale", _f32), ("kk_eps", _f32)]
 
 
+class _Embedding(ctypes.Structure):
+    _fields_ = [("w", _ptr), ("scale", _ptr), ("rows", _i64), ("cols", _i64), ("format", _i32)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
         *((name, _ptr) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")),
@@ -137,7 +141,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "lora": ([_ptr, _i64, c_int], c_int),
         "ln_mix": ([_i64, _i64, _i64, *[_ptr] * 5, _i64, _f32, _ptr, _ptr, c_int, c_int], c_int),
         "time_mix_core": ([_ptr, _i64, _i64, *[_ptr] * 11, c_int, c_int], c_int),
-        "decode_layers": ([_i64, _ptr, _i64, c_int, *[_ptr] * 8, c_int], c_int),
+        "decode_layers": ([_i64, _ptr, _i64, c_int, *[_ptr] * 5, c_int, *[_ptr] * 3, c_int], c_int),
+        "decode_model": ([_i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _f32, _ptr, c_int, *[_ptr] * 7, c_int], c_int),
         "wkv7_f32": ([_i64, _i64, _i64, _i64, *[_ptr] * 8, c_int], c_int),
         "quantize_rows_i8": ([_i64, _i64, _ptr, c_int, _ptr, _ptr, c_int], None),
         "rescale_i32": ([_i64, _i64, _ptr, _ptr, _ptr, _ptr, c_int, c_int], None),
@@ -155,7 +160,7 @@ def _layout() -> tuple[int, ...]:
     """What ``layer_layout`` reports, computed from the ctypes mirrors."""
     sizes = tuple(ctypes.sizeof(s) for s in (_Mat, _Product, _LoraPair, _LoraJob, _TimeMix, _Layer))
     offsets = (*(getattr(_Layer, f).offset for f in ("att_mixes", "w", "R", "tm", "C", "ln_eps")), _TimeMix.H.offset, _TimeMix.kk_eps.offset)
-    return (*sizes, *offsets, _Product.n.offset, _LoraJob.n.offset)
+    return (*sizes, *offsets, _Product.n.offset, _LoraJob.n.offset, ctypes.sizeof(_Embedding), _Embedding.format.offset)
 
 
 def check_layout(lib: ctypes.CDLL) -> None:
@@ -429,31 +434,108 @@ def decode_stage(
     layers: Sequence[NativeLayer], x: torch.Tensor, v_first: torch.Tensor | None, states: Sequence[LayerState], dtype: torch.dtype, threads: int
 ) -> tuple[torch.Tensor, torch.Tensor, list[LayerState]]:
     """``rwkv7.block`` on each layer in turn for one token of each of B sequences, ``x [B, 1, C]``,
-    in one native call (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``.
-    The new states are rows of three stacked buffers, carved from one recycled buffer (:class:`_Recycled`)."""
+    in one native call (``decode_layers``); returns ``(x, v_first, new LayerStates)`` in ``dtype``."""
     n, C, B = len(layers), layers[0].struct.C, x.shape[0]
-    if len(states) != n:
-        raise InputError(f"native decode: {n} layers but {len(states)} layer states")
     expect(x, (B, 1, C), "x")
     if v_first is not None:
         expect(v_first, (B, 1, C), "v_first")
-    for layer, s in zip(layers, states):
-        layer.check_state(s, B)
     x32 = x.reshape(B, C).to(torch.float32, copy=True)
     vf = torch.empty(B, C) if v_first is None else v_first.reshape(B, C).to(torch.float32, copy=True)  # read, or written by the first layer
-    shifts = torch.stack([s.att_x_prev for s in states] + [s.ffn_x_prev for s in states]).to(torch.float32)  # [2n, B, C]: att, then ffn
-    kv_in = [s.att_kv.contiguous() for s in states]
-    kv_size = kv_in[0].numel()
-    out = _STATES.empty(n * (2 * B * C + kv_size))
-    shifts_out, kv_out = out[: 2 * n * B * C].view(2 * n, B, C), out[2 * n * B * C :].view(n, *kv_in[0].shape)
+    inputs = _StateInputs(layers, states, B, dtype)
+    shifts, kv = _new_states(n, B, C, inputs.kv_shape)
     checked(library().decode_layers)(
-        n, (_ptr * n)(*[layer.address for layer in layers]), B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(),
-        shifts.data_ptr(), (_ptr * n)(*[kv.data_ptr() for kv in kv_in]), shifts[n].data_ptr(), shifts_out.data_ptr(), kv_out.data_ptr(),
-        shifts_out[n].data_ptr(), threads,
+        n, inputs.layers, B, int(v_first is not None), x32.data_ptr(), vf.data_ptr(), inputs.att, inputs.kv, inputs.ffn, inputs.bf16,
+        shifts.data_ptr(), kv.data_ptr(), shifts[n].data_ptr(), threads,
     )  # fmt: skip
-    shifts_out = shifts_out.to(dtype).unbind(0)
-    new_states = [LayerState(a, kv, f) for a, kv, f in zip(shifts_out[:n], kv_out.unbind(0), shifts_out[n:])]
-    return x32.view(B, 1, C).to(dtype), vf.view(B, 1, C).to(dtype), new_states
+    return x32.view(B, 1, C).to(dtype), vf.view(B, 1, C).to(dtype), _layer_states(shifts, kv, dtype)
+
+
+class _StateInputs:
+    """A stage's layer states as ``decode_layers`` reads them: a pointer per layer to each token
+    shift (``dtype``, fp32 or bf16) and WKV state (fp32), checked first; a tensor in another dtype
+    or layout is converted and kept alive here. ``layers``: the layers' structs, as an array."""
+
+    def __init__(self, layers: Sequence[NativeLayer], states: Sequence[LayerState], batch: int, dtype: torch.dtype) -> None:
+        if len(states) != len(layers):
+            raise InputError(f"native decode: {len(layers)} layers but {len(states)} layer states")
+        self._keep: list[torch.Tensor] = []
+        att, kv, ffn = [], [], []
+        f32 = torch.float32
+        for layer, s in zip(layers, states):
+            layer.check_state(s, batch)
+            att.append(self._pointer(s.att_x_prev, dtype))
+            kv.append(self._pointer(s.att_kv, f32))
+            ffn.append(self._pointer(s.ffn_x_prev, dtype))
+        n = len(layers)
+        self.att, self.kv, self.ffn = (_ptr * n)(*att), (_ptr * n)(*kv), (_ptr * n)(*ffn)
+        self.layers = (_ptr * n)(*[layer.address for layer in layers])
+        self.bf16 = int(dtype == torch.bfloat16)
+        self.kv_shape = layers[0]._kv_shape
+
+    def _pointer(self, t: torch.Tensor, dtype: torch.dtype) -> int:
+        if t.dtype != dtype or not t.is_contiguous():
+            t = t.to(dtype).contiguous()
+            self._keep.append(t)
+        return t.data_ptr()
+
+
+def _new_states(n: int, B: int, C: int, kv_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a decode step writes the new states, carved from one recycled buffer (:class:`_Recycled`):
+    fp32 token shifts ``[2n, B, C]`` (every layer's att, then every layer's ffn) and WKV states ``[n, B, *kv_shape]``."""
+    kv_size = B * kv_shape[0] * kv_shape[1] * kv_shape[2]
+    out = _STATES.empty(n * (2 * B * C + kv_size))
+    return out[: 2 * n * B * C].view(2 * n, B, C), out[2 * n * B * C :].view(n, B, *kv_shape)
+
+
+def _layer_states(shifts: torch.Tensor, kv: torch.Tensor, dtype: torch.dtype) -> list[LayerState]:
+    """The per-layer LayerStates of what a decode step wrote (views: no copy where dtype is fp32)."""
+    n = kv.shape[0]
+    shifts = shifts.to(dtype).unbind(0)
+    return [LayerState(a, k, f) for a, k, f in zip(shifts[:n], kv.unbind(0), shifts[n:])]
+
+
+class DecodePlan:
+    """A whole model on one stage, for one token per sequence, as ``decode_model`` runs it: the
+    embedding table, the native layers and the head (final layer norm, then a matrix of any
+    format), built once and kept alive here. Per decoded token, Python then does one native call
+    and a handful of tensor ops: after the weights have streamed through the caches, each torch op
+    costs ~10 us of cache misses, and the op-by-op head and stage took ~0.5 ms a token."""
+
+    def __init__(self, layers: Sequence[NativeLayer], table: Any, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, head: Any, dtype: torch.dtype) -> None:
+        C, keep = layers[0].struct.C, []
+        if isinstance(table, Int8Weight):
+            expect(table.scale, (table.q.shape[0],), "embedding scale", torch.float32)
+            rows, format_ = table.q, _I8
+        elif isinstance(table, torch.Tensor) and table.dtype in _FORMATS:
+            rows, format_ = table, _FORMATS[table.dtype]
+        else:
+            raise TypeError(f"the native decode reads fp32, bf16 or int8 embeddings, not {type(table).__name__}")
+        expect(rows, (rows.shape[0], C), "embedding", None)
+        if not rows.is_contiguous():
+            raise InputError("native kernel input embedding: must be contiguous")
+        self.embedding = _Embedding(rows.data_ptr(), table.scale.data_ptr() if format_ == _I8 else None, rows.shape[0], C, format_)
+        self.ln = (_vector(ln_weight, C, "ln_out.weight", dtype, keep), _vector(ln_bias, C, "ln_out.bias", dtype, keep))
+        self.head = _mat(head)
+        if self.head.cols != C:
+            raise InputError(f"native kernel input head: {self.head.cols} columns, expected {C}")
+        self.layers, self.eps, self.dtype, self.vocab = list(layers), eps, dtype, self.head.rows
+        self._keep = [table, rows, head, ln_weight, ln_bias, *keep]
+
+    def __call__(self, ids: torch.Tensor, states: Sequence[LayerState], threads: int) -> tuple[torch.Tensor, list[LayerState]]:
+        """``ids [B, 1]`` (int64) and the layers' states -> float32 logits ``[B, V]`` and the new states."""
+        B, n, C = ids.shape[0], len(self.layers), self.embedding.cols
+        expect(ids, (B, 1), "ids", torch.int64)
+        ids = ids.contiguous()
+        inputs = _StateInputs(self.layers, states, B, self.dtype)
+        shifts, kv = _new_states(n, B, C, inputs.kv_shape)
+        logits = torch.empty(B, self.vocab)
+        status = library().decode_model(
+            n, inputs.layers, ctypes.byref(self.embedding), ids.data_ptr(), B, self.ln[0], self.ln[1], self.eps, ctypes.byref(self.head),
+            inputs.bf16, inputs.att, inputs.kv, inputs.ffn, shifts.data_ptr(), kv.data_ptr(), shifts[n].data_ptr(), logits.data_ptr(), threads,
+        )  # fmt: skip
+        if status:
+            raise InputError("native kernel decode_model: a token id outside the embedding" if status == 2 else "native kernel decode_model refused its arguments (inconsistent dimensions)")
+        return logits, _layer_states(shifts, kv, self.dtype)
 
 
 # ---- many rows, and the scan alone
