@@ -4,12 +4,18 @@ weights read per token x tok/s) and its fraction of this machine's read bandwidt
 same run (the decode's limit: every weight is read once per token). Then the resident and peak
 memory of each strategy (benchmarks/bench_memory.py; ``--no-memory`` skips it).
 
+With ``RWKVKIT_LLAMA_CPP`` set to a built llama.cpp source tree (see benchmarks/llamacpp_peer.py),
+llama.cpp runs the same 0.1B checkpoint in F16, Q8_0 and Q4_0 in the same run, each next to our
+strategy of its precision, against the targets of issue 21 (bf16 faster than F16; int8 and int4
+at least 1.3x Q8_0 and Q4_0).
+
 Usage: ``python benchmarks/cpu_report.py [--no-memory] [extra pytest args, e.g. -k 0.1B]``
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -54,6 +60,32 @@ def print_memory() -> None:
         print(f"{strategy:12} {state:6} {r['rss_end']:12.0f} {r['peak_end']:9.0f} {r['weights']:11.0f}")
 
 
+PEERS = {"F16": (("cpu bf16",), 1.0), "Q8_0": (("cpu fp32i8", "cpu bf16i8"), 1.3), "Q4_0": (("cpu fp32i4", "cpu bf16i4"), 1.3)}  # ours, target ratio
+
+
+def print_llama_cpp(table: dict[tuple[str, str], dict[str, dict]], llama_src: str) -> None:
+    """llama.cpp's decode and 512-token prefill per format on the 0.1B checkpoint, next to our
+    strategies of the same precision measured in this run (ratios: ours / llama.cpp's)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_cpu import checkpoint
+    from llamacpp_peer import bench, prepare
+
+    files = prepare(Path(checkpoint("0.1B")), Path(llama_src), Path(checkpoint("0.1B")).parent / "llama-cpp")
+    threads = int(os.environ.get("RWKVKIT_BENCH_THREADS", "2"))
+    decode, prefill = table.get(("0.1B", "decode"), {}), table.get(("0.1B", "prefill/512"), {})
+    print(f"\nllama.cpp, same run ({threads} threads, 0.1B): decode and prefill/512 tok/s; ours / llama.cpp's, and the target")
+    for fmt, (ours, target) in PEERS.items():
+        peer = bench(Path(llama_src), files[fmt], threads)
+        print(f"llama.cpp {fmt:5} {peer['decode']:8.1f} {peer['prefill']:8.1f}")
+        for impl in ours:
+            if impl in decode:
+                ratio = decode[impl]["tok_per_s"] / peer["decode"]
+                pre = prefill.get(impl, {}).get("tok_per_s")
+                pre_text = f"prefill {pre:8.1f} ({pre / peer['prefill']:.2f}x)" if pre else ""
+                met = ratio > target if target == 1.0 else ratio >= target  # bf16: faster than F16; int8, int4: at least 1.3x
+                print(f"  {impl:12} decode {decode[impl]['tok_per_s']:8.1f} ({ratio:.2f}x, target {'>' if target == 1.0 else '>='} {target}x: {'met' if met else 'not met'})  {pre_text}")
+
+
 def main(args: list[str]) -> None:
     memory = "--no-memory" not in args
     args = [a for a in args if a != "--no-memory"]
@@ -76,6 +108,8 @@ def main(args: list[str]) -> None:
             read = r["bytes_per_token"] * r["tok_per_s"] / 1e9 if "bytes_per_token" in r else None
             bw, limit = ("", "") if read is None else (f"{read:.1f}", f"{read / read_bw:.0%}")
             print(f"{shape:6} {kind:13} {impl:18} {r['tok_per_s']:8.1f} {ratio:>14} {bw:>10} {limit:>9}")
+    if os.environ.get("RWKVKIT_LLAMA_CPP"):
+        print_llama_cpp(table, os.environ["RWKVKIT_LLAMA_CPP"])
     if memory:
         print_memory()
 

@@ -23,7 +23,7 @@ the two tools used here, for example::
         -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
     cmake --build $RWKVKIT_LLAMA_CPP/build --target llama-bench llama-quantize -j2
 
-Run ``python benchmarks/llama_cpp.py`` (``--help`` for the options) for the three formats on the
+Run ``python benchmarks/llamacpp_peer.py`` (``--help`` for the options) for the three formats on the
 random World 0.1B checkpoint that ``bench_cpu.py`` uses (made there if missing), 2 threads by default
 (``RWKVKIT_BENCH_THREADS``), 512 prompt tokens and 64 generated, as llama-bench counts them.
 """
