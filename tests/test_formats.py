@@ -392,6 +392,8 @@ def test_convert_never_overwrites_without_force(source, tmp_path):
         convert(path, path, force=True)
     with pytest.raises(ConvertError, match="unknown destination format '.bin'"):
         convert(path, tmp_path / "x.bin")
+    sized = convert(path, tmp_path / "rwkv7-world-0.1B")  # a model-size name is a folder, not a ".1B" file
+    assert sized.kind == "hf" and (tmp_path / "rwkv7-world-0.1B" / "config.json").is_file()
     assert main(["convert", str(path), str(target)]) == 2
 
 

@@ -46,12 +46,16 @@ class Converted:
 
 
 def output_kind(dst: Path) -> str:
-    """``pth``, ``safetensors`` (by suffix) or ``hf`` (a folder: no suffix, or an existing folder)."""
-    if dst.is_dir() or not dst.suffix:
+    """``pth``, ``safetensors`` (by suffix) or ``hf``: a folder, named without a suffix, existing,
+    or named after a model size (``rwkv7-0.1B``: a "suffix" that starts with a digit is none)."""
+    if dst.is_dir() or not dst.suffix or dst.suffix[1:2].isdigit():
         return "hf"
     if dst.suffix in FILE_KINDS:
         return FILE_KINDS[dst.suffix]
-    raise ConvertError(f"{dst}: unknown destination format {dst.suffix!r}; expected a .pth or .safetensors file, or a folder name (no suffix) for a Hugging Face folder")
+    raise ConvertError(
+        f"{dst}: unknown destination format {dst.suffix!r}; expected a .pth or .safetensors file, or a folder for a Hugging Face"
+        " folder (a name without a suffix, or a folder created first)"
+    )
 
 
 def convert(
