@@ -88,16 +88,22 @@ def test_unknown_backend_lists_available(model_paths):
 
 
 def test_split_model_matches_single_stage(model_paths):
-    """Layer splitting only moves activations between stages: same math, same numbers."""
+    """Layer splitting only moves activations between stages: same math, same numbers. One
+    decoded token is the exception: a model on one CPU stage runs it through ``fused_decode``,
+    whose final layer norm sums in another order than torch's layer_norm (the blocks are the same
+    kernels: the states stay equal bit for bit), so its logits agree to float32 rounding (measured
+    2e-7 of the logit scale; 1e-5 allowed, as for the fused path's own test)."""
     whole = RWKV(model_paths["tiny"], "cpu fp32")
     split = RWKV(model_paths["tiny"], "cpu fp32 *1 -> cpu fp32")
     assert len(split.stages) == 2
     a, sa = whole.forward(API_DEMO, None)
     b, sb = split.forward(API_DEMO, None)
     assert torch.equal(a, b)
-    c, _ = split.forward([9], sa)  # states are interchangeable between the two plans
-    d, _ = whole.forward([9], sb)
-    assert torch.equal(c, d)
+    c, sc = split.forward([9], sa)  # states are interchangeable between the two plans
+    d, sd = whole.forward([9], sb)
+    assert float((c - d).abs().max() / d.abs().max()) < 1e-5
+    for x, y in zip(sc.layers, sd.layers):
+        assert all(torch.equal(p, q) for p, q in zip(x.tensors(), y.tensors()))
 
 
 def test_mixed_dtype_split_runs(model_paths):
