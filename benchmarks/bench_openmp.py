@@ -3,9 +3,9 @@
 The native CPU kernels run ~85 short parallel jobs per decoded token. Configurations, each run in a
 fresh process that imports ``rwkvkit`` before torch (as every ``rwkvkit`` command does):
 
-- ``default``: nothing set. rwkvkit sets ``GOMP_SPINCOUNT=0`` (libgomp's threads sleep at once)
-  and decode runs on the kernels' own pool (spin ~5 us, yield up to 2 ms, then sleep); see
-  ``rwkvkit/omp_wait.py``.
+- ``default``: nothing set. rwkvkit sets ``GOMP_SPINCOUNT=3000`` (libgomp's threads spin ~75 us,
+  then sleep) and decode runs on the kernels' own pool (spin ~5 us, yield up to 2 ms, then
+  sleep); see ``rwkvkit/omp_wait.py``.
 - ``spinning``: ``GOMP_SPINCOUNT=300000``, libgomp's own default (what a process that imported torch
   first gets): decode on OpenMP regions whose threads spin for milliseconds after each region.
 - ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE``: every waiting thread, the pool's too, sleeps at once.

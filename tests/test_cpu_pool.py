@@ -126,7 +126,9 @@ def test_concurrent_callers_get_the_results_of_serial_calls(small_model, env):
     "env, mode",
     [
         ({}, cpu._OPENMP),  # libgomp's default spins: a pool thread would lose its core to it
-        ({"GOMP_SPINCOUNT": "0"}, cpu._POOL),  # what rwkvkit sets when it loads before torch
+        ({"GOMP_SPINCOUNT": "3000"}, cpu._POOL),  # what rwkvkit sets when it loads before torch
+        ({"GOMP_SPINCOUNT": "0"}, cpu._POOL),
+        ({"GOMP_SPINCOUNT": "3001"}, cpu._OPENMP),  # longer than SHORT_SPIN
         ({"GOMP_SPINCOUNT": "10k", "OMP_WAIT_POLICY": "PASSIVE"}, cpu._OPENMP),  # the count wins, as in libgomp
         ({"OMP_WAIT_POLICY": "passive"}, cpu._PASSIVE),
         (POOL, cpu._POOL),
@@ -154,7 +156,7 @@ def test_a_bad_pool_setting_is_an_error_and_a_bad_omp_policy_a_warning():
 def test_rwkvkit_quiets_openmp_only_before_torch_and_without_a_users_choice(env, torch_loaded, sets):
     environ = dict(env)
     assert omp_wait.quiet_openmp(environ, torch_loaded) is sets
-    assert environ == ({**env, "GOMP_SPINCOUNT": "0"} if sets else env)
+    assert environ == ({**env, "GOMP_SPINCOUNT": str(omp_wait.SHORT_SPIN)} if sets else env)
 
 
 # Prints how many pool threads one decode started and GOMP_SPINCOUNT as the process saw it.
@@ -178,10 +180,10 @@ print(comms.count("rwkvkit-pool"), os.environ.get("GOMP_SPINCOUNT", "unset"))
 
 
 def test_decode_runs_on_the_pool_by_default_and_on_openmp_when_libgomp_already_spins(small_model):
-    """``import rwkvkit`` before torch (as every rwkvkit command does) makes libgomp sleep at once
+    """``import rwkvkit`` before torch (as every rwkvkit command does) makes libgomp spin briefly
     and decode use the pool; torch imported first has fixed libgomp's spinning, so decode keeps
     OpenMP's regions and the environment is left alone."""
-    assert run_python(IMPORT_ORDER, str(small_model), "rwkvkit first").split() == ["1", "0"]
+    assert run_python(IMPORT_ORDER, str(small_model), "rwkvkit first").split() == ["1", "3000"]
     assert run_python(IMPORT_ORDER, str(small_model), "torch first").split() == ["0", "unset"]
 
 

@@ -18,9 +18,9 @@ Ops (each for any batch and token count its backend routes to it):
 The kernels run in parallel on a thread pool of their own during decode (``kernels/cpu_pool.h``: a
 waiting thread spins ~5 us, then yields its core for up to 2 ms, then sleeps), so decoding next to
 another busy process does not collapse, and as OpenMP regions, in the libgomp torch loads,
-elsewhere. Where libgomp's threads spin after a region (torch loaded before ``rwkvkit``, or the
-user asked for it), decode stays on OpenMP regions: a spinning libgomp thread would take the core
-a pool thread needs (see :mod:`rwkvkit.omp_wait`). ``RWKVKIT_CPU_POOL=pool|omp`` chooses either
+elsewhere. Where libgomp's threads spin for long after a region (torch loaded before ``rwkvkit``,
+or the user asked for it), decode stays on OpenMP regions: a spinning libgomp thread would take
+the core a pool thread needs (see :mod:`rwkvkit.omp_wait`). ``RWKVKIT_CPU_POOL=pool|omp`` chooses either
 way; with the pool, ``OMP_WAIT_POLICY=ACTIVE`` makes it spin only, ``PASSIVE`` sleep at once.
 Read once, when the library loads (:func:`wait_policy`).
 
