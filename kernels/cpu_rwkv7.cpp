@@ -581,38 +581,54 @@ struct VecMat {
     float* y;
 };
 
-// out[b] += x[b, k] A[k] for k in [k0, k1), every row b (out[b] at out + b * stride), each output
-// summed over k in order: a row's sums are formed as for a lone row. Row b's outputs stay in
-// registers, 64 at a time, across all k (adding into memory once per k cost a load and a store
-// per multiply-add); A's share is small enough to be reread from cache for each row.
-template <class W>
-void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out, int64_t stride) {
+// out[b] += x[b, k] A[k] for k in [k0, k1), rows b0 .. b0 + NB - 1 (out[b] at out + b * stride),
+// each output summed over k in order: a row's sums are formed as for a lone row, whatever NB is.
+// The rows' outputs stay in registers, V vectors at a time, across all k (adding into memory once
+// per k cost a load and a store per multiply-add), and each vector of A loaded serves NB rows (one
+// row at a time, the loads and bf16 widening of A were most of a B = 16 step's LoRA time).
+template <class W, int NB, int V>
+__attribute__((always_inline)) inline void add_columns(const VecMat& job, int64_t b0, int64_t k0, int64_t k1, int64_t d, float* out, int64_t stride) {
     const W* A = static_cast<const W*>(job.A);
-    const int64_t D = job.D;
-    for (int64_t b = 0; b < job.n; ++b) {
-        const float* x = job.x + b * job.K;
-        float* o = out + b * stride;
-        int64_t d = 0;
-        for (; d + 4 * kLanes <= D; d += 4 * kLanes) {
-            v16 s0 = vload(o + d), s1 = vload(o + d + kLanes), s2 = vload(o + d + 2 * kLanes), s3 = vload(o + d + 3 * kLanes);
-            for (int64_t k = k0; k < k1; ++k) {
-                const W* row = A + k * D + d;
-                const float xk = x[k];
-                s0 += xk * vload(row), s1 += xk * vload(row + kLanes), s2 += xk * vload(row + 2 * kLanes), s3 += xk * vload(row + 3 * kLanes);
-            }
-            vstore(o + d, s0), vstore(o + d + kLanes, s1), vstore(o + d + 2 * kLanes, s2), vstore(o + d + 3 * kLanes, s3);
-        }
-        for (; d + kLanes <= D; d += kLanes) {
-            v16 sum = vload(o + d);
-            for (int64_t k = k0; k < k1; ++k) sum += x[k] * vload(A + k * D + d);
-            vstore(o + d, sum);
-        }
-        for (; d < D; ++d) {
-            float sum = o[d];
-            for (int64_t k = k0; k < k1; ++k) sum += x[k] * to_f32(A[k * D + d]);
-            o[d] = sum;
+    v16 s[NB][V];
+    for (int b = 0; b < NB; ++b)
+        for (int v = 0; v < V; ++v) s[b][v] = vload(out + (b0 + b) * stride + d + v * kLanes);
+    for (int64_t k = k0; k < k1; ++k) {
+        const W* row = A + k * job.D + d;
+        v16 a[V];
+        for (int v = 0; v < V; ++v) a[v] = vload(row + v * kLanes);
+        for (int b = 0; b < NB; ++b) {
+            const float xk = job.x[(b0 + b) * job.K + k];
+            for (int v = 0; v < V; ++v) s[b][v] += xk * a[v];
         }
     }
+    for (int b = 0; b < NB; ++b)
+        for (int v = 0; v < V; ++v) vstore(out + (b0 + b) * stride + d + v * kLanes, s[b][v]);
+}
+
+template <class W, int NB>
+void add_tile(const VecMat& job, int64_t b0, int64_t k0, int64_t k1, float* out, int64_t stride) {
+    const int64_t D = job.D;
+    int64_t d = 0;
+    for (; d + 4 * kLanes <= D; d += 4 * kLanes) add_columns<W, NB, 4>(job, b0, k0, k1, d, out, stride);
+    for (; d + kLanes <= D; d += kLanes) add_columns<W, NB, 1>(job, b0, k0, k1, d, out, stride);
+    for (int b = 0; b < NB; ++b) {
+        const float* x = job.x + (b0 + b) * job.K;
+        float* o = out + (b0 + b) * stride;
+        for (int64_t e = d; e < D; ++e) {
+            float sum = o[e];
+            for (int64_t k = k0; k < k1; ++k) sum += x[k] * to_f32(static_cast<const W*>(job.A)[k * D + e]);
+            o[e] = sum;
+        }
+    }
+}
+
+constexpr int kLoraTile = 4;  // rows per add_tile: 16 accumulators, 4 vectors of A, a broadcast
+
+template <class W>
+void add_rows(const VecMat& job, int64_t k0, int64_t k1, float* out, int64_t stride) {
+    int64_t b = 0;
+    for (; b + kLoraTile <= job.n; b += kLoraTile) add_tile<W, kLoraTile>(job, b, k0, k1, out, stride);
+    for (; b < job.n; ++b) add_tile<W, 1>(job, b, k0, k1, out, stride);
 }
 
 // Several vector-matrix products in one parallel region. The factors' rows are cut into

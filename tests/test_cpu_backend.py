@@ -266,8 +266,9 @@ def test_chunked_batched_prefill_matches_the_python_math(model_paths, monkeypatc
 def test_batched_decode_equals_each_sequence_alone_bit_for_bit(model_paths, spec, backend, B):
     """A decode step of B sequences reads each weight once for all rows, yet forms each row's sums
     exactly as for a lone row (int8: the row's own 16-bit step), so logits and states equal each
-    sequence decoded alone, bit for bit. fp32/bf16 tiles take 6 rows, int8 tiles 4: B = 13 is two
-    tiles and a lone row, 11 a tile and a remainder of 5 (int8: two tiles and 3), 3 a remainder alone."""
+    sequence decoded alone, bit for bit. fp32/bf16 tiles take 6 rows, int8 and LoRA tiles 4: B = 13 is
+    two tiles and a lone row (int8, LoRA: three and one), 11 a tile and a remainder of 5 (int8, LoRA:
+    two tiles and 3), 3 a remainder alone."""
     model = RWKV(model_paths["world"], spec, backend=backend)
     g = torch.Generator().manual_seed(B)
     _, state = model.forward(torch.randint(0, 65536, (B, 5), generator=g), None)
