@@ -298,6 +298,34 @@ def test_decode_state_buffers_are_reused_only_once_released():
     assert bigger.shape == (20,) and bigger.data_ptr() not in (first, second)
 
 
+def test_recycled_logits_are_never_overwritten_while_held(model_paths, monkeypatch):
+    """Large decode logits come from ``cpu._LOGITS`` (a fresh 4 MB each step cost ~20% of a B = 16
+    step): a step's logits that the caller keeps stay as they were through later steps, and a
+    released buffer, reused, holds the new step's logits exactly as a fresh one would."""
+    model = RWKV(model_paths["world"], "cpu fp32", backend="cpu")
+    g = torch.Generator().manual_seed(3)
+    _, state = model.forward(torch.randint(0, 65536, (4, 3), generator=g), None)
+    steps = torch.randint(0, 65536, (4, 4, 1), generator=g)
+    monkeypatch.setattr(cpu, "_LOGITS_RECYCLED", 1 << 62)  # first, fresh tensors only
+    fresh = []
+    s = state
+    for tokens in steps:
+        logits, s = model.forward(tokens, s)
+        fresh.append(logits)
+    monkeypatch.setattr(cpu, "_LOGITS_RECYCLED", 0)  # then every size recycled, from a pool of this test's own
+    monkeypatch.setattr(cpu, "_LOGITS", cpu._Recycled(keep=2))
+    kept, s, pointers = None, state, set()
+    for i, tokens in enumerate(steps):
+        logits, s = model.forward(tokens, s)
+        pointers.add(logits.data_ptr())
+        assert torch.equal(logits, fresh[i])
+        if i == 0:
+            kept, kept_copy = logits, logits.clone()
+        del logits
+    assert torch.equal(kept, kept_copy)
+    assert kept.data_ptr() in pointers and len(pointers) == 2  # the kept buffer and one reused
+
+
 def test_more_rows_than_native_rows_take_the_gemm_and_match_the_python_math(model_paths, monkeypatch):
     """Past ``native_rows`` decoded rows, fp32 products go to oneDNN's GEMM (and no fused stage):
     the same math in another summation order (2e-5, as for the oracle)."""
