@@ -226,12 +226,12 @@ bool has_vnni() {
 // K separate reductions: after the products, the reductions were a third of the work at 768
 // columns). Each sum is formed exactly as _mm512_reduce_add_ps forms it, (lo256 + hi256), then
 // lo128 + hi128, then (e0 + e2) + (e1 + e3), whatever K is and wherever the vector sits; the
-// inputs enter transposed (4 x 4) so that lane j of the result is vector j's sum.
+// inputs enter transposed (4 x 4) so that lane j of out[g] is vector 16 g + j's sum.
 template <int K>
-__attribute__((target("avx512f"), always_inline)) inline void reduce_adds(const __m512* v, float* out) {
+__attribute__((target("avx512f"), always_inline)) inline void reduced(const __m512* v, __m512* out) {
     if constexpr (K > 16) {
-        reduce_adds<16>(v, out);
-        reduce_adds<K - 16>(v + 16, out + 16);
+        reduced<16>(v, out);
+        reduced<K - 16>(v + 16, out + 1);
     } else {
         __m512 a[16], s8[8], s4[4], s2[2];
         for (int i = 0; i < 16; ++i) a[i] = (i % 4) * 4 + i / 4 < K ? v[(i % 4) * 4 + i / 4] : _mm512_setzero_ps();
@@ -243,15 +243,69 @@ __attribute__((target("avx512f"), always_inline)) inline void reduce_adds(const 
             const __m512d x = _mm512_castps_pd(s4[2 * i]), y = _mm512_castps_pd(s4[2 * i + 1]);
             s2[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
         }
-        float lanes[16];
-        _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD)));
-        std::memcpy(out, lanes, sizeof(float) * K);
+        out[0] = _mm512_add_ps(_mm512_shuffle_ps(s2[0], s2[1], 0x88), _mm512_shuffle_ps(s2[0], s2[1], 0xDD));
+    }
+}
+
+// A tile's accumulators acc[r][b] (NO weight rows x NB input rows) reduced, input-row major: the
+// sum of pair (r, b) is lane (b * NO + r) % 16 of out[(b * NO + r) / 16].
+template <int NO, int NB>
+__attribute__((target("avx512f"), always_inline)) inline void tile_sums(const __m512 (&acc)[NO][NB], __m512 (&out)[(NO * NB + 15) / 16]) {
+    __m512 by_input[NB * NO];
+    for (int b = 0; b < NB; ++b)
+        for (int r = 0; r < NO; ++r) by_input[b * NO + r] = acc[r][b];
+    reduced<NO * NB>(by_input, out);
+}
+
+// The sums of tile_sums as floats, flat[b * NO + r]
+template <int NO, int NB>
+__attribute__((target("avx512f"), always_inline)) inline void flat_sums(const __m512 (&sums)[(NO * NB + 15) / 16], float* flat) {
+    if constexpr (NO * NB == 1) {
+        flat[0] = _mm512_cvtss_f32(sums[0]);
+    } else {
+        float lanes[16 * ((NO * NB + 15) / 16)];
+        for (int g = 0; g < (NO * NB + 15) / 16; ++g) _mm512_storeu_ps(lanes + 16 * g, sums[g]);
+        std::memcpy(flat, lanes, sizeof(float) * NO * NB);
+    }
+}
+
+// Input row B onwards of a tile of 4 weight rows: its 4 sums (lanes 4 (B % 4) .. of sums[B / 4]),
+// times step[B] then the rows' scales when step (int8), the epilogue, the residual, stored as one
+// vector of 4 (the rows are consecutive outputs), each value exactly as `store` makes it.
+template <int NB, int B = 0>
+__attribute__((target("avx512f"), always_inline)) inline void store_quads(const Product& p, int64_t b0, int64_t o, const __m512* sums, const float* step) {
+    if constexpr (B < NB) {
+        __m128 v = _mm512_extractf32x4_ps(sums[B / 4], B % 4);
+        if (step != nullptr) v = _mm_mul_ps(_mm_mul_ps(v, _mm_set1_ps(step[b0 + B])), _mm_loadu_ps(p.m->scale + o));
+        if (p.epilogue == RELU_SQUARE) {  // maxps returns its second operand for a NaN, as activate's maxss
+            v = _mm_max_ps(v, _mm_setzero_ps());
+            v = _mm_mul_ps(v, v);
+        }
+        const int64_t i = (b0 + B) * p.m->rows + o;
+        if (p.residual != nullptr) v = _mm_add_ps(_mm_loadu_ps(p.residual + i), v);
+        _mm_storeu_ps(p.y + i, v);
+        store_quads<NB, B + 1>(p, b0, o, sums, step);
+    }
+}
+
+// Stores a tile through store_quads where it can (4 weight rows, no column tail left to add, an
+// elementwise epilogue); false where the caller stores sum by sum. Storing each sum from a float
+// array just written as vectors waited on the stores (~10% of an int8 B = 16 step).
+template <int NO, int NB>
+__attribute__((target("avx512f"), always_inline)) inline bool stored_by_quads(const Product& p, int64_t b0, int64_t o, const __m512 (&sums)[(NO * NB + 15) / 16],
+                                                                               bool tail, const float* step) {
+    if constexpr (NO != 4) {
+        return false;
+    } else {
+        if (tail || (p.epilogue != NONE && p.epilogue != RELU_SQUARE)) return false;
+        store_quads<NB>(p, b0, o, sums, step);
+        return true;
     }
 }
 
 // The fp32, bf16 and int8 kernels below: NO weight rows from o against NB input rows (x: the
 // tile's first, b0 its index), one accumulator per (weight row, input row) over all columns in
-// order, 16 lanes wide, reduced by reduce_adds, then a scalar tail: a pair's sum is the
+// order, 16 lanes wide, reduced by tile_sums, then a scalar tail: a pair's sum is the
 // same whatever NO and NB are, so a lone row's equals its row in any batch. The first tile of a
 // block (b0 == 0) also prefetches the same rows of the next block (kRowBlock rows on) into cache,
 // a line per row per step: the hardware prefetcher alone left the first tile waiting on memory.
@@ -295,12 +349,15 @@ __attribute__((target("avx512f"), always_inline)) inline void f32_block(const Pr
             for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xb, acc[r][b]);
         }
     }
-    float sums[NO][NB];
-    reduce_adds<NO * NB>(&acc[0][0], &sums[0][0]);
+    __m512 sums[(NO * NB + 15) / 16];
+    tile_sums<NO, NB>(acc, sums);
+    if (stored_by_quads<NO, NB>(p, b0, o, sums, vec < cols, nullptr)) return;
+    float flat[NO * NB];
+    flat_sums<NO, NB>(sums, flat);
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const float* xb = x + b * cols;
-            float sum = sums[r][b];
+            float sum = flat[b * NO + r];
             for (int64_t c = vec; c < cols; ++c) sum += wr[r * cols + c] * xb[c];
             store(p, b0 + b, o + r, sum);
         }
@@ -331,12 +388,15 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
             for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], w[r], xb);
         }
     }
-    float sums[NO][NB];
-    reduce_adds<NO * NB>(&acc[0][0], &sums[0][0]);
+    __m512 sums[(NO * NB + 15) / 16];
+    tile_sums<NO, NB>(acc, sums);
+    if (stored_by_quads<NO, NB>(p, b0, o, sums, vec < cols, nullptr)) return;
+    float flat[NO * NB];
+    flat_sums<NO, NB>(sums, flat);
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const uint16_t* xb = x + b * cols;
-            float sum = sums[r][b];
+            float sum = flat[b * NO + r];
             for (int64_t t = vec; t < cols; ++t) sum += bf16_to_f32(wr[r * cols + t]) * bf16_to_f32(xb[t]);
             store(p, b0 + b, o + r, sum);
         }
@@ -353,11 +413,11 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
 // int8 weights against the input rows as int16 steps of step[b] (see Input), each 64 columns as two
 // halves of 32 through `vpdpwssd`. Integer sums are exact in any order (a lone row splits them over
 // two accumulators, for a shorter dependency chain; a tile has one per pair), and each chunk of
-// columns [start, end) is converted and reduced (reduce_adds) on its own into part, then added to
+// columns [start, end) is converted and reduced (tile_sums) on its own into part, then added to
 // the pair's sum in chunk order: a lone row's arithmetic in any tile.
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_chunk(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead, int64_t start,
-                                                                              int64_t end, float* part) {
+                                                                              int64_t end, __m512 (&part)[(NO * NB + 15) / 16]) {
     __m512i acc[NO][NB], acc2[NO][NB];  // acc2: the lone row's second accumulator
     for (int r = 0; r < NO; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = acc2[r][b] = _mm512_setzero_si512();
@@ -378,13 +438,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
     __m512 lanes[NO][NB];
     for (int r = 0; r < NO; ++r)
         for (int b = 0; b < NB; ++b) lanes[r][b] = _mm512_cvtepi32_ps(NB == 1 ? _mm512_add_epi32(acc[r][b], acc2[r][b]) : acc[r][b]);
-    reduce_adds<NO * NB>(&lanes[0][0], part);
+    tile_sums<NO, NB>(lanes, part);
 }
 
 // A tile's chunk as a call of its own: inlined next to the chunks' sums, GCC spilled the accumulators.
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) void i8_chunk_apart(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead,
-                                                                                    int64_t start, int64_t end, float* part) {
+                                                                                    int64_t start, int64_t end, __m512 (&part)[(NO * NB + 15) / 16]) {
     i8_chunk<NO, NB>(qr, cols, x, ahead, start, end, part);
 }
 
@@ -394,20 +454,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
     const int64_t cols = p.m->cols, vec = cols / 64 * 64;
     constexpr int64_t kFlush = 4096;  // int32 lanes gain <= 4 * 128 * 32767 per 64 columns: flush before overflow
     const int8_t* qr = static_cast<const int8_t*>(p.m->w) + o * cols;
-    float sums[NO][NB] = {}, part[NO][NB];
+    constexpr int G = (NO * NB + 15) / 16;
+    __m512 sums[G], part[G];
+    for (int g = 0; g < G; ++g) sums[g] = _mm512_setzero_ps();
     for (int64_t start = 0; start < vec; start += kFlush) {
         const int64_t end = std::min(vec, start + kFlush);
         if constexpr (NO * NB == 1)
-            i8_chunk<NO, NB>(qr, cols, x, 0, start, end, &part[0][0]);
+            i8_chunk<NO, NB>(qr, cols, x, 0, start, end, part);
         else
-            i8_chunk_apart<NO, NB>(qr, cols, x, blocks_ahead(NB, b0 / kTileI8), start, end, &part[0][0]);
-        for (int r = 0; r < NO; ++r)
-            for (int b = 0; b < NB; ++b) sums[r][b] += part[r][b];
+            i8_chunk_apart<NO, NB>(qr, cols, x, blocks_ahead(NB, b0 / kTileI8), start, end, part);
+        for (int g = 0; g < G; ++g) sums[g] = _mm512_add_ps(sums[g], part[g]);
     }
+    if (stored_by_quads<NO, NB>(p, b0, o, sums, vec < cols, step)) return;
+    float flat[NO * NB];
+    flat_sums<NO, NB>(sums, flat);
     for (int r = 0; r < NO; ++r) {
         for (int b = 0; b < NB; ++b) {
             const int16_t* xb = x + b * cols;
-            float sum = sums[r][b];
+            float sum = flat[b * NO + r];
             for (int64_t c = vec; c < cols; ++c) sum += float(qr[r * cols + c]) * float(xb[c]);
             store(p, b0 + b, o + r, sum * step[b0 + b] * p.m->scale[o + r]);
         }
