@@ -70,12 +70,15 @@ def _nucleus_cutoff(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     double, which can move the cutoff). Only a sorted prefix holding the cutoff is summed: the top
     64 probabilities, then, for the rows not reached yet, whole rows on the CPU (sorted by radix in
     the native kernels, ~3x faster than numpy's sort; :func:`rwkvkit.native.cpu.nucleus_cutoffs`),
-    elsewhere the top 1,024 and then whole rows. So a peaked row costs a small top-k.
+    elsewhere the top 1,024 and then whole rows. So a peaked row costs a small top-k; a batch of
+    flat rows (64 times each row's largest probability below ``top_p``) skips the top 64, which
+    cannot reach it. Every width sums the same sorted prefix: where a cutoff is found never changes it.
     """
     batch, vocab = probs.shape
     cutoff = np.zeros(batch, dtype=np.float32)
     rows = np.arange(batch)
-    for width in (64, 1024, vocab):
+    widths = (64, 1024, vocab) if bool((probs.amax(dim=-1) * 64 >= top_p).any()) else (1024, vocab)
+    for width in widths:
         candidates = probs if len(rows) == batch else probs[torch.from_numpy(rows).to(probs.device)]
         exact = native_cpu.nucleus_cutoffs(candidates, top_p) if width > 64 and candidates.is_cpu else None
         if exact is not None:

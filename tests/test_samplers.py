@@ -218,3 +218,15 @@ def test_native_nucleus_cutoffs_are_numpys_exactly(top_p):
             pytest.skip("the CPU kernels cannot be built here")
         expected = [numpy_cutoff(row, top_p) for row in probs.numpy()]
         assert ours.numpy().tolist() == [float(e) for e in expected]
+
+
+@pytest.mark.parametrize("top_p", [0.1, 0.5, 0.85, 0.999])
+def test_nucleus_cutoff_is_numpys_for_flat_peaked_and_mixed_batches(top_p):
+    """``_nucleus_cutoff`` tries the top 64 first unless every row is too flat for it to reach
+    ``top_p``; each path, and a batch mixing flat and peaked rows, cuts where numpy does."""
+    batches = list(cutoff_rows())
+    flat, peaked = batches[12], batches[15]  # 65,536 tokens at scales 0.1 (flat) and 20 (peaked)
+    assert bool((flat.amax(-1) * 64 < top_p).all()) and bool((peaked.amax(-1) * 64 >= top_p).all())
+    for probs in [*batches, torch.cat([flat, peaked])]:
+        expected = [float(numpy_cutoff(row, top_p)) for row in probs.numpy()]
+        assert samplers._nucleus_cutoff(probs, top_p)[:, 0].tolist() == expected
