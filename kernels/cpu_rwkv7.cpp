@@ -247,10 +247,12 @@ __attribute__((target("avx512f"), always_inline)) inline void reduced(const __m5
     }
 }
 
+constexpr int sum_vectors(int sums) { return (sums + 15) / 16; }  // vectors holding that many of reduced's sums
+
 // A tile's accumulators acc[r][b] (NO weight rows x NB input rows) reduced, input-row major: the
 // sum of pair (r, b) is lane (b * NO + r) % 16 of out[(b * NO + r) / 16].
 template <int NO, int NB>
-__attribute__((target("avx512f"), always_inline)) inline void tile_sums(const __m512 (&acc)[NO][NB], __m512 (&out)[(NO * NB + 15) / 16]) {
+__attribute__((target("avx512f"), always_inline)) inline void tile_sums(const __m512 (&acc)[NO][NB], __m512 (&out)[sum_vectors(NO * NB)]) {
     __m512 by_input[NB * NO];
     for (int b = 0; b < NB; ++b)
         for (int r = 0; r < NO; ++r) by_input[b * NO + r] = acc[r][b];
@@ -259,12 +261,12 @@ __attribute__((target("avx512f"), always_inline)) inline void tile_sums(const __
 
 // The sums of tile_sums as floats, flat[b * NO + r]
 template <int NO, int NB>
-__attribute__((target("avx512f"), always_inline)) inline void flat_sums(const __m512 (&sums)[(NO * NB + 15) / 16], float* flat) {
+__attribute__((target("avx512f"), always_inline)) inline void flat_sums(const __m512 (&sums)[sum_vectors(NO * NB)], float* flat) {
     if constexpr (NO * NB == 1) {
         flat[0] = _mm512_cvtss_f32(sums[0]);
     } else {
-        float lanes[16 * ((NO * NB + 15) / 16)];
-        for (int g = 0; g < (NO * NB + 15) / 16; ++g) _mm512_storeu_ps(lanes + 16 * g, sums[g]);
+        float lanes[16 * sum_vectors(NO * NB)];
+        for (int g = 0; g < sum_vectors(NO * NB); ++g) _mm512_storeu_ps(lanes + 16 * g, sums[g]);
         std::memcpy(flat, lanes, sizeof(float) * NO * NB);
     }
 }
@@ -292,7 +294,7 @@ __attribute__((target("avx512f"), always_inline)) inline void store_quads(const 
 // elementwise epilogue); false where the caller stores sum by sum. Storing each sum from a float
 // array just written as vectors waited on the stores (~10% of an int8 B = 16 step).
 template <int NO, int NB>
-__attribute__((target("avx512f"), always_inline)) inline bool stored_by_quads(const Product& p, int64_t b0, int64_t o, const __m512 (&sums)[(NO * NB + 15) / 16],
+__attribute__((target("avx512f"), always_inline)) inline bool stored_by_quads(const Product& p, int64_t b0, int64_t o, const __m512 (&sums)[sum_vectors(NO * NB)],
                                                                                bool tail, const float* step) {
     if constexpr (NO != 4) {
         return false;
@@ -349,7 +351,7 @@ __attribute__((target("avx512f"), always_inline)) inline void f32_block(const Pr
             for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_fmadd_ps(w[r], xb, acc[r][b]);
         }
     }
-    __m512 sums[(NO * NB + 15) / 16];
+    __m512 sums[sum_vectors(NO * NB)];
     tile_sums<NO, NB>(acc, sums);
     if (stored_by_quads<NO, NB>(p, b0, o, sums, vec < cols, nullptr)) return;
     float flat[NO * NB];
@@ -388,7 +390,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), always_inline)) inline voi
             for (int r = 0; r < NO; ++r) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], w[r], xb);
         }
     }
-    __m512 sums[(NO * NB + 15) / 16];
+    __m512 sums[sum_vectors(NO * NB)];
     tile_sums<NO, NB>(acc, sums);
     if (stored_by_quads<NO, NB>(p, b0, o, sums, vec < cols, nullptr)) return;
     float flat[NO * NB];
@@ -417,7 +419,7 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void rows_bf16_avx512(con
 // the pair's sum in chunk order: a lone row's arithmetic in any tile.
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline void i8_chunk(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead, int64_t start,
-                                                                              int64_t end, __m512 (&part)[(NO * NB + 15) / 16]) {
+                                                                              int64_t end, __m512 (&part)[sum_vectors(NO * NB)]) {
     __m512i acc[NO][NB], acc2[NO][NB];  // acc2: the lone row's second accumulator
     for (int r = 0; r < NO; ++r)
         for (int b = 0; b < NB; ++b) acc[r][b] = acc2[r][b] = _mm512_setzero_si512();
@@ -444,7 +446,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
 // A tile's chunk as a call of its own: inlined next to the chunks' sums, GCC spilled the accumulators.
 template <int NO, int NB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"), noinline)) void i8_chunk_apart(const int8_t* qr, int64_t cols, const int16_t* x, int64_t ahead,
-                                                                                    int64_t start, int64_t end, __m512 (&part)[(NO * NB + 15) / 16]) {
+                                                                                    int64_t start, int64_t end, __m512 (&part)[sum_vectors(NO * NB)]) {
     i8_chunk<NO, NB>(qr, cols, x, ahead, start, end, part);
 }
 
@@ -454,7 +456,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), always_inline)) inline voi
     const int64_t cols = p.m->cols, vec = cols / 64 * 64;
     constexpr int64_t kFlush = 4096;  // int32 lanes gain <= 4 * 128 * 32767 per 64 columns: flush before overflow
     const int8_t* qr = static_cast<const int8_t*>(p.m->w) + o * cols;
-    constexpr int G = (NO * NB + 15) / 16;
+    constexpr int G = sum_vectors(NO * NB);
     __m512 sums[G], part[G];
     for (int g = 0; g < G; ++g) sums[g] = _mm512_setzero_ps();
     for (int64_t start = 0; start < vec; start += kFlush) {

@@ -11,7 +11,7 @@ a policy, rwkvkit does both halves of the job where each is cheap:
   project's CPU, ~1% of libgomp's default), set here when ``rwkvkit`` is imported before torch
   (``rwkvkit`` commands always are). A prefill's GEMMs and torch's own ops follow each other
   within that, so their threads stay awake (``0`` here, sleeping at once, cost an idle 512-token
-  prefill 6-12%), while a waiting thread never holds a core a busy neighbour wants for long;
+  prefill 5-12%), while a waiting thread never holds a core a busy neighbour wants for long;
 - decode runs on the CPU kernels' own pool (``kernels/cpu_pool.h``), whose threads spin a few
   microseconds, then yield their core to whoever wants it for up to 2 ms, then sleep.
 
