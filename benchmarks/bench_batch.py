@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 
+import rwkvkit  # noqa: F401, I001 - before torch: the OpenMP wait policy rwkvkit's commands get (rwkvkit.omp_wait)
 import pytest
 import torch
 
