@@ -6,14 +6,16 @@ fresh process that imports ``rwkvkit`` before torch (as every ``rwkvkit`` comman
 - ``default``: nothing set. rwkvkit sets ``GOMP_SPINCOUNT=3000`` (libgomp's threads spin ~75 us,
   then sleep) and decode runs on the kernels' own pool (spin ~5 us, yield up to 2 ms, then
   sleep); see ``rwkvkit/omp_wait.py``.
+- ``asleep``: ``GOMP_SPINCOUNT=0``, the default before: libgomp's threads sleep at once (decode on
+  the pool as in ``default``); each of a prefill's ~280 regions then wakes a sleeping thread.
 - ``spinning``: ``GOMP_SPINCOUNT=300000``, libgomp's own default (what a process that imported torch
   first gets): decode on OpenMP regions whose threads spin for milliseconds after each region.
 - ``PASSIVE``: ``OMP_WAIT_POLICY=PASSIVE``: every waiting thread, the pool's too, sleeps at once.
 
-``test_idle``: on an idle machine, ``default`` and ``spinning`` alternate ``PAIRS`` times per
-strategy (one noisy stretch of the machine hits both), each process timing decode (median of 5 x
-48 tokens after warm-up) and prefill (median of 3 prompts of 512 tokens); it prints every pair and
-the median ratio default / spinning. ``test_contended``: the same next to one busy Python loop
+``test_idle``: on an idle machine, ``default``, ``asleep`` and ``spinning`` alternate ``ROUNDS``
+times per strategy (one noisy stretch of the machine hits all three), each process timing decode
+(median of 5 x 48 tokens after warm-up) and prefill (median of 3 prompts of 512 tokens); it prints
+every round and the median ratios default / spinning and asleep / spinning. ``test_contended``: the same next to one busy Python loop
 pinned to CPU 0 (a shared machine), every configuration once. ``test_job_latency``: one job of
 almost no work (relu² of 512 floats) on 2 threads, back to back: wall and CPU microseconds per call,
 ctypes included. Random model of the World 0.1B shape, 2 threads. Run it alone, on an idle machine:
@@ -33,9 +35,10 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).parent
-PAIRS, CALLS = 5, 20000
+ROUNDS, CALLS = 5, 20000
 STRATEGIES = ("cpu fp32", "cpu bf16")
-CONFIGS = {"default": {}, "spinning": {"GOMP_SPINCOUNT": "300000"}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+CONFIGS = {"default": {}, "asleep": {"GOMP_SPINCOUNT": "0"}, "spinning": {"GOMP_SPINCOUNT": "300000"}, "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"}}
+IDLE = ("default", "asleep", "spinning")  # compared on an idle machine, each against the last
 
 SPEED = """
 import json, statistics, sys, time
@@ -96,17 +99,20 @@ def in_fresh_process(code: str, config: str, *args: str) -> dict:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_idle(benchmark, strategy):
-    def pairs() -> list[tuple[dict, dict]]:
-        return [(in_fresh_process(SPEED, "default", str(HERE), strategy), in_fresh_process(SPEED, "spinning", str(HERE), strategy)) for _ in range(PAIRS)]
+    def measure() -> list[dict[str, dict]]:
+        return [{config: in_fresh_process(SPEED, config, str(HERE), strategy) for config in IDLE} for _ in range(ROUNDS)]
 
-    runs = benchmark.pedantic(pairs, rounds=1)
-    print(f"\nidle {strategy}, default vs spinning, tok/s per pair:")
+    runs = benchmark.pedantic(measure, rounds=1)
+    base = IDLE[-1]
+    print(f"\nidle {strategy}, tok/s per round ({' / '.join(IDLE)}):")
     summary = {}
     for kind in ("decode", "prefill"):
-        print(f"  {kind}: " + ", ".join(f"{d[kind]:.1f}/{s[kind]:.1f}" for d, s in runs))
-        ratio = statistics.median(d[kind] / s[kind] for d, s in runs)
-        summary[kind] = {"default": statistics.median(d[kind] for d, _ in runs), "spinning": statistics.median(s[kind] for _, s in runs), "ratio": ratio}
-        print(f"  {kind}: median default {summary[kind]['default']:.1f}, spinning {summary[kind]['spinning']:.1f}, median ratio {ratio:.3f}")
+        print(f"  {kind}: " + ", ".join("/".join(f"{run[c][kind]:.1f}" for c in IDLE) for run in runs))
+        summary[kind] = {c: statistics.median(run[c][kind] for run in runs) for c in IDLE}
+        for config in IDLE[:-1]:
+            ratio = statistics.median(run[config][kind] / run[base][kind] for run in runs)
+            summary[kind][f"{config}/{base}"] = ratio
+            print(f"  {kind}: median {config} {summary[kind][config]:.1f}, {base} {summary[kind][base]:.1f}, median ratio {ratio:.3f}")
     benchmark.extra_info.update(kind="idle", strategy=strategy, **summary)
 
 
