@@ -172,8 +172,7 @@ int decode_model(int64_t n, const Layer* const* layers, const Embedding* emb, co
     const int status = decode_layers(n, layers, B, 0, x, x + B * C, att_in, kv_in, ffn_in, bf16, att_out, kv_out, ffn_out, threads);
     if (status) return status;
     float* normed = x + 2 * B * C;
-    if (bf16) {
-        round_bf16(x, B * C);
+    if (bf16) {  // the residual stream as bf16 (what the op path hands the head), then normed
         struct Row;
         uint16_t* row = reused<uint16_t, Row>(C);
         for (int64_t r = 0; r < B; ++r) {
